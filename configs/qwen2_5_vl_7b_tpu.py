@@ -1,0 +1,106 @@
+"""Paper recipe (staged perception-first GRPO) for Qwen2.5-VL-7B-Instruct on a TPU slice.
+
+Values from the public recipe (UCSC-VLAA/VLM-CapCurriculum on EasyR1; see
+shared/reference/paper-recipe.md): three GRPO stages of 90 / 375 / 465 steps, 512 prompts per rollout
+step x group of 5, mini-batch of 128 prompts (= 640 completions, 4 updates per rollout), lr 1e-6
+constant, wd 1e-2, no warmup, k3 KL at 1e-2, clip 0.2 / 0.3, dual clip 3, prompt and response 2048
+tokens, 262,144 to 4,194,304 pixels per image, vision tower frozen in stage 2 (text only), reward
+0.9 * accuracy + 0.1 * format.
+
+Nothing is downloaded at run time: put the Hugging Face checkpoint at `model.path` and the data files
+in place first (the dataset file names below are placeholders for your local copies; override them
+with `--config.stages.N.datasets='[{"name": "PATH"}]'`). Parameters are sharded FSDP over every chip.
+
+Run (every host of the slice runs the same command):
+  python -m vlm_jax.train --config configs/qwen2_5_vl_7b_tpu.py --workdir gs://BUCKET/runs/staged_7b
+Capability + difficulty curriculum (easy -> hard by pass rate, within each stage):
+  ... --config.stages.0.order=easy_to_hard --config.stages.0.order_key=pass_rate  (same for 1 and 2)
+"""
+
+from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig,
+                            GRPOConfig, LoggingConfig, MeshConfig, ModelConfig, OptimizerConfig,
+                            StageConfig)
+
+_PROMPTS_PER_STEP = 512
+_GROUP = 5
+_MINI_BATCH_PROMPTS = 128
+_MAX_LEN = 2048
+
+# Benchmarks of the paper's evaluation (greedy), as local files.
+_EVAL = EvalConfig(
+    datasets=tuple(DatasetSpec(name=f"eval/{name}.parquet", split="test") for name in (
+        "mathvista_mini", "mathvision_mini", "mathverse_mini", "wemath", "a_okvqa", "realworldqa",
+        "mmstar", "pope")),
+    every=0,
+    max_examples=5000,
+    max_new_tokens=_MAX_LEN,
+    batch_size=64,
+)
+
+_GRPO = GRPOConfig(
+    num_samples=_GROUP,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    max_new_tokens=_MAX_LEN,
+    advantage="grpo",
+    reward_scaling="group",
+    clip_low=0.2,
+    clip_high=0.3,
+    clip_c=3.0,
+    ratio_level="token",
+    kl_coef=1e-2,
+    kl_estimator="k3",
+    loss_agg="token_mean",
+    mu=1,
+    mini_batch_size=_MINI_BATCH_PROMPTS * _GROUP,
+)
+
+_OPTIMIZER = OptimizerConfig(name="adamw", lr=1e-6, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
+                             schedule="constant", warmup_steps=0, max_grad_norm=1.0)
+
+
+def _stage(name: str, datasets: tuple[DatasetSpec, ...], steps: int,
+           trainable: tuple[str, ...]) -> StageConfig:
+    """One GRPO capability stage with the recipe's shared settings."""
+    return StageConfig(
+        name=name,
+        capability=name,  # type: ignore[arg-type]  # stage names are the capability names
+        objective="grpo",
+        datasets=datasets,
+        steps=steps,
+        batch_size=_PROMPTS_PER_STEP,
+        order="shuffle",
+        optimizer=_OPTIMIZER,
+        reset_optimizer=True,
+        trainable=trainable,
+        grpo=_GRPO,
+        reward=(("auto", 0.9), ("format", 0.1)),
+        eval=_EVAL,
+    )
+
+
+def get_config() -> Config:
+    """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
+    return Config(
+        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", remat="full"),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        data=DataConfig(data_dir="artifacts/data", max_prompt_len=_MAX_LEN, max_response_len=_MAX_LEN,
+                        length_buckets=(256, 512, 1024, 2048), min_pixels_per_image=262_144,
+                        max_pixels_per_image=4_194_304, strict=False),
+        stages=(
+            # DOCCI-caption multiple-choice questions kept by the perception-sensitive filter.
+            _stage("perception", (DatasetSpec(name="perception_docci_filtered.parquet"),), 90,
+                   ("vision", "merger", "language_model")),
+            # ORZ-Math-13k, text only: the whole vision side (tower + merger) is frozen.
+            _stage("textual_reasoning", (DatasetSpec(name="orz_math_13k.parquet"),), 375,
+                   ("language_model",)),
+            # CLEVR-Math + GeoQA170K + MathPUMA + ArxivQA, concatenated as in the recipe.
+            _stage("visual_reasoning", (DatasetSpec(name="visual_reasoning.parquet"),), 465,
+                   ("vision", "merger", "language_model")),
+        ),
+        seed=0,
+        checkpoint=CheckpointConfig(every=50, keep=3, async_save=True),
+        logging=LoggingConfig(every=1, tensorboard=True, progress=True),
+        compilation_cache_dir="artifacts/jax_cache",
+    )

@@ -1,0 +1,674 @@
+"""Typed, frozen run configuration: schema, file loading, dotted overrides, validation.
+
+A run is described by a Python file whose `get_config()` returns a `Config`. Every default lives in
+the dataclasses below; nothing else in the code base supplies one. Each dataclass checks and
+normalises its own fields in `__post_init__` (types and `Literal` choices generically from the
+annotations, ranges by hand), and `validate` adds the checks that span several objects, so a bad
+config fails at start-up, before anything compiles, with an error naming the full dotted key
+(`stages.1.grpo.kl_coef`) and the valid keys or choices.
+
+This module imports no JAX: it is loaded by every CLI before the backend is initialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+MODULES: tuple[str, ...] = ("vision", "merger", "language_model")
+
+# Logical parameter/activation axis name -> mesh axis (or axes, or None = replicated).
+AxisRule = tuple[str, Union[str, tuple[str, ...], None]]
+LOGICAL_AXIS_RULES: tuple[AxisRule, ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_patch", None),
+    ("merger_in", "fsdp"),
+    ("length", None),
+    ("kv_length", None),
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_USER_REWARD = re.compile(r".+\.py:[A-Za-z_][A-Za-z0-9_]*")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class ConfigError(ValueError):
+    """Any invalid config: bad file, unknown key, bad value, bad flag. `key` is the dotted path."""
+
+    def __init__(self, message: str, key: str = ""):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error, seen from the object that holds this one under `prefix`."""
+        return ConfigError(self.message, _join(prefix, self.key))
+
+
+def _join(*parts: object) -> str:
+    return ".".join(str(p) for p in parts if str(p))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, key)
+
+
+# -------------------------------------------------------------------------- typed coercion (dicts)
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("vlm_jax.config.", "")
+
+
+def _is_pairs(hint: Any) -> bool:
+    """tuple[tuple[str, V], ...]: a mapping written as pairs (reward, lr_multipliers, axis rules)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is not tuple or len(args) != 2 or args[1] is not Ellipsis:
+        return False
+    inner = typing.get_args(args[0])
+    return typing.get_origin(args[0]) is tuple and len(inner) == 2 and inner[0] is str
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against annotation `hint` and normalise it (lists -> tuples, dicts ->
+    dataclasses, ints -> floats). Errors name `key` and what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return _build(hint, value, key)
+    elif origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"invalid value {value!r}; valid choices: {', '.join(map(repr, args))}", key)
+    elif _is_union(hint):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        if isinstance(value, Mapping) and _is_pairs(hint):
+            value = list(value.items())
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], _join(key, i)) for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(value, args)))
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _require(math.isfinite(value), key, f"must be finite, got {value}")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported annotation {hint!r} in the config schema")
+    raise ConfigError(f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})", key)
+
+
+def _build(cls: type, values: Mapping[str, Any], key: str) -> Any:
+    """`cls(**values)` with unknown and missing keys reported by full dotted key."""
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for name in values:
+        _require(name in names, _join(key, name),
+                 f"unknown key {name!r}; valid keys of {cls.__name__}: {', '.join(names)}")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        _require(not required or f.name in values, _join(key, f.name),
+                 f"required key of {cls.__name__} is missing")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise e.under(key) from None
+
+
+class _Node:
+    """Base of every config dataclass: coerce/check each field from its annotation, then `_check`."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(getattr(self, field.name), hints[field.name], field.name)
+            object.__setattr__(self, field.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Range and cross-field checks local to this object (keys relative to it)."""
+
+
+def _at_least(obj: object, bound: float, *keys: str, who: str = "") -> None:
+    """Require `obj.<key> >= bound` for each key (`who` prefixes the message)."""
+    for key in keys:
+        value = getattr(obj, key)
+        _require(value >= bound, key, f"{who}{key} must be >= {bound}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------- schema
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig(_Node):
+    """Device mesh sizes for the axes (data, fsdp, tensor); -1 takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def _check(self) -> None:
+        sizes = dict(zip(MESH_AXES, self._sizes()))
+        for axis, size in sizes.items():
+            _require(size == -1 or size >= 1, axis, f"must be >= 1 or -1 (the rest), got {size}")
+        wild = [a for a, s in sizes.items() if s == -1]
+        _require(len(wild) <= 1, wild[-1] if wild else "", f"at most one mesh axis may be -1, got {wild}")
+
+    def _sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        """Concrete (data, fsdp, tensor) sizes for `n_devices`, filling in the -1 axis."""
+        if n_devices < 1:
+            raise ConfigError(f"need at least one device, got {n_devices}", "mesh")
+        sizes = self._sizes()
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ConfigError(f"fixed axes {sizes} (product {known}) do not divide {n_devices} devices",
+                                  "mesh")
+            return tuple(n_devices // known if s == -1 else s for s in sizes)  # type: ignore[return-value]
+        if known != n_devices:
+            raise ConfigError(f"mesh {sizes} has {known} devices but {n_devices} are available", "mesh")
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(_Node):
+    """Which Hugging Face directory to load, its compute dtype and the remat policy."""
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(_Node):
+    """Data location, length limits and padding buckets, image pixel bounds, strictness.
+
+    Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
+    the first unusable row (naming it) instead of skipping and counting it.
+    """
+
+    data_dir: str = "artifacts/data"
+    max_prompt_len: int = 512
+    max_response_len: int = 128
+    length_buckets: tuple[int, ...] = (64, 128, 256, 512)
+    max_pixels_per_image: int = 1_003_520
+    min_pixels_per_image: int = 3_136
+    strict: bool = False
+
+    def _check(self) -> None:
+        _at_least(self, 1, "max_prompt_len", "max_response_len", "min_pixels_per_image")
+        b = self.length_buckets
+        _require(len(b) > 0 and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:])), "length_buckets",
+                 f"must be positive and strictly increasing, got {b}")
+        _require(self.max_pixels_per_image >= self.min_pixels_per_image, "max_pixels_per_image",
+                 f"must be >= min_pixels_per_image ({self.min_pixels_per_image}), "
+                 f"got {self.max_pixels_per_image}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSpec(_Node):
+    """A dataset: a registered (TFDS) name or a path to a .jsonl/.json/.parquet file; mixing weight."""
+
+    name: str
+    split: str = "train"
+    weight: float = 1.0
+
+    def _check(self) -> None:
+        _require(bool(self.name), "name", "must be non-empty")
+        _require(bool(self.split), "split", "must be non-empty")
+        _require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+
+    @property
+    def is_file(self) -> bool:
+        """True when `name` is a local data file rather than a registered dataset."""
+        return self.name.endswith(_DATA_FILE_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig(_Node):
+    """Optimizer and schedule. `max_grad_norm=0` disables clipping; `lr_multipliers` scale the
+    learning rate per module (keys among "vision", "merger", "language_model")."""
+
+    name: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
+
+    def _check(self) -> None:
+        _at_least(self, 0, "lr", "weight_decay", "max_grad_norm", "warmup_steps")
+        for key in ("b1", "b2"):
+            _require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        names = [m for m, _ in self.lr_multipliers]
+        for i, (module, mult) in enumerate(self.lr_multipliers):
+            key = f"lr_multipliers.{i}.0"
+            _require(module in MODULES, key, f"unknown module {module!r}; valid: {MODULES}")
+            _require(names.count(module) == 1, key, f"module {module!r} given twice")
+            _require(mult >= 0, f"lr_multipliers.{i}.1", f"must be >= 0, got {mult}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig(_Node):
+    """Rollout sampling and the GRPO-family policy loss.
+
+    `num_samples` is the group size G. `mini_batch_size` counts completions (prompts x G) per
+    optimizer update (0 = the whole rollout batch); `mu` is the number of passes over each rollout
+    batch, so one rollout gives mu * batch_size * G / mini_batch_size updates. `clip_c` is the
+    dual-clip constant (None = off). `overlong_buffer` > 0 enables the soft overlong penalty over the
+    last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
+    """
+
+    num_samples: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    reward_scaling: Literal["group", "batch", "none"] = "group"
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_c: float | None = 3.0
+    ratio_level: Literal["token", "sequence"] = "token"
+    kl_coef: float = 1e-2
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    mu: int = 1
+    mini_batch_size: int = 0
+    mask_truncated: bool = False
+    dynamic_sampling: bool = False
+    max_extra_draws: int = 4
+    overlong_buffer: int = 0
+
+    def _check(self) -> None:
+        _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
+        _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
+                  "max_extra_draws", "overlong_buffer")
+        _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
+        _require(self.clip_c is None or self.clip_c > 1, "clip_c",
+                 f"dual-clip constant must be > 1 or none, got {self.clip_c}")
+        _require(self.overlong_buffer < self.max_new_tokens, "overlong_buffer",
+                 f"must be < max_new_tokens ({self.max_new_tokens}), got {self.overlong_buffer}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig(_Node):
+    """Cross-entropy objective: which field is the target, how the loss is normalised, and whether
+    the caption is fed as input (caption-SFT ablation)."""
+
+    target: Literal["solution", "answer", "caption"] = "solution"
+    normalize: Literal["token", "sequence"] = "token"
+    caption_as_input: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig(_Node):
+    """Evaluation sets and cadence (`every=0`: only at stage start and end); greedy decoding."""
+
+    datasets: tuple[DatasetSpec, ...] = ()
+    every: int = 0
+    max_examples: int = 64
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
+    def _check(self) -> None:
+        _at_least(self, 0, "every")
+        _at_least(self, 1, "max_examples", "max_new_tokens", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig(_Node):
+    """One capability stage: its data, objective, steps, optimizer, trainable modules and reward.
+
+    `reward` pairs a reward name (builtin, resolved lazily by `vlm_jax.rl.rewards.get`, or
+    `path/to/file.py:function`) with its weight. `reset_optimizer=False` carries the optimizer
+    state over from the previous stage.
+    """
+
+    name: str
+    capability: Literal["perception", "textual_reasoning", "visual_reasoning", "mixed"]
+    objective: Literal["grpo", "sft"]
+    datasets: tuple[DatasetSpec, ...]
+    steps: int
+    batch_size: int
+    order: Literal["shuffle", "easy_to_hard"] = "shuffle"
+    order_key: Literal["pass_rate", "difficulty"] = "difficulty"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    reset_optimizer: bool = True
+    trainable: tuple[str, ...] = MODULES
+    grpo: GRPOConfig = GRPOConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: tuple[tuple[str, float], ...] = (("auto", 0.9), ("format", 0.1))
+    eval: EvalConfig = EvalConfig()
+
+    def _check(self) -> None:
+        who = f"stage {self.name!r}"
+        _require(bool(_STAGE_NAME.fullmatch(self.name)), "name",
+                 f"must match {_STAGE_NAME.pattern} (used in paths and metrics), got {self.name!r}")
+        _at_least(self, 1, "steps", "batch_size", who=f"{who}: ")
+        _require(len(self.datasets) > 0, "datasets", f"{who}: needs at least one dataset")
+        _require(len(self.trainable) > 0, "trainable", f"{who}: at least one module must be trainable")
+        for i, module in enumerate(self.trainable):
+            key = f"trainable.{i}"
+            _require(module in MODULES, key, f"{who}: unknown module {module!r}; valid: {MODULES}")
+            _require(self.trainable.count(module) == 1, key, f"{who}: module {module!r} given twice")
+        _require(len(self.reward) > 0, "reward", f"{who}: needs at least one reward")
+        names = [n for n, _ in self.reward]
+        for i, (name, _) in enumerate(self.reward):
+            _require(bool(_IDENTIFIER.fullmatch(name) or _USER_REWARD.fullmatch(name)), f"reward.{i}.0",
+                     f"{who}: reward {name!r} is neither a builtin name nor 'path/to/file.py:function'")
+            _require(names.count(name) == 1, f"reward.{i}.0", f"{who}: reward {name!r} given twice")
+        if self.objective == "grpo":
+            g = self.grpo
+            _require(g.num_samples >= 2, "grpo.num_samples",
+                     f"{who}: GRPO needs a group of >= 2 samples, got {g.num_samples}")
+            total = self.batch_size * g.num_samples
+            _require(g.mini_batch_size == 0 or total % g.mini_batch_size == 0, "grpo.mini_batch_size",
+                     f"{who}: batch_size*num_samples = {total} is not divisible by {g.mini_batch_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig(_Node):
+    """Checkpoint cadence in steps (0 = only at stage ends), how many to keep, async writes."""
+
+    every: int = 50
+    keep: int = 3
+    async_save: bool = True
+
+    def _check(self) -> None:
+        _at_least(self, 0, "every")
+        _at_least(self, 1, "keep")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig(_Node):
+    """Metric logging cadence in steps and which sinks are on (JSONL is always written)."""
+
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def _check(self) -> None:
+        _at_least(self, 1, "every")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(_Node):
+    """A whole run: model, mesh, data, the ordered stages, and run-wide settings.
+    `compilation_cache_dir=""` turns the persistent compilation cache off."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    stages: tuple[StageConfig, ...]
+    seed: int = 0
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    logical_axis_rules: tuple[AxisRule, ...] = LOGICAL_AXIS_RULES
+    compilation_cache_dir: str = "artifacts/jax_cache"
+
+    def _check(self) -> None:
+        validate(self)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span several config objects; returns `cfg`. Run by `Config` on construction."""
+    _require(len(cfg.stages) > 0, "stages", "at least one stage is required")
+    first: dict[str, int] = {}
+    for i, stage in enumerate(cfg.stages):
+        _require(stage.name not in first, f"stages.{i}.name",
+                 f"duplicate stage name {stage.name!r} (also stages.{first.get(stage.name)})")
+        first[stage.name] = i
+    seen: set[str] = set()
+    for i, (logical, mesh_axes) in enumerate(cfg.logical_axis_rules):
+        _require(logical not in seen, f"logical_axis_rules.{i}.0", f"logical axis {logical!r} given twice")
+        seen.add(logical)
+        axes = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+        for axis in axes:
+            _require(axis in MESH_AXES, f"logical_axis_rules.{i}.1",
+                     f"unknown mesh axis {axis!r} for {logical!r}; valid: {MESH_AXES}")
+    return cfg
+
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """JSON-serialisable plain form of a config (dicts, lists, scalars) for `config.json`."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Inverse of `config_to_dict`: builds and validates a `Config`; unknown keys are errors."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"expected a mapping for Config, got {type(d).__name__}")
+    return _build(Config, d, "")
+
+
+# ------------------------------------------------------------------------------ string overrides
+_NONE_WORDS = ("none", "null")
+_BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _parse_json(text: str, key: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"expected {what} as JSON, got {text!r} ({e.msg})", key) from None
+
+
+def _parse_text(text: str, hint: Any, key: str) -> Any:
+    """Parse an override's text by the type of the field it targets (result still goes through
+    `_coerce` when the config is rebuilt)."""
+    s = text.strip()
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _parse_json(s, key, f"a {hint.__name__} object")
+    if origin is Literal:
+        if s in args:
+            return s
+        raise ConfigError(f"invalid value {s!r}; valid choices: {', '.join(map(repr, args))}", key)
+    if _is_union(hint):
+        if s.lower() in _NONE_WORDS and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(_parse_text(s, arm, key), arm, key)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(f"cannot parse {s!r} as {_type_name(hint)}: {'; '.join(errors)}", key)
+    if origin is tuple:
+        if s[:1] in "[{":
+            return _parse_json(s, key, _type_name(hint))
+        if s[:1] == "(" and s[-1:] == ")":
+            s = s[1:-1].strip()
+        items = [p.strip() for p in s.split(",")] if s else []
+        if items and items[-1] == "":
+            items.pop()  # "(1,)" style trailing comma
+        if _is_pairs(hint):
+            value_hint = typing.get_args(args[0])[1]
+            pairs = []
+            for item in items:
+                name, eq, v = item.rpartition("=")
+                _require(bool(eq and name), key, f"expected NAME=VALUE items, got {item!r}")
+                pairs.append((name.strip(), _parse_text(v, value_hint, _join(key, name.strip()))))
+            return pairs
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [_parse_text(v, args[0], _join(key, i)) for i, v in enumerate(items)]
+        _require(len(items) == len(args), key,
+                 f"expected {len(args)} comma-separated items, got {len(items)}")
+        return [_parse_text(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(items, args))]
+    if hint is bool:
+        if s.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[s.lower()]
+        raise ConfigError(f"expected a bool (true/false/1/0), got {s!r}", key)
+    if hint in (int, float):
+        try:
+            return hint(s)
+        except ValueError:
+            raise ConfigError(f"expected {'an int' if hint is int else 'a float'}, got {s!r}", key) from None
+    if hint is str:
+        return json.loads(s) if len(s) >= 2 and s[0] == s[-1] == '"' else s
+    raise TypeError(f"{key}: unsupported annotation {hint!r} in the config schema")
+
+
+def _child(node: Any, hint: Any, part: str, key: str, override_key: str) -> tuple[Any, Any, Any]:
+    """One step down an override path: (container, slot, hint of the slot). `key` = path so far;
+    errors are reported under the whole `override_key`."""
+    if dataclasses.is_dataclass(hint) and isinstance(node, dict):
+        names = [f.name for f in dataclasses.fields(hint)]
+        _require(part in names, override_key,
+                 f"unknown key {part!r}; valid keys of {hint.__name__}: {', '.join(names)}")
+        return node, part, _type_hints(hint)[part]
+    if typing.get_origin(hint) is tuple and isinstance(node, list):
+        args = typing.get_args(hint)
+        _require(part.isdigit(), override_key, f"{key} is a tuple: expected an index, got {part!r}")
+        index = int(part)
+        _require(index < len(node), override_key, f"index {index} out of range: {key} has length {len(node)}")
+        return node, index, args[0] if args[1:] == (Ellipsis,) else args[index]
+    raise ConfigError(f"{key} is {_type_name(hint)}, which has no sub-key {part!r}", override_key)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `--config.a.b=value` (or `a.b=value`) override to a `config_to_dict` tree in place."""
+    path, eq, text = override.partition("=")
+    path = path.strip().removeprefix("--").removeprefix("config.")
+    _require(bool(eq and path), "", f"override {override!r} must look like --config.KEY=VALUE")
+    node, hint, key = tree, Config, ""
+    parts = path.split(".")
+    for part in parts[:-1]:
+        container, slot, hint = _child(node, hint, part, key, path)
+        node, key = container[slot], _join(key, part)
+    container, slot, hint = _child(node, hint, parts[-1], key, path)
+    container[slot] = _parse_text(text, hint, path)
+
+
+# ---------------------------------------------------------------------------------- entry points
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Import the config file at `path`, call its `get_config()`, apply dotted overrides, validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    name = f"_vlm_jax_config_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            raise ConfigError(f"config file {path!r} defines no get_config() function")
+        cfg = get_config()
+    except ConfigError as e:
+        raise ConfigError(f"in {path}: {e}") from None
+    except TypeError as e:  # e.g. a StageConfig without its required `steps`
+        raise ConfigError(f"in {path}: get_config() failed: {e}") from e
+    finally:
+        sys.modules.pop(name, None)
+    if isinstance(cfg, Mapping):
+        cfg = config_from_dict(cfg)
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"get_config() in {path!r} returned {type(cfg).__name__}, expected Config")
+    if not overrides:
+        return cfg
+    tree = config_to_dict(cfg)
+    for override in overrides:
+        apply_override(tree, override)
+    return config_from_dict(tree)
+
+
+def parse_flags(argv: Sequence[str], known_flags: Sequence[str] = ("workdir",)
+                ) -> tuple[str, tuple[str, ...], dict[str, str]]:
+    """Split CLI arguments (without the program name) into (config path, config overrides, other
+    flags). Accepts `--config PATH`, `--config=PATH`, `--config.KEY=VALUE` and, for each name in
+    `known_flags`, `--NAME VALUE` / `--NAME=VALUE`. Anything else is a ConfigError naming it."""
+    config_path: str | None = None
+    overrides: list[str] = []
+    other: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name is not None and name.startswith("config."):
+            _require(bool(eq), "", f"config override {arg!r} needs a value: --config.KEY=VALUE")
+            overrides.append(arg)
+        elif name == "config" or name in known_flags:
+            if not eq:
+                has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+                _require(has_value, "", f"flag {flag} needs a value")
+                i, value = i + 1, args[i + 1]
+            _require(value != "", "", f"flag {flag} needs a non-empty value")
+            if name == "config":
+                _require(config_path is None, "", "flag --config given twice")
+                config_path = value
+            else:
+                _require(name not in other, "", f"flag {flag} given twice")
+                other[name] = value
+        else:
+            valid = ", ".join(["--config", "--config.KEY=VALUE", *(f"--{k}" for k in known_flags)])
+            raise ConfigError(f"unknown flag or argument {arg!r}; valid flags: {valid}")
+        i += 1
+    _require(config_path is not None, "", "missing --config PATH")
+    return config_path, tuple(overrides), other  # type: ignore[return-value]

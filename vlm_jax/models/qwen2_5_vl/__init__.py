@@ -1,0 +1,24 @@
+"""Qwen2.5-VL family: what the registry in `vlm_jax.models` needs from a model folder.
+
+A family module exposes `MODEL_TYPES`, `parse_config(raw, source)`, `build(cfg, dtype, rngs)`,
+`prepare_inputs(batch, cfg, num_patches=None)` and `tensor_map(param_paths)`.
+"""
+
+from vlm_jax.models.qwen2_5_vl.config import ConfigParseError, Qwen25VLConfig, from_hf_dict
+from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, prepare_inputs, rope_index
+from vlm_jax.models.qwen2_5_vl.model import KVCache, Qwen25VL
+from vlm_jax.models.qwen2_5_vl.params import tensor_map
+
+MODEL_TYPES = ("qwen2_5_vl",)
+
+
+def parse_config(raw: dict, source: str = "config.json") -> Qwen25VLConfig:
+  return from_hf_dict(raw, source)
+
+
+def build(cfg: Qwen25VLConfig, dtype, rngs) -> Qwen25VL:
+  return Qwen25VL(cfg, dtype=dtype, rngs=rngs)
+
+
+__all__ = ["MODEL_TYPES", "parse_config", "build", "prepare_inputs", "tensor_map", "ModelInputs",
+           "VisionInputs", "KVCache", "Qwen25VL", "Qwen25VLConfig", "ConfigParseError", "rope_index"]

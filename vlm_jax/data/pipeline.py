@@ -1,0 +1,492 @@
+"""grain input pipeline: schema rows -> prompts (or SFT sequences) -> shape-bucketed batches.
+
+``make_dataset(sources, processor, batch_size=..., ...)`` returns a ``BatchIterator`` (a
+``grain.DatasetIterator``) yielding one dict per batch. Array keys (numpy):
+
+=====================  ===========  =====================================================
+key                    shape/dtype  meaning
+=====================  ===========  =====================================================
+``input_ids``          [B, L] i32   L = smallest ``length_buckets`` entry >= longest row;
+                                    LEFT padded for prompts, RIGHT padded for SFT
+``attention_mask``     [B, L] i32   1 on real tokens
+``mm_token_type_ids``  [B, L] i32   1 on ``<|image_pad|>`` tokens
+``loss_mask``          [B, L] i32   SFT only (``target_field`` set): 1 on target tokens
+                                    and their closing ``<|im_end|>``, 0 elsewhere
+``row_mask``           [B] i32      0 for padding rows of a final partial batch
+``pixel_values``       [P, D] f32   all images of the batch, row by row, zero padded to
+                                    P = patch bucket (power of two >= 64, capped by
+                                    ``max_pixels_per_batch``); D = 1176 for Qwen2.5-VL
+``pixel_mask``         [P] i32      1 on real patches
+``num_patches``        [] i32       number of real patches
+``image_grid_thw``     [I, 3] i32   (t, h, w) per image, zero rows as padding;
+                                    I = power of two >= max(1, images in batch)
+``num_images``         [] i32       number of real images
+=====================  ===========  =====================================================
+
+Host keys (python lists of length B): ``index`` (row index in its source; -1 for padding
+rows), ``source`` (position in ``sources``), ``problem``, ``answer``, ``task``,
+``answer_type``, ``capability``, ``caption``, ``solution``.
+
+Prompt: the chat template with the user message = the problem's images as
+``{"type": "image"}`` items in place of each ``<image>`` placeholder, its text, then
+``REASONING_INSTRUCTION``; ``add_generation_prompt=True``. With ``text_only=True`` (the
+caption filter) an image row's images are replaced by ``CAPTION_TEMPLATE`` of its caption.
+
+Order (per source, before sharding): ``"shuffle"`` (grain's seeded global shuffle, a new
+permutation each epoch) or ``"easy_to_hard"``: within each capability, rows sorted by
+descending ``pass_rate`` or ascending ``difficulty`` (unknown values, -1, last), each
+capability keeping the positions its rows had in the source, same order every epoch.
+Sharding: process ``k`` of ``n`` takes rows ``k, k+n, k+2n, ...`` of that order (disjoint
+and covering). Several sources are mixed by weight with ``grain.MapDataset.mix`` (a finite
+mixture ends when its first source runs out).
+
+Unusable rows (prompt over ``max_prompt_len``, SFT sequence over the largest bucket, images
+over the per-row pixel budget ``max_pixels_per_batch // batch_size``, undecodable image,
+placeholder / image-token mismatch, missing caption or target) are skipped and counted by
+reason in ``iterator.stats``, or raise ``BadRowError`` naming the source and row when
+``strict``. ``get_state()`` / ``set_state()`` (JSON-serialisable, counters included)
+resume at the next unseen row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import grain
+import numpy as np
+from PIL import Image
+
+from vlm_jax.data import schema
+from vlm_jax.data.prepare import BadRowError
+
+REASONING_INSTRUCTION = "Think step by step inside <think></think>, then give the final answer in \\boxed{}."
+CAPTION_TEMPLATE = "Image description: {caption}"
+END_OF_TURN = "<|im_end|>"
+MIN_PATCH_BUCKET = 64
+
+PROMPT_TOO_LONG = "prompt_too_long"
+SEQUENCE_TOO_LONG = "sequence_too_long"
+TOO_MANY_PIXELS = "too_many_pixels"
+MISSING_CAPTION = "missing_caption"
+MISSING_TARGET = "missing_target"
+MISSING_PROMPT = "missing_prompt"
+IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
+SKIP_REASONS: tuple[str, ...] = (
+    PROMPT_TOO_LONG, SEQUENCE_TOO_LONG, TOO_MANY_PIXELS, MISSING_CAPTION, MISSING_TARGET, MISSING_PROMPT,
+    IMAGE_TOKEN_MISMATCH, schema.UNREADABLE_IMAGE, schema.IMAGE_COUNT_MISMATCH,
+)
+HOST_KEYS: tuple[str, ...] = (
+    "index", "source", "problem", "answer", "task", "answer_type", "capability", "caption", "solution",
+)
+TARGET_FIELDS: tuple[str, ...] = ("solution", "answer", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """How one row becomes a token sequence (validated by ``make_dataset``)."""
+
+    prompt_field: str = "problem"
+    target_field: str | None = None
+    instruction: str = REASONING_INSTRUCTION
+    system_prompt: str | None = None
+    text_only: bool = False
+    max_prompt_len: int = 512
+    max_len: int = 512
+    max_row_pixels: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One encoded row: unpadded token arrays, its images' patches, host-side fields."""
+
+    input_ids: np.ndarray  # [n] int32
+    mm_token_type_ids: np.ndarray  # [n] int32
+    loss_mask: np.ndarray | None  # [n] int32, SFT only
+    pixel_values: np.ndarray  # [p, D] float32
+    image_grid_thw: np.ndarray  # [k, 3] int32
+    host: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A row that cannot be used, carried to the batcher to be counted (or raised)."""
+
+    source: int
+    index: int
+    reason: str
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------- one row
+
+
+def user_content(text: str, instruction: str) -> list[dict[str, str]]:
+    """Chat content items: an image item per ``<image>``, the text pieces, the instruction."""
+    items: list[dict[str, str]] = []
+    for k, piece in enumerate(text.split(schema.IMAGE_PLACEHOLDER)):
+        if k > 0:
+            items.append({"type": "image"})
+        if piece.strip():
+            items.append({"type": "text", "text": piece.strip()})
+    if instruction:
+        if items and items[-1]["type"] == "text":
+            items[-1] = {"type": "text", "text": f"{items[-1]['text']}\n{instruction}"}
+        else:
+            items.append({"type": "text", "text": instruction})
+    return items
+
+
+def prompt_inputs(row: Mapping[str, Any], spec: RowSpec) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Chat messages and the images to feed, or raise ``_Unusable``."""
+    text = str(row.get(spec.prompt_field, "")).strip()
+    if not text:
+        raise _Unusable(MISSING_PROMPT, f"empty field {spec.prompt_field!r}")
+    images = list(row.get("images", []))
+    if schema.count_placeholders(text) != len(images):
+        raise _Unusable(schema.IMAGE_COUNT_MISMATCH,
+                        f"{schema.count_placeholders(text)} placeholders, {len(images)} images")
+    if spec.text_only and images:
+        caption = str(row.get("caption", "")).strip()
+        if not caption:
+            raise _Unusable(MISSING_CAPTION, "text_only needs a caption")
+        head, _, tail = text.partition(schema.IMAGE_PLACEHOLDER)
+        parts = (head.strip(), CAPTION_TEMPLATE.format(caption=caption),
+                 tail.replace(schema.IMAGE_PLACEHOLDER, "").strip())
+        text = "\n".join(p for p in parts if p)
+        images = []
+    messages: list[dict[str, Any]] = []
+    if spec.system_prompt is not None:
+        messages.append({"role": "system", "content": spec.system_prompt})
+    messages.append({"role": "user", "content": user_content(text, spec.instruction)})
+    return messages, images
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _decode(data: bytes, k: int) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any decoder failure
+        raise _Unusable(schema.UNREADABLE_IMAGE, f"image {k}: {err}") from None
+
+
+def encode_row(row: Mapping[str, Any], processor: Any, spec: RowSpec, *, source: int, index: int) -> Example | Skipped:
+    """Tokenize one row (prompt, plus target for SFT); a ``Skipped`` says why it cannot be used."""
+    try:
+        return _encode(row, processor, spec, source=source, index=index)
+    except _Unusable as err:
+        return Skipped(source, index, err.reason, err.detail)
+
+
+def _encode(row: Mapping[str, Any], processor: Any, spec: RowSpec, *, source: int, index: int) -> Example:
+    messages, image_bytes = prompt_inputs(row, spec)
+    target = ""
+    if spec.target_field is not None:
+        target = str(row.get(spec.target_field, "")).strip()
+        if not target:
+            raise _Unusable(MISSING_TARGET, f"empty field {spec.target_field!r}")
+    images = [_decode(b, k) for k, b in enumerate(image_bytes)]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    try:
+        out = processor([text], [images] if images else None, padding_side="left")
+    except ValueError as err:
+        raise _Unusable(IMAGE_TOKEN_MISMATCH, str(err)) from None
+    ids = np.asarray(out["input_ids"][0], np.int32)[np.asarray(out["attention_mask"][0]) > 0]
+    grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
+    patches = int(grid.prod(axis=1).sum())
+    merge = int(processor.image_processor.merge_size)
+    n_image_tokens = int((ids == processor.image_token_id).sum())
+    if n_image_tokens != patches // merge**2:
+        raise _Unusable(IMAGE_TOKEN_MISMATCH, f"{n_image_tokens} image tokens for {patches // merge**2} features")
+    patch = int(processor.image_processor.patch_size)
+    if spec.max_row_pixels is not None and patches * patch * patch > spec.max_row_pixels:
+        raise _Unusable(TOO_MANY_PIXELS, f"{patches * patch * patch} pixels > {spec.max_row_pixels}")
+    if len(ids) > spec.max_prompt_len:
+        raise _Unusable(PROMPT_TOO_LONG, f"{len(ids)} tokens > {spec.max_prompt_len}")
+    loss_mask = None
+    if spec.target_field is not None:
+        target_ids = processor.tokenizer(target + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        loss_mask = np.concatenate([np.zeros(len(ids), np.int32), np.ones(len(target_ids), np.int32)])
+        ids = np.concatenate([ids, np.asarray(target_ids, np.int32)])
+        if len(ids) > spec.max_len:
+            raise _Unusable(SEQUENCE_TOO_LONG, f"{len(ids)} tokens > {spec.max_len}")
+    host = {key: row.get(key, "") for key in HOST_KEYS if key not in ("index", "source")}
+    return Example(
+        input_ids=ids,
+        mm_token_type_ids=(ids == processor.image_token_id).astype(np.int32),
+        loss_mask=loss_mask,
+        pixel_values=np.asarray(out["pixel_values"], np.float32),
+        image_grid_thw=grid,
+        host={"index": index, "source": source, **host},
+    )
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest entry of ``buckets`` (ascending) that is >= ``n``."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pow2_bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
+    """``max(minimum, next power of two >= n)``, limited to ``cap`` (callers keep n <= cap)."""
+    b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    return b if cap is None else min(b, cap)
+
+
+def collate(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    length_buckets: Sequence[int],
+    pad_token_id: int,
+    padding_side: Literal["left", "right"],
+    patch_cap: int | None,
+    patch_dim: int,
+) -> dict[str, Any]:
+    """Pad examples into one batch dict (see the module docstring); pads B with copies of the last row."""
+    n_real = len(examples)
+    rows = list(examples) + [examples[-1]] * (batch_size - n_real)
+    length = bucket(max(len(e.input_ids) for e in rows), length_buckets)
+    ids = np.full((batch_size, length), pad_token_id, np.int32)
+    attn, mm, loss = (np.zeros((batch_size, length), np.int32) for _ in range(3))
+    for i, e in enumerate(rows):
+        n = len(e.input_ids)
+        sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        ids[i, sl], attn[i, sl], mm[i, sl] = e.input_ids, 1, e.mm_token_type_ids
+        if e.loss_mask is not None:
+            loss[i, sl] = e.loss_mask
+    pixels = np.concatenate([e.pixel_values.reshape(-1, patch_dim) for e in rows])
+    grids = np.concatenate([e.image_grid_thw.reshape(-1, 3) for e in rows])
+    n_patches, n_images = len(pixels), len(grids)
+    p_bucket = pow2_bucket(n_patches, MIN_PATCH_BUCKET, patch_cap)
+    i_bucket = pow2_bucket(n_images)
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "mm_token_type_ids": mm,
+        "row_mask": (np.arange(batch_size) < n_real).astype(np.int32),
+        "pixel_values": np.concatenate([pixels, np.zeros((p_bucket - n_patches, patch_dim), np.float32)]),
+        "pixel_mask": (np.arange(p_bucket) < n_patches).astype(np.int32),
+        "num_patches": np.asarray(n_patches, np.int32),
+        "image_grid_thw": np.concatenate([grids, np.zeros((i_bucket - n_images, 3), np.int32)]),
+        "num_images": np.asarray(n_images, np.int32),
+    }
+    if padding_side == "right":
+        batch["loss_mask"] = loss
+    for key in HOST_KEYS:
+        batch[key] = [e.host[key] for e in rows]
+    batch["index"] = [e.host["index"] if i < n_real else -1 for i, e in enumerate(rows)]
+    return batch
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Groups encoded rows into batches, counting (or raising on) skipped rows.
+
+    ``stats`` holds rows, batches and skips by reason; ``get_state()`` returns the grain
+    element iterator's state plus these counters, so a restored iterator continues at
+    the next unseen row with the same counts.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, strict: bool, drop_remainder: bool,
+                 source_names: Sequence[str], collate_kwargs: Mapping[str, Any]):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._strict = strict
+        self._drop_remainder = drop_remainder
+        self._source_names = list(source_names)
+        self._collate_kwargs = dict(collate_kwargs)
+        self._counters = _new_stats()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A copy of the counters: ``rows``, ``batches``, ``skipped`` (reason -> count)."""
+        return {**self._counters, "skipped": dict(self._counters["skipped"])}
+
+    def __next__(self) -> dict[str, Any]:
+        examples: list[Example] = []
+        while len(examples) < self._batch_size:
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                if examples and not self._drop_remainder:
+                    break
+                raise
+            if isinstance(item, Skipped):
+                self._skip(item)
+            else:
+                examples.append(item)
+        self._counters["rows"] += len(examples)
+        self._counters["batches"] += 1
+        return collate(examples, batch_size=self._batch_size, **self._collate_kwargs)
+
+    def _skip(self, item: Skipped) -> None:
+        if self._strict:
+            detail = f" ({item.detail})" if item.detail else ""
+            raise BadRowError(f"{self._source_names[item.source]}: row {item.index}: {item.reason}{detail}")
+        self._counters["skipped"][item.reason] = self._counters["skipped"].get(item.reason, 0) + 1
+
+    def get_state(self) -> dict[str, Any]:
+        return {"elements": self._parent.get_state(), "stats": self.stats}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["elements"])
+        stats = state["stats"]
+        self._counters = {"rows": int(stats["rows"]), "batches": int(stats["batches"]),
+                       "skipped": {k: int(v) for k, v in stats["skipped"].items()}}
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"rows": 0, "batches": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def easy_to_hard_order(keys: Sequence[float], capabilities: Sequence[str], order_key: str) -> np.ndarray:
+    """Permutation of row indices: easy first within each capability, capability slots kept.
+
+    ``pass_rate``: descending; ``difficulty``: ascending; unknown (negative) values go last.
+    Ties keep source order. The rows of capability c are placed, sorted, at the
+    positions c's rows already held, so the capability mix along the order is unchanged.
+    """
+    if order_key not in ("pass_rate", "difficulty"):
+        raise ValueError(f"order_key must be 'pass_rate' or 'difficulty', got {order_key!r}")
+    keys_arr = np.asarray(keys, np.float64)
+    caps = np.asarray(capabilities, dtype=object)
+    unknown = keys_arr < 0
+    sort_value = -keys_arr if order_key == "pass_rate" else keys_arr
+    perm = np.arange(len(keys_arr))
+    for cap in dict.fromkeys(caps.tolist()):
+        slots = np.flatnonzero(caps == cap)
+        perm[slots] = slots[np.lexsort((slots, sort_value[slots], unknown[slots]))]
+    return perm
+
+
+def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, seed: int,
+                    shard_index: int, shard_count: int, num_epochs: int | None) -> grain.MapDataset:
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"source {source_id} ({getattr(source, 'name', source)!r}) is empty")
+    if order == "easy_to_hard":
+        rows = [source[i] for i in range(n)]
+        perm = easy_to_hard_order([r[order_key] for r in rows], [r["capability"] for r in rows], order_key)
+        ds = grain.MapDataset.source(perm.tolist())
+    else:
+        ds = grain.MapDataset.range(n)
+    ds = ds[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"source {source_id} has {n} rows, fewer than shard_count={shard_count}")
+    if order == "shuffle":
+        ds = ds.shuffle(seed=(seed + 1_000_003 * source_id) % 2**32)
+    ds = ds.repeat(num_epochs)
+    return ds.map(lambda i: (source_id, int(i), source[int(i)]))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def make_dataset(
+    sources: Sequence[tuple[Any, float]],
+    processor: Any,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    order: Literal["shuffle", "easy_to_hard"] = "shuffle",
+    order_key: Literal["pass_rate", "difficulty"] = "pass_rate",
+    prompt_field: str = "problem",
+    target_field: Literal["solution", "answer", "caption"] | None = None,
+    length_buckets: Sequence[int] = (64, 128, 256, 512),
+    max_prompt_len: int | None = None,
+    max_pixels_per_batch: int | None = None,
+    num_epochs: int | None = None,
+    strict: bool = False,
+    text_only: bool = False,
+    instruction: str = REASONING_INSTRUCTION,
+    system_prompt: str | None = None,
+    drop_remainder: bool = False,
+    num_threads: int = 2,
+    prefetch_buffer_size: int = 16,
+) -> BatchIterator:
+    """Batches from weighted ``sources`` (each ``len`` + ``[i]`` -> schema dict); see the module doc.
+
+    ``shard_index`` / ``shard_count`` default to ``jax.process_index()`` /
+    ``jax.process_count()``. ``num_epochs=None`` repeats forever. ``max_prompt_len``
+    defaults to the largest length bucket. A final partial batch (finite epochs) is
+    padded to ``batch_size`` with ``row_mask`` 0 unless ``drop_remainder``.
+    """
+    if shard_index is None or shard_count is None:
+        import jax  # noqa: PLC0415 - only for the defaults
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    buckets = tuple(sorted(int(b) for b in length_buckets))
+    max_prompt_len = buckets[-1] if max_prompt_len is None else int(max_prompt_len)
+    _check_args(sources, batch_size, shard_index, shard_count, order, order_key, target_field, buckets,
+                max_prompt_len, max_pixels_per_batch, num_epochs)
+    patch = int(processor.image_processor.patch_size)
+    merge = int(processor.image_processor.merge_size)
+    patch_cap = None
+    if max_pixels_per_batch is not None:
+        patch_cap = max_pixels_per_batch // (patch * patch) // merge**2 * merge**2
+    spec = RowSpec(prompt_field=prompt_field, target_field=target_field, instruction=instruction,
+                   system_prompt=system_prompt, text_only=text_only, max_prompt_len=max_prompt_len,
+                   max_len=buckets[-1],
+                   max_row_pixels=None if max_pixels_per_batch is None else max_pixels_per_batch // batch_size)
+    parts = [_ordered_source(src, k, order=order, order_key=order_key, seed=seed, shard_index=shard_index,
+                             shard_count=shard_count, num_epochs=num_epochs) for k, (src, _) in enumerate(sources)]
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(w) for _, w in sources])
+    encoded = mixed.map(lambda item: encode_row(item[2], processor, spec, source=item[0], index=item[1]))
+    elements = encoded.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                         prefetch_buffer_size=prefetch_buffer_size))
+    names = [str(getattr(src, "name", f"source {k}")) for k, (src, _) in enumerate(sources)]
+    patch_dim = 3 * int(processor.image_processor.temporal_patch_size) * patch * patch
+    return BatchIterator(
+        iter(elements), batch_size=batch_size, strict=strict, drop_remainder=drop_remainder, source_names=names,
+        collate_kwargs={"length_buckets": buckets, "pad_token_id": int(processor.pad_token_id),
+                        "padding_side": "left" if target_field is None else "right",
+                        "patch_cap": patch_cap, "patch_dim": patch_dim},
+    )
+
+
+def _check_args(sources: Sequence[tuple[Any, float]], batch_size: int, shard_index: int, shard_count: int,
+                order: str, order_key: str, target_field: str | None, buckets: tuple[int, ...],
+                max_prompt_len: int, max_pixels_per_batch: int | None, num_epochs: int | None) -> None:
+    """Raise ``ValueError`` naming the first bad argument."""
+    if not sources:
+        raise ValueError("sources is empty: give at least one (source, weight) pair")
+    for k, item in enumerate(sources):
+        if not (isinstance(item, tuple) and len(item) == 2) or not float(item[1]) > 0:
+            raise ValueError(f"sources[{k}] must be a (source, weight > 0) pair, got {item!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
+    if order not in ("shuffle", "easy_to_hard"):
+        raise ValueError(f"order must be 'shuffle' or 'easy_to_hard', got {order!r}")
+    if order_key not in ("pass_rate", "difficulty"):
+        raise ValueError(f"order_key must be 'pass_rate' or 'difficulty', got {order_key!r}")
+    if target_field is not None and target_field not in TARGET_FIELDS:
+        raise ValueError(f"target_field must be one of {TARGET_FIELDS} or None, got {target_field!r}")
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"length_buckets must be positive, got {buckets}")
+    if not 0 < max_prompt_len <= buckets[-1]:
+        raise ValueError(f"max_prompt_len must be in [1, {buckets[-1]}] (largest length bucket), got {max_prompt_len}")
+    if max_pixels_per_batch is not None and max_pixels_per_batch < batch_size:
+        raise ValueError(f"max_pixels_per_batch={max_pixels_per_batch} is below batch_size={batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")

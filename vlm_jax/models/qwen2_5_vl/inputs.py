@@ -174,6 +174,8 @@ def prepare_inputs(batch: Mapping[str, Any], cfg: Qwen25VLConfig, *,
   grid = None if grid is None or np.asarray(grid).size == 0 else np.asarray(grid).reshape(-1, 3)
   if grid is not None and "num_images" in batch:  # pipeline batches pad grids with zero rows
     grid = grid[: int(np.asarray(batch["num_images"]).sum())]
+  if grid is not None and grid.shape[0] == 0:
+    grid = None
   n_image_tokens = int(((input_ids == cfg.image_token_id) & (mask > 0)).sum())
   vision = None
   if grid is not None:

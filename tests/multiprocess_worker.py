@@ -1,0 +1,141 @@
+"""One JAX process of a real 2-process run (4 CPU devices each, gloo collectives).
+
+Spawned twice by `tests/test_multiprocess.py`; not a test module itself. Each process joins the
+distributed runtime, then:
+
+1. loads `--ckpt` sharded on a (data=2, fsdp=2, tensor=2) mesh over all 8 devices and runs `forward`
+   on the batch in `--batch` (npz), gathering the logits to the host;
+2. saves the loaded parameters with `save_pretrained` to `--save-dir` (process 0 writes);
+3. iterates the grain pipeline over `--num-rows` synthetic perception rows (seed 0) with the default
+   shard_index/shard_count and records the source index of every real row.
+
+Results go to `--out` (JSON) and `--out`.npz (logits); a failure writes its traceback into the JSON
+so the test can show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 4
+
+
+def _init_distributed(process_id: int, port: int) -> None:
+  """Joins the 2-process CPU runtime; must run before anything touches a JAX backend."""
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=NUM_PROCESSES, process_id=process_id,
+                             initialization_timeout=60)
+
+
+def sharded_forward(ckpt: Path, batch_file: Path):
+  """(model, params, logits as a full host array, facts about the sharding) for the checkpoint
+  loaded on the (data=2, fsdp=2, tensor=2) mesh over both processes' devices."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from vlm_jax import models, sharding
+  from vlm_jax.config import MeshConfig
+
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  with np.load(batch_file) as f:
+    batch = {k: f[k] for k in f.files}
+  with jax.default_matmul_precision("highest"):
+    model, params = models.from_pretrained(ckpt, mesh=mesh)
+    logits = models.forward(model, params, batch)
+  q = params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+  host = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+  return model, params, host, {
+      "logits_fully_addressable": bool(logits.is_fully_addressable),
+      "q_proj_spec": [str(a) for a in q.sharding.spec],
+      "q_proj_shape": list(q.shape),
+      "q_proj_local_shard_shapes": sorted({tuple(s.data.shape) for s in q.addressable_shards}),
+  }
+
+
+def data_indices(num_rows: int, tiny_dir: Path) -> dict[str, Any]:
+  """Source indices of the real rows this process's pipeline shard yields (one epoch)."""
+  from vlm_jax.data.pipeline import make_dataset
+  from vlm_jax.data.prepare import RowsSource
+  from vlm_jax.data.processor import Processor
+  from vlm_jax.data.synthetic import generate
+
+  rows = generate("perception", num_rows, seed=0)
+  processor = Processor.from_pretrained(tiny_dir)
+  it = make_dataset([(RowsSource(rows, name="synthetic"), 1.0)], processor, batch_size=4,
+                    num_epochs=1, seed=3, num_threads=1, prefetch_buffer_size=2)
+  indices = [int(i) for batch in it for i, real in zip(batch["index"], batch["row_mask"]) if real]
+  return {"indices": indices, "stats": it.stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--process-id", type=int, required=True)
+  p.add_argument("--port", type=int, required=True)
+  p.add_argument("--ckpt", type=Path, required=True)
+  p.add_argument("--batch", type=Path, required=True)
+  p.add_argument("--save-dir", type=Path, required=True)
+  p.add_argument("--num-rows", type=int, required=True)
+  p.add_argument("--tiny", type=Path, required=True)
+  p.add_argument("--out", type=Path, required=True)
+  args = p.parse_args(argv)
+
+  result: dict[str, Any] = {"process_id": args.process_id, "seconds": {}}
+  clock = time.monotonic()
+
+  def lap(name: str) -> None:
+    nonlocal clock
+    now = time.monotonic()
+    result["seconds"][name] = round(now - clock, 2)
+    clock = now
+
+  try:
+    _init_distributed(args.process_id, args.port)
+    lap("init")
+    import jax
+    import numpy as np
+
+    from vlm_jax import models
+    result.update(process_index=jax.process_index(), process_count=jax.process_count(),
+                  device_count=jax.device_count(), local_device_count=jax.local_device_count())
+    lap("imports")
+    model, params, logits, info = sharded_forward(args.ckpt, args.batch)
+    result.update(info)
+    np.savez(str(args.out) + ".npz", logits=logits)
+    lap("load_forward")
+    models.save_pretrained(model, params, args.save_dir)
+    lap("save")
+    result["data"] = data_indices(args.num_rows, args.tiny)
+    lap("data")
+    result["ok"] = True
+  except BaseException:  # noqa: BLE001 - report everything to the parent test
+    result["ok"] = False
+    result["error"] = traceback.format_exc()
+  args.out.write_text(json.dumps(result))
+  sys.stdout.flush()
+  if not result["ok"]:
+    # Skip jax.distributed.shutdown's barrier: a failed peer would make it hang until the timeout.
+    os._exit(1)
+  import jax
+  jax.distributed.shutdown()  # both processes leave together, so the coordinator outlives process 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,178 @@
+"""Real multi-process runs: 2 JAX processes x 4 CPU devices joined with gloo collectives.
+
+One spawn of `multiprocess_worker.py` per process does all the work (sharded HF load + forward,
+save_pretrained, data-pipeline sharding); the tests here check what the workers wrote against
+single-process references computed in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from hf_reference import build_reference, make_batch
+from vlm_jax import models
+from vlm_jax.models.tiny import build_tiny_model
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+REPO = WORKER.parent.parent
+NUM_PROCESSES = 2
+NUM_ROWS = 20
+TIMEOUT_S = 150
+FAILURE_GRACE_S = 10
+# 8 rows, so the batch dim splits over data x fsdp = 4: each process holds half of the rows.
+BATCH = make_batch([[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)]] * 2, padding="left", seed=0)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+  """The parent's environment minus its 8-device XLA flag (each worker sets its own 4)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  return env
+
+
+def spawn(tmp: Path, ckpt: Path, tiny: Path) -> list[tuple[subprocess.Popen, Path, Path]]:
+  port = free_port()
+  np.savez(tmp / "batch.npz", **BATCH)
+  procs = []
+  for i in range(NUM_PROCESSES):
+    log = tmp / f"worker{i}.log"
+    cmd = [sys.executable, str(WORKER), "--process-id", str(i), "--port", str(port),
+           "--ckpt", str(ckpt), "--batch", str(tmp / "batch.npz"), "--save-dir", str(tmp / "saved"),
+           "--num-rows", str(NUM_ROWS), "--tiny", str(tiny), "--out", str(tmp / f"result{i}.json")]
+    with log.open("w") as f:
+      proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(), cwd=REPO)
+    procs.append((proc, tmp / f"result{i}.json", log))
+  return procs
+
+
+def collect(procs, deadline: float) -> list[dict[str, Any]]:
+  """Each worker's result JSON (+ its logits). Waits until all exit, the deadline passes, or one
+  fails (its peer then gets `FAILURE_GRACE_S` to report), then kills whatever still runs."""
+  try:
+    while time.monotonic() < deadline:
+      codes = [proc.poll() for proc, _, _ in procs]
+      if all(c is not None for c in codes):
+        break
+      if any(c not in (None, 0) for c in codes):
+        deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+      time.sleep(0.2)
+  finally:
+    for proc, _, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  results, problems = [], []
+  for i, (proc, out, log) in enumerate(procs):
+    tail = log.read_text()[-3000:] if log.exists() else ""
+    result = json.loads(out.read_text()) if out.exists() else None
+    if result is None:
+      problems.append(f"worker {i} wrote no result (exit {proc.returncode}; -9: killed at the "
+                      f"{TIMEOUT_S}s timeout or {FAILURE_GRACE_S}s after its peer failed); "
+                      f"log tail:\n{tail}")
+    elif not result["ok"]:
+      problems.insert(0, f"worker {i} failed:\n{result['error']}\nlog tail:\n{tail}")
+    elif proc.returncode != 0:
+      problems.append(f"worker {i} exited with {proc.returncode}; log tail:\n{tail}")
+    else:
+      with np.load(str(out) + ".npz") as f:
+        result["logits"] = f["logits"]
+      results.append(result)
+  if problems:  # a worker's own error first: its peer usually just hung in a collective
+    pytest.fail("\n\n".join(problems))
+  return results
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Spawns both workers once; computes the single-process reference while they run."""
+  tmp = tmp_path_factory.mktemp("multiprocess")
+  ckpt = tmp / "ckpt"
+  ref_model = build_reference(ckpt, seed=0)
+  tiny = build_tiny_model(tmp / "tiny", weights=False)
+  deadline = time.monotonic() + TIMEOUT_S
+  procs = spawn(tmp, ckpt, tiny)
+  try:
+    with jax.default_matmul_precision("highest"):
+      model, params = models.from_pretrained(ckpt)
+      want = np.asarray(models.forward(model, params, BATCH))
+  except BaseException:
+    collect(procs, time.monotonic())  # kill the workers before failing
+    raise
+  results = collect(procs, deadline)
+  return dict(tmp=tmp, ckpt=ckpt, saved=tmp / "saved", ref_model=ref_model, want=want,
+              results=results)
+
+
+def test_workers_form_one_8_device_runtime(run):
+  for i, r in enumerate(run["results"]):
+    assert (r["process_index"], r["process_count"]) == (i, 2)
+    assert (r["device_count"], r["local_device_count"]) == (8, 4)
+
+
+def test_sharded_load_and_forward_match_single_process(run):
+  m = BATCH["attention_mask"].astype(bool)
+  for r in run["results"]:
+    # the logits were a global array spanning both processes, not a per-process copy
+    assert r["logits_fully_addressable"] is False
+    got = r["logits"]
+    assert got.shape == run["want"].shape
+    assert np.abs(got - run["want"])[m].max() <= 1e-5
+    # q_proj [embed, heads*head_dim] is split over (fsdp, tensor): every device holds a quarter
+    assert r["q_proj_spec"] == ["fsdp", "tensor"]
+    rows, cols = r["q_proj_shape"]
+    assert r["q_proj_local_shard_shapes"] == [[rows // 2, cols // 2]]
+  # both processes gathered the same global logits
+  np.testing.assert_array_equal(run["results"][0]["logits"], run["results"][1]["logits"])
+
+
+def test_save_pretrained_from_two_processes(run):
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  saved = run["saved"]
+  # process 0 wrote one complete file set; no temporary shard left behind by either process
+  assert sorted(p.name for p in saved.iterdir()) == sorted(
+      ["config.json", "generation_config.json", "model.safetensors"])
+  orig, new = load_file(run["ckpt"] / "model.safetensors"), load_file(saved / "model.safetensors")
+  assert sorted(new) == sorted(orig)
+  for name, arr in orig.items():
+    assert new[name].dtype == arr.dtype and new[name].shape == arr.shape, name
+    assert new[name].tobytes() == arr.tobytes(), f"{name} differs from the original"
+
+  hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(saved, dtype=torch.float32)
+  ref = run["ref_model"].state_dict()
+  got = hf.state_dict()
+  assert sorted(got) == sorted(ref)
+  for name, t in ref.items():
+    assert torch.equal(got[name], t), name
+
+
+def test_data_pipeline_shards_are_disjoint_and_cover_the_split(run):
+  seen = [r["data"]["indices"] for r in run["results"]]
+  for r in run["results"]:
+    assert sum(r["data"]["stats"]["skipped"].values()) == 0
+  assert all(len(s) == len(set(s)) for s in seen)  # no row twice within a process
+  assert set(seen[0]).isdisjoint(seen[1])
+  assert sorted(seen[0] + seen[1]) == list(range(NUM_ROWS))
+  # 20 rows over 2 processes: 10 each
+  assert len(seen[0]) == len(seen[1]) == NUM_ROWS // 2

@@ -58,8 +58,10 @@ def _base(opt_cfg, lr) -> optax.GradientTransformation:
 
 
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
-  """Global-norm clipping, then the configured optimizer per trainable module (with its lr
-  multiplier); frozen modules get `set_to_zero`."""
+  """Frozen modules' gradients zeroed, then global-norm clipping (so only trainable gradients count
+  in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
+  the configured optimizer per trainable module (with its lr multiplier); frozen modules get
+  `set_to_zero` (no optimizer moments)."""
   unknown = set(trainable) - set(MODULES)
   if unknown:
     raise ValueError(f"trainable: unknown modules {sorted(unknown)}; valid: {MODULES}")
@@ -72,7 +74,12 @@ def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> opt
       transforms[m] = _base(opt_cfg, lambda count, s=scale: s * sched(count))
     else:
       transforms[m] = optax.set_to_zero()
-  chain = [optax.clip_by_global_norm(opt_cfg.max_grad_norm)] if opt_cfg.max_grad_norm > 0 else []
+  keep_trainable = optax.multi_transform(
+      {m: optax.identity() if m in trainable else optax.set_to_zero() for m in MODULES},
+      module_labels)
+  chain = [keep_trainable]
+  if opt_cfg.max_grad_norm > 0:
+    chain.append(optax.clip_by_global_norm(opt_cfg.max_grad_norm))
   return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
 
 

@@ -190,7 +190,11 @@ def collect_rollout(model, params, ref_params, batches: Iterator[Mapping[str, An
   while n_kept < batch_size:
     if draws > 0 and (not cfg.dynamic_sampling or draws > cfg.max_extra_draws):
       break
-    g = gen(next(batches), rng=jax.random.fold_in(rng, draws))
+    try:
+      raw = next(batches)
+    except StopIteration:  # data exhausted: fill from the equal-reward groups below
+      break
+    g = gen(raw, rng=jax.random.fold_in(rng, draws))
     draws += 1
     n = len(g.texts) // G
     seen_groups += n
@@ -214,6 +218,9 @@ def collect_rollout(model, params, ref_params, batches: Iterator[Mapping[str, An
       raise RuntimeError(f"rollout: only {n_kept} of {batch_size} prompts available")
     pool = _concat_graded(dropped, image_token_id)
     filled = min(batch_size - n_kept, len(pool.texts) // G)
+    if n_kept + filled < batch_size:  # a short batch would change shapes (and recompile) silently
+      raise RuntimeError(f"rollout: only {n_kept + filled} of {batch_size} prompts available after "
+                         f"{draws} draws ({n_kept} with varied rewards)")
     kept.append(_take_groups(pool, list(range(filled)), image_token_id))
     n_kept += filled
   graded = _concat_graded(kept, image_token_id)

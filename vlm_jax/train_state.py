@@ -7,6 +7,7 @@ zero updates (and no optimizer moments).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -57,11 +58,15 @@ def _base(opt_cfg, lr) -> optax.GradientTransformation:
   return optax.adafactor(lr, weight_decay_rate=opt_cfg.weight_decay or None)
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
   """Frozen modules' gradients zeroed, then global-norm clipping (so only trainable gradients count
   in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
   the configured optimizer per trainable module (with its lr multiplier); frozen modules get
-  `set_to_zero` (no optimizer moments)."""
+  `set_to_zero` (no optimizer moments).
+
+  Cached on its (hashable) arguments: the optimizer is a static argument of the jitted steps, so
+  stages (and resumed runs) with the same optimizer settings reuse the compiled step."""
   unknown = set(trainable) - set(MODULES)
   if unknown:
     raise ValueError(f"trainable: unknown modules {sorted(unknown)}; valid: {MODULES}")
@@ -83,10 +88,15 @@ def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> opt
   return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
 
 
+@functools.lru_cache(maxsize=64)
+def _init_fn(optimizer: optax.GradientTransformation):
+  return jax.jit(lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)))
+
+
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   """Fresh optimizer state, built in one jit so every leaf lives on the parameters' mesh (the step
   functions then see the same shardings on every call and compile once)."""
-  return jax.jit(lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)))(params)
+  return _init_fn(optimizer)(params)
 
 
 def all_finite(tree) -> jax.Array:

@@ -1,0 +1,191 @@
+"""Rollout throughput: vlm_jax's jitted sampler against transformers `generate` (PyTorch, fp32).
+
+    python scripts/bench_rollout.py [--prompts 8] [--num_samples 4] [--new_tokens 64] [--repeats 3]
+                                    [--spec bench|tiny] [--torch_threads N]
+
+Both sides load the SAME weights (a tiny real-format Qwen2.5-VL directory, config `BENCH_SPEC`
+below: hidden 256, 4 layers, vocab 1024, vision depth 2), get the SAME processor batch (prompts
+with one image each, left-padded) and sample (`do_sample`, temperature 1, no top-k / top-p) exactly
+`--new_tokens` tokens per row (transformers: `min_new_tokens = max_new_tokens`; vlm_jax: no end
+tokens). For each side: the first call (vlm_jax: compile + run), then `--repeats` rounds that call
+each side in turn (both see the same background load) and report the median; generated tokens/s
+counts prompts x num_samples x new_tokens per call. A greedy check first confirms both sides
+produce the same tokens for these prompts (same weights, same inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vlm_jax import models  # noqa: E402
+from vlm_jax.data.processor import Processor  # noqa: E402
+from vlm_jax.models.tiny import TinySpec, build_tiny_model  # noqa: E402
+from vlm_jax.rl import sampler  # noqa: E402
+
+BENCH_SPEC = TinySpec(
+    vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64, mrope_section=(8, 12, 12),
+    vision_depth=2, vision_hidden_size=128, vision_intermediate_size=256, vision_num_heads=4,
+    fullatt_block_indexes=(1,))
+# `--spec tiny`: the test-size model (hidden 64, 2 layers), where per-op overhead dominates.
+SPECS = {"bench": BENCH_SPEC, "tiny": TinySpec()}
+
+QUESTIONS = ("How many circles are in the picture?", "What colour is the square?",
+             "Describe the scene.", "Is the triangle left of the circle?",
+             "Count the red shapes.", "What is written in the image?",
+             "Which shape is the largest?", "What is 3 plus 4?")
+IMAGE_SIZES = ((112, 112), (84, 140), (56, 112), (140, 84), (112, 56), (84, 84), (56, 56), (112, 84))
+
+
+def make_batch(processor: Processor, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`n` chat prompts, each with one random RGB image of a different size (left-padded)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    texts, images = [], []
+    for i in range(n):
+        h, w = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        images.append([Image.fromarray(pixels)])
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]
+        texts.append(processor.apply_chat_template(messages))
+    return processor(texts, images, padding_side="left")
+
+
+def torch_inputs(batch):
+    """The processor batch as torch tensors; integer arrays as int64, which transformers indexes with."""
+    import torch
+
+    return {k: torch.as_tensor(v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v)
+            for k, v in batch.items()}
+
+
+def vlm_jax_call(path: Path, batch, args) -> Callable[[], None]:
+    """One timed unit on the vlm_jax side: `sampler.generate` to numpy, output shape checked."""
+    model, params = models.from_pretrained(path)
+    keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
+    rows = args.prompts * args.num_samples
+
+    def call() -> None:
+        out = sampler.generate(model, params, batch, max_new_tokens=args.new_tokens,
+                               temperature=args.temperature, top_p=1.0, top_k=0,
+                               num_samples=args.num_samples, rng=next(keys), eos_token_ids=())
+        if out.tokens.shape != (rows, args.new_tokens) or not (out.lengths == args.new_tokens).all():
+            raise RuntimeError(f"vlm_jax generated {out.tokens.shape}, lengths {set(out.lengths)}")
+    return call
+
+
+def transformers_call(path: Path, batch, args) -> Callable[[], None]:
+    """One timed unit on the transformers side: `generate` with the same sampling settings."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    inputs = torch_inputs(batch)
+    expected = (args.prompts * args.num_samples, inputs["input_ids"].shape[1] + args.new_tokens)
+
+    def call() -> None:
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_k=0,
+                                 top_p=1.0, num_return_sequences=args.num_samples,
+                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"transformers generated {tuple(out.shape)}, expected {expected}")
+    return call
+
+
+def seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(calls: dict[str, Callable[[], None]], repeats: int):
+    """First-call seconds per side, then `repeats` rounds calling each side in turn, so both sides
+    see the same background load (the machine may be shared)."""
+    first = {name: seconds(fn) for name, fn in calls.items()}
+    later: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            later[name].append(seconds(fn))
+    return first, later
+
+
+def greedy_agreement(path: Path, batch, new_tokens: int = 8) -> float:
+    """Fraction of prompts whose first `new_tokens` greedy tokens agree on both sides: a check
+    that the two sides really run the same weights and prompts."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, params = models.from_pretrained(path)
+    ours = sampler.generate(model, params, batch, max_new_tokens=new_tokens, temperature=0.0,
+                            rng=jax.random.key(0), eos_token_ids=()).tokens
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        theirs = hf.generate(**torch_inputs(batch), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    theirs = theirs[:, batch["input_ids"].shape[1]:].numpy()
+    return float((ours == theirs).all(-1).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--num_samples", type=int, default=4)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--spec", choices=sorted(SPECS), default="bench", help="model size")
+    parser.add_argument("--skip_check", action="store_true", help="skip the greedy agreement check")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_model(Path(tmp) / "model", spec=SPECS[args.spec], seed=0)
+        processor = Processor.from_pretrained(path)
+        batch = make_batch(processor, args.prompts)
+        agree = None if args.skip_check else greedy_agreement(path, batch)
+        first, later = interleaved({"vlm_jax": vlm_jax_call(path, batch, args),
+                                    "transformers": transformers_call(path, batch, args)},
+                                   args.repeats)
+    steady = {name: statistics.median(times) for name, times in later.items()}
+
+    tokens = args.prompts * args.num_samples * args.new_tokens
+    print(f"command: python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"os.cpu_count()={os.cpu_count()}, jax {jax.__version__} on {jax.default_backend()}")
+    print(f"model: --spec {args.spec}: {SPECS[args.spec]}")
+    print(f"batch: {args.prompts} prompts (1 image each, input_ids {batch['input_ids'].shape}, "
+          f"{batch['pixel_values'].shape[0]} patches) x {args.num_samples} samples x "
+          f"{args.new_tokens} new tokens = {tokens} tokens/call, temperature {args.temperature}")
+    if agree is not None:
+        print(f"greedy agreement (8 tokens, same prompts): {agree:.0%} of prompts")
+    print()
+    print(f"{'':<14}{'first call s':>14}{'steady s':>12}{'tokens/s':>12}   later calls s")
+    for name in later:
+        print(f"{name:<14}{first[name]:>14.2f}{steady[name]:>12.3f}{tokens / steady[name]:>12.0f}   "
+              f"{', '.join(f'{t:.3f}' for t in later[name])}")
+    print(f"vlm_jax compile (first call - steady): {first['vlm_jax'] - steady['vlm_jax']:.2f} s; "
+          f"steady-state speed-up: {steady['transformers'] / steady['vlm_jax']:.2f}x "
+          f"(torch threads: {args.torch_threads})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

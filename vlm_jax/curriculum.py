@@ -218,9 +218,12 @@ def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
   return state, meta, ref
 
 
-def run(cfg: config_lib.Config, workdir: str | Path) -> str:
-  """Runs (or resumes) the curriculum; returns "finished" or "preempted"."""
-  workdir = Path(workdir)
+def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None) -> str:
+  """Runs (or resumes) the curriculum; returns "finished" or "preempted".
+
+  `stop_after` requests a stop (exactly like SIGTERM) once the global step reaches it, e.g. for a
+  time-boxed job; the run checkpoints and returns "preempted"."""
+  workdir = Path(workdir).resolve()  # orbax needs absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
   env = setup(cfg, workdir)
   (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
@@ -277,6 +280,8 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> str:
           state, host = train_step(env, stage, state, ref_params,
                                    step_rng(cfg.seed, index, stage_step))
           global_step += 1
+          if stop_after is not None and global_step >= stop_after:
+            guard.request()
           if (stage_step + 1) % cfg.logging.every == 0 or stage_step + 1 == st.steps:
             writer.write(global_step, st.name, stage_step + 1, host)
           bar.update(host)
@@ -311,7 +316,7 @@ def run(cfg: config_lib.Config, workdir: str | Path) -> str:
 def restore_for_export(workdir: str | Path):
   """(model, params, processor) of the latest checkpoint of a training workdir."""
   from vlm_jax.data.processor import Processor
-  workdir = Path(workdir)
+  workdir = Path(workdir).resolve()
   cfg_file = workdir / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"{workdir} is neither a model directory nor a training workdir "

@@ -33,22 +33,22 @@ CASES = {
 
 
 def main():
-  print(f"{'case':40s} {'max |diff|':>12s}")
-  for name, case in CASES.items():
-    with tempfile.TemporaryDirectory() as d:
-      ref = build_reference(d, **case.get("build", {}))
-      batch = make_batch(case["rows"], padding=case.get("padding", "right"))
-      want = reference_logits(ref, batch)
-      with jax.default_matmul_precision("highest"):
-        model, params = models.from_pretrained(d, dtype=case.get("dtype", jnp.float32))
-        got = np.asarray(models.forward(model, params, batch)).astype(np.float32)
-      m = batch["attention_mask"].astype(bool)
-      if "dtype" in case:
-        value = np.linalg.norm(got[m] - want[m]) / np.linalg.norm(want[m])
-      else:
-        value = np.abs(got - want)[m].max()
-      print(f"{name:40s} {value:12.3e}")
+    print(f"{'case':40s} {'max |diff|':>12s}")
+    for name, case in CASES.items():
+        with tempfile.TemporaryDirectory() as d:
+            ref = build_reference(d, **case.get("build", {}))
+            batch = make_batch(case["rows"], padding=case.get("padding", "right"))
+            want = reference_logits(ref, batch)
+            with jax.default_matmul_precision("highest"):
+                model, params = models.from_pretrained(d, dtype=case.get("dtype", jnp.float32))
+                got = np.asarray(models.forward(model, params, batch)).astype(np.float32)
+            m = batch["attention_mask"].astype(bool)
+            if "dtype" in case:
+                value = np.linalg.norm(got[m] - want[m]) / np.linalg.norm(want[m])
+            else:
+                value = np.abs(got - want)[m].max()
+            print(f"{name:40s} {value:12.3e}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

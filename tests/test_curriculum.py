@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from vlm_jax import config as config_lib
 from vlm_jax import curriculum, models, sft, train
@@ -25,191 +24,256 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  from vlm_jax.data import build_synthetic
-  from vlm_jax.models.tiny import build_tiny_model
-  d = tmp_path_factory.mktemp("assets")
-  build_synthetic(str(d / "data"), sizes={"train": 24, "validation": 4, "test": 4}, seed=0)
-  build_tiny_model(d / "model", seed=0)
-  return d
+    from vlm_jax.data import build_synthetic
+    from vlm_jax.models.tiny import build_tiny_model
+
+    d = tmp_path_factory.mktemp("assets")
+    build_synthetic(str(d / "data"), sizes={"train": 24, "validation": 4, "test": 4}, seed=0)
+    build_tiny_model(d / "model", seed=0)
+    return d
 
 
 def two_stage_config(assets, **over):
-  """GRPO perception stage -> SFT textual stage, fixed shapes (one length bucket, one patch bucket)."""
-  overrides = [
-      f"model.path={assets / 'model'}", f"data.data_dir={assets / 'data'}",
-      "data.length_buckets=(256,)", "data.max_prompt_len=256", "data.max_pixels_per_image=12544",
-      "stages.0.steps=3", "stages.1.steps=3", "stages.0.batch_size=2", "stages.1.batch_size=2",
-      "stages.0.grpo.num_samples=2", "stages.0.grpo.max_new_tokens=8", "stages.0.grpo.kl_coef=0.01",
-      "stages.0.eval.datasets=()", "stages.1.eval.datasets=()", "checkpoint.every=1",
-      "checkpoint.async_save=false", "logging.progress=false", "logging.tensorboard=false",
-      "compilation_cache_dir=", *[f"{k}={v}" for k, v in over.items()]]
-  cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"), overrides)
-  return cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[:2]})
+    """GRPO perception stage -> SFT textual stage, fixed shapes (one length bucket, one patch bucket)."""
+    overrides = [
+        f"model.path={assets / 'model'}",
+        f"data.data_dir={assets / 'data'}",
+        "data.length_buckets=(256,)",
+        "data.max_prompt_len=256",
+        "data.max_pixels_per_image=12544",
+        "stages.0.steps=3",
+        "stages.1.steps=3",
+        "stages.0.batch_size=2",
+        "stages.1.batch_size=2",
+        "stages.0.grpo.num_samples=2",
+        "stages.0.grpo.max_new_tokens=8",
+        "stages.0.grpo.kl_coef=0.01",
+        "stages.0.eval.datasets=()",
+        "stages.1.eval.datasets=()",
+        "checkpoint.every=1",
+        "checkpoint.async_save=false",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "compilation_cache_dir=",
+        *[f"{k}={v}" for k, v in over.items()],
+    ]
+    cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"), overrides)
+    return cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[:2]})
 
 
 def final_params(workdir):
-  model, params, _ = curriculum.restore_for_export(workdir)
-  return model, params
+    model, params, _ = curriculum.restore_for_export(workdir)
+    return model, params
 
 
 def assert_bitwise(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(assets, tmp_path_factory):
-  wd = tmp_path_factory.mktemp("full")
-  cfg = two_stage_config(assets)
-  counts = {}
-  before = (policy.grpo_step._cache_size(), sft.sft_step._cache_size())
-  assert curriculum.run(cfg, wd) == "finished"
-  counts["grpo"] = policy.grpo_step._cache_size() - before[0]
-  counts["sft"] = sft.sft_step._cache_size() - before[1]
-  return wd, cfg, counts
+    wd = tmp_path_factory.mktemp("full")
+    cfg = two_stage_config(assets)
+    counts = {}
+    before = (policy.grpo_step._cache_size(), sft.sft_step._cache_size())
+    assert curriculum.run(cfg, wd) == "finished"
+    counts["grpo"] = policy.grpo_step._cache_size() - before[0]
+    counts["sft"] = sft.sft_step._cache_size() - before[1]
+    return wd, cfg, counts
 
 
 def test_two_stages_swap_step_functions_without_recompiling(uninterrupted):
-  wd, cfg, counts = uninterrupted
-  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
-  train_rows = [r for r in rows if "loss" in r]
-  assert [r["stage"] for r in train_rows] == ["perception"] * 3 + ["textual_reasoning"] * 3
-  assert [r["step"] for r in train_rows] == list(range(1, 7))
-  assert all("reward/mean" in r and "clip_frac" in r for r in train_rows[:3])  # GRPO step ran
-  assert all("target_tokens" in r and "reward/mean" not in r for r in train_rows[3:])  # SFT step
-  # each step function compiled once for its stage, none again within the stage
-  assert counts == {"grpo": 1, "sft": 1}
-  assert all(r["skipped_nonfinite"] == 0 for r in train_rows)
+    wd, cfg, counts = uninterrupted
+    rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["stage"] for r in train_rows] == ["perception"] * 3 + ["textual_reasoning"] * 3
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert all("reward/mean" in r and "clip_frac" in r for r in train_rows[:3])  # GRPO step ran
+    assert all("target_tokens" in r and "reward/mean" not in r for r in train_rows[3:])  # SFT step
+    # each step function compiled once for its stage, none again within the stage
+    assert counts == {"grpo": 1, "sft": 1}
+    assert all(r["skipped_nonfinite"] == 0 for r in train_rows)
 
 
 def test_resume_mid_grpo_stage_is_bitwise(assets, uninterrupted, tmp_path):
-  full_wd, cfg, _ = uninterrupted
-  assert curriculum.run(cfg, tmp_path, stop_after=2) == "preempted"
-  meta = Checkpointer(tmp_path / "checkpoints").restore_meta()
-  assert (meta["stage_index"], meta["stage_step"], meta["global_step"]) == (0, 2, 2)
-  assert curriculum.run(cfg, tmp_path) == "finished"
-  assert_bitwise(final_params(full_wd)[1], final_params(tmp_path)[1])
-  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
+    full_wd, cfg, _ = uninterrupted
+    assert curriculum.run(cfg, tmp_path, stop_after=2) == "preempted"
+    meta = Checkpointer(tmp_path / "checkpoints").restore_meta()
+    assert (meta["stage_index"], meta["stage_step"], meta["global_step"]) == (0, 2, 2)
+    assert curriculum.run(cfg, tmp_path) == "finished"
+    assert_bitwise(final_params(full_wd)[1], final_params(tmp_path)[1])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
 
 
 def test_resume_at_stage_boundary_is_bitwise(assets, uninterrupted, tmp_path):
-  full_wd, cfg, _ = uninterrupted
-  assert curriculum.run(cfg, tmp_path, stop_after=3) == "preempted"
-  meta = Checkpointer(tmp_path / "checkpoints").restore_meta()
-  assert (meta["stage_index"], meta["stage_step"]) == (1, 0)
-  assert curriculum.run(cfg, tmp_path) == "finished"
-  assert_bitwise(final_params(full_wd)[1], final_params(tmp_path)[1])
+    full_wd, cfg, _ = uninterrupted
+    assert curriculum.run(cfg, tmp_path, stop_after=3) == "preempted"
+    meta = Checkpointer(tmp_path / "checkpoints").restore_meta()
+    assert (meta["stage_index"], meta["stage_step"]) == (1, 0)
+    assert curriculum.run(cfg, tmp_path) == "finished"
+    assert_bitwise(final_params(full_wd)[1], final_params(tmp_path)[1])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(assets, uninterrupted, tmp_path):
-  """A real SIGTERM to `python -m vlm_jax.train` during the GRPO stage: exit 0 after saving at the
-  next step boundary; rerunning the same command resumes and ends bitwise equal."""
-  full_wd, cfg, _ = uninterrupted
-  cfg_file = tmp_path / "cfg.py"
-  cfg_file.write_text(
-      "from vlm_jax.config import config_from_dict\n"
-      f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n")
-  wd = tmp_path / "wd"
-  cmd = [sys.executable, "-m", "vlm_jax.train", "--config", str(cfg_file), "--workdir", str(wd)]
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  metrics = wd / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().strip():
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-  proc.send_signal(signal.SIGTERM)
-  out = proc.communicate(timeout=240)[0].decode()
-  assert proc.returncode == 0, out[-2000:]
-  assert "run preempted" in out
-  meta = Checkpointer(wd / "checkpoints").restore_meta()
-  assert meta["global_step"] < 6
-  rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=400)
-  assert rerun.returncode == 0, rerun.stdout.decode()[-2000:] + rerun.stderr.decode()[-2000:]
-  assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+    """A real SIGTERM to `python -m vlm_jax.train` during the GRPO stage: exit 0 after saving at the
+    next step boundary; rerunning the same command resumes and ends bitwise equal."""
+    full_wd, cfg, _ = uninterrupted
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
+    )
+    wd = tmp_path / "wd"
+    cmd = [sys.executable, "-m", "vlm_jax.train", "--config", str(cfg_file), "--workdir", str(wd)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = wd / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    assert "run preempted" in out
+    meta = Checkpointer(wd / "checkpoints").restore_meta()
+    assert meta["global_step"] < 6
+    rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout.decode()[-2000:] + rerun.stderr.decode()[-2000:]
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
 
 
 def test_nonfinite_loss_is_skipped_counted_and_never_checkpointed(assets, tmp_path, monkeypatch):
-  cfg = two_stage_config(assets)
-  cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[1:2]})  # the SFT stage alone
-  real = sft.token_nll
-  monkeypatch.setattr(sft, "token_nll", lambda logits, ids: real(logits, ids) * np.nan)
-  sft.sft_step.clear_cache()
-  try:
-    assert curriculum.run(cfg, tmp_path) == "finished"
-  finally:
+    cfg = two_stage_config(assets)
+    cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[1:2]})  # the SFT stage alone
+    real = sft.token_nll
+    monkeypatch.setattr(sft, "token_nll", lambda logits, ids: real(logits, ids) * np.nan)
     sft.sft_step.clear_cache()
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["skipped_nonfinite"] for r in rows if "loss" in r] == [1, 2, 3]
-  assert all(r["loss"] is None for r in rows if "loss" in r)  # NaN logged as null
-  _, base = models.from_pretrained(assets / "model")
-  _, saved = final_params(tmp_path)
-  assert_bitwise(base, saved)  # no update reached the parameters or the checkpoint
+    try:
+        assert curriculum.run(cfg, tmp_path) == "finished"
+    finally:
+        sft.sft_step.clear_cache()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(r["loss"] is None for r in rows if "loss" in r)  # NaN logged as null
+    _, base = models.from_pretrained(assets / "model")
+    _, saved = final_params(tmp_path)
+    assert_bitwise(base, saved)  # no update reached the parameters or the checkpoint
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages.0.learning_rate=1", "stages.0.learning_rate"),
-    ("stages.0.objective=dpo", "stages.0.objective"),
-    ("stages.1.datasets.0.name=no_such_dataset", "no_such_dataset"),
-    ("stages.0.steps=0", "stages.0.steps"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.0.learning_rate=1", "stages.0.learning_rate"),
+        ("stages.0.objective=dpo", "stages.0.objective"),
+        ("stages.1.datasets.0.name=no_such_dataset", "no_such_dataset"),
+        ("stages.0.steps=0", "stages.0.steps"),
+    ],
+)
 def test_bad_config_fails_before_compiling(assets, tmp_path, capsys, override, message):
-  before = (policy.grpo_step._cache_size(), sft.sft_step._cache_size(), sampler._generate._cache_size())
-  argv = ["--config", str(ROOT / "configs/demo_cpu.py"), f"--config.model.path={assets / 'model'}",
-          f"--config.data.data_dir={assets / 'data'}", f"--config.{override}",
-          "--workdir", str(tmp_path)]
-  assert train.main(argv) == 2
-  err = capsys.readouterr().err
-  assert message in err and err.startswith("error:")
-  assert before == (policy.grpo_step._cache_size(), sft.sft_step._cache_size(),
-                    sampler._generate._cache_size())
+    before = (policy.grpo_step._cache_size(), sft.sft_step._cache_size(), sampler._generate._cache_size())
+    argv = [
+        "--config",
+        str(ROOT / "configs/demo_cpu.py"),
+        f"--config.model.path={assets / 'model'}",
+        f"--config.data.data_dir={assets / 'data'}",
+        f"--config.{override}",
+        "--workdir",
+        str(tmp_path),
+    ]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error:")
+    assert before == (
+        policy.grpo_step._cache_size(),
+        sft.sft_step._cache_size(),
+        sampler._generate._cache_size(),
+    )
 
 
 def test_export_round_trip_with_transformers(uninterrupted, tmp_path):
-  from hf_reference import reference_logits  # noqa: F401  (same call convention)
-  from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-  from vlm_jax import export
-  from vlm_jax.data.processor import Processor
-  full_wd, _, _ = uninterrupted
-  assert export.main(["--workdir", str(full_wd), "--out", str(tmp_path / "hf")]) == 0
-  for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
-    assert (tmp_path / "hf" / f).exists(), f
-  AutoTokenizer.from_pretrained(tmp_path / "hf")
-  model, params = final_params(full_wd)
-  proc = Processor.from_pretrained(tmp_path / "hf")
-  from PIL import Image
-  img = Image.fromarray((np.arange(56 * 84 * 3) % 251).astype(np.uint8).reshape(56, 84, 3))
-  text = proc.apply_chat_template([{"role": "user", "content": [
-      {"type": "image"}, {"type": "text", "text": "How many red circles?"}]}])
-  batch = proc([text, "hello there"], [[img], []], padding_side="left")
-  with jax.default_matmul_precision("highest"):
-    ours = np.asarray(models.forward(model, params, batch))
-  ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = ref(**{k: torch.as_tensor(v).long() if v.dtype.kind == "i" else torch.as_tensor(v)
-                    for k, v in batch.items()}).logits.numpy()
-  m = batch["attention_mask"].astype(bool)
-  assert np.abs(ours - theirs)[m].max() <= 1e-4
+    from hf_reference import reference_logits  # noqa: F401  (same call convention)
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from vlm_jax import export
+    from vlm_jax.data.processor import Processor
+
+    full_wd, _, _ = uninterrupted
+    assert export.main(["--workdir", str(full_wd), "--out", str(tmp_path / "hf")]) == 0
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "hf" / f).exists(), f
+    AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, params = final_params(full_wd)
+    proc = Processor.from_pretrained(tmp_path / "hf")
+    from PIL import Image
+
+    img = Image.fromarray((np.arange(56 * 84 * 3) % 251).astype(np.uint8).reshape(56, 84, 3))
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red circles?"}]}]
+    )
+    batch = proc([text, "hello there"], [[img], []], padding_side="left")
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(models.forward(model, params, batch))
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(
+            **{
+                k: torch.as_tensor(v).long() if v.dtype.kind == "i" else torch.as_tensor(v)
+                for k, v in batch.items()
+            }
+        ).logits.numpy()
+    m = batch["attention_mask"].astype(bool)
+    assert np.abs(ours - theirs)[m].max() <= 1e-4
 
 
 def test_evaluate_cli(assets, tmp_path, capsys):
-  from vlm_jax import evaluate
-  out = tmp_path / "eval.json"
-  assert evaluate.main(["--model", str(assets / "model"), "--data",
-                        "synthetic_perception[test],synthetic_textual_reasoning[test]",
-                        "--data_dir", str(assets / "data"), "--out", str(out),
-                        "--max_new_tokens", "8", "--batch_size", "4"]) == 0
-  res = json.loads(out.read_text())
-  assert res["overall"]["n"] == 8
-  for name in ("synthetic_perception[test]", "synthetic_textual_reasoning[test]"):
-    r = res["datasets"][name]
-    assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and 1 <= r["mean_response_length"] <= 8
-    assert sum(t["n"] for t in r["per_task"].values()) == 4
-  assert evaluate.main(["--model", str(assets / "model"), "--data", "nope[test]",
-                        "--data_dir", str(assets / "data"), "--out", str(out)]) == 2
-  assert "nope" in capsys.readouterr().err
+    from vlm_jax import evaluate
+
+    out = tmp_path / "eval.json"
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(assets / "model"),
+                "--data",
+                "synthetic_perception[test],synthetic_textual_reasoning[test]",
+                "--data_dir",
+                str(assets / "data"),
+                "--out",
+                str(out),
+                "--max_new_tokens",
+                "8",
+                "--batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["overall"]["n"] == 8
+    for name in ("synthetic_perception[test]", "synthetic_textual_reasoning[test]"):
+        r = res["datasets"][name]
+        assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and 1 <= r["mean_response_length"] <= 8
+        assert sum(t["n"] for t in r["per_task"].values()) == 4
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(assets / "model"),
+                "--data",
+                "nope[test]",
+                "--data_dir",
+                str(assets / "data"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "nope" in capsys.readouterr().err

@@ -45,61 +45,66 @@ PATCH = 14 * 14  # pixels per vision patch (Qwen2.5-VL)
 
 @dataclasses.dataclass
 class Env:
-  cfg: config_lib.Config
-  workdir: Path
-  model: models.Model
-  base_params: Any
-  processor: Any
-  sources: dict            # (name, split) -> random-access source
-  num_patches: int         # fixed vision patch bucket (pixel budget), so shapes stay the same
+    cfg: config_lib.Config
+    workdir: Path
+    model: models.Model
+    base_params: Any
+    processor: Any
+    sources: dict  # (name, split) -> random-access source
+    num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
 
 
 def dtype_of(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def open_sources(cfg: config_lib.Config) -> dict:
-  """Loads every training and evaluation dataset of every stage (a missing one fails here)."""
-  from vlm_jax import data
-  out = {}
-  for i, stage in enumerate(cfg.stages):
-    for kind, specs in (("datasets", stage.datasets), ("eval.datasets", stage.eval.datasets)):
-      for j, ds in enumerate(specs):
-        key = (ds.name, ds.split)
-        if key in out:
-          continue
-        try:
-          out[key] = data.load(ds.name, split=ds.split, data_dir=cfg.data.data_dir)
-        except (ValueError, FileNotFoundError) as e:
-          raise config_lib.ConfigError(f"stages.{i}.{kind}.{j}.name: {e}",
-                                       f"stages.{i}.{kind}.{j}.name") from e
-  return out
+    """Loads every training and evaluation dataset of every stage (a missing one fails here)."""
+    from vlm_jax import data
+
+    out = {}
+    for i, stage in enumerate(cfg.stages):
+        for kind, specs in (("datasets", stage.datasets), ("eval.datasets", stage.eval.datasets)):
+            for j, ds in enumerate(specs):
+                key = (ds.name, ds.split)
+                if key in out:
+                    continue
+                try:
+                    out[key] = data.load(ds.name, split=ds.split, data_dir=cfg.data.data_dir)
+                except (ValueError, FileNotFoundError) as e:
+                    raise config_lib.ConfigError(
+                        f"stages.{i}.{kind}.{j}.name: {e}", f"stages.{i}.{kind}.{j}.name"
+                    ) from e
+    return out
 
 
 def configure_processor(processor, data_cfg) -> None:
-  """Applies the config's pixel bounds to the image processor."""
-  ip = processor.image_processor
-  ip.size = type(ip.size)(shortest_edge=data_cfg.min_pixels_per_image,
-                          longest_edge=data_cfg.max_pixels_per_image)
+    """Applies the config's pixel bounds to the image processor."""
+    ip = processor.image_processor
+    ip.size = type(ip.size)(
+        shortest_edge=data_cfg.min_pixels_per_image, longest_edge=data_cfg.max_pixels_per_image
+    )
 
 
 def setup(cfg: config_lib.Config, workdir: Path) -> Env:
-  from vlm_jax.data.processor import Processor
-  if not cfg.model.path:
-    raise config_lib.ConfigError("model.path: no model directory given", "model.path")
-  sources = open_sources(cfg)
-  if cfg.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).resolve()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  mesh = sharding.make_mesh(cfg.mesh)
-  model, params = models.from_pretrained(cfg.model.path, dtype=dtype_of(cfg.model.dtype), mesh=mesh,
-                                         rules=cfg.logical_axis_rules)
-  processor = Processor.from_pretrained(cfg.model.path)
-  configure_processor(processor, cfg.data)
-  max_batch = max(s.batch_size for s in cfg.stages)
-  budget = cfg.data.max_pixels_per_image * max_batch // PATCH
-  num_patches = int(2 ** np.ceil(np.log2(max(budget, 64))))
-  return Env(cfg, workdir, model, params, processor, sources, num_patches)
+    from vlm_jax.data.processor import Processor
+
+    if not cfg.model.path:
+        raise config_lib.ConfigError("model.path: no model directory given", "model.path")
+    sources = open_sources(cfg)
+    if cfg.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).resolve()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    mesh = sharding.make_mesh(cfg.mesh)
+    model, params = models.from_pretrained(
+        cfg.model.path, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.logical_axis_rules
+    )
+    processor = Processor.from_pretrained(cfg.model.path)
+    configure_processor(processor, cfg.data)
+    max_batch = max(s.batch_size for s in cfg.stages)
+    budget = cfg.data.max_pixels_per_image * max_batch // PATCH
+    num_patches = int(2 ** np.ceil(np.log2(max(budget, 64))))
+    return Env(cfg, workdir, model, params, processor, sources, num_patches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,90 +114,133 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
 
 @dataclasses.dataclass
 class Stage:
-  """Everything built for one stage: optimizer, data iterator, reward, step function."""
-  index: int
-  cfg: config_lib.StageConfig
-  optimizer: Any
-  iterator: Any
-  reward_fn: Any = None
-  loss_cfg: grpo.GRPOLossConfig | None = None
+    """Everything built for one stage: optimizer, data iterator, reward, step function."""
+
+    index: int
+    cfg: config_lib.StageConfig
+    optimizer: Any
+    iterator: Any
+    reward_fn: Any = None
+    loss_cfg: grpo.GRPOLossConfig | None = None
 
 
 def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
-  from vlm_jax.data.pipeline import REASONING_INSTRUCTION, make_dataset
-  st = env.cfg.stages[index]
-  optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
-  sft = st.objective == "sft"
-  target = st.sft.target if sft else None
-  iterator = make_dataset(
-      [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets], env.processor,
-      batch_size=st.batch_size, seed=env.cfg.seed + 1000 * index, order=st.order,
-      order_key=st.order_key, target_field=target, length_buckets=env.cfg.data.length_buckets,
-      max_prompt_len=env.cfg.data.max_prompt_len,
-      max_pixels_per_batch=env.cfg.data.max_pixels_per_image * st.batch_size,
-      strict=env.cfg.data.strict, text_only=sft and st.sft.caption_as_input,
-      instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION)
-  if data_state is not None:
-    iterator.set_state(data_state)
-  stage = Stage(index, st, optimizer, iterator)
-  if not sft:
-    g = st.grpo
-    stage.reward_fn = rewards_lib.build_reward(st.reward)
-    stage.loss_cfg = grpo.GRPOLossConfig(
-        clip_low=g.clip_low, clip_high=g.clip_high, clip_c=g.clip_c, ratio_level=g.ratio_level,
-        kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, loss_agg=g.loss_agg,
-        norm_length=g.max_new_tokens)
-  return stage
+    from vlm_jax.data.pipeline import REASONING_INSTRUCTION, make_dataset
+
+    st = env.cfg.stages[index]
+    optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
+    sft = st.objective == "sft"
+    target = st.sft.target if sft else None
+    iterator = make_dataset(
+        [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
+        env.processor,
+        batch_size=st.batch_size,
+        seed=env.cfg.seed + 1000 * index,
+        order=st.order,
+        order_key=st.order_key,
+        target_field=target,
+        length_buckets=env.cfg.data.length_buckets,
+        max_prompt_len=env.cfg.data.max_prompt_len,
+        max_pixels_per_batch=env.cfg.data.max_pixels_per_image * st.batch_size,
+        strict=env.cfg.data.strict,
+        text_only=sft and st.sft.caption_as_input,
+        instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
+    )
+    if data_state is not None:
+        iterator.set_state(data_state)
+    stage = Stage(index, st, optimizer, iterator)
+    if not sft:
+        g = st.grpo
+        stage.reward_fn = rewards_lib.build_reward(st.reward)
+        stage.loss_cfg = grpo.GRPOLossConfig(
+            clip_low=g.clip_low,
+            clip_high=g.clip_high,
+            clip_c=g.clip_c,
+            ratio_level=g.ratio_level,
+            kl_coef=g.kl_coef,
+            kl_estimator=g.kl_estimator,
+            loss_agg=g.loss_agg,
+            norm_length=g.max_new_tokens,
+        )
+    return stage
 
 
 def step_rng(seed: int, stage_index: int, stage_step: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage_index), stage_step)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage_index), stage_step)
 
 
 def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tuple[TrainState, dict]:
-  """One step of the stage's objective; returns host metrics."""
-  model, proc, st = env.model, env.processor, stage.cfg
-  if st.objective == "sft":
-    batch = next(stage.iterator)
-    inputs = models.place_inputs(model, model.prepare(batch, num_patches=env.num_patches))
-    sft_batch = SFTBatch(inputs, jnp.asarray(batch["loss_mask"], jnp.float32))
-    state, m = sft_step(state, sft_batch, graphdef=model.graphdef, optimizer=stage.optimizer,
-                        normalize=st.sft.normalize)
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
-  else:
-    g = st.grpo
-    roll_rng, upd_rng = jax.random.split(rng)
-    rbatch, _, host = collect_rollout(
-        model, state.params, ref_params, stage.iterator, cfg=g, tokenizer=proc.tokenizer,
-        reward_fn=stage.reward_fn, rng=roll_rng, eos_token_ids=proc.eos_token_ids,
-        pad_token_id=proc.pad_token_id, image_token_id=proc.image_token_id,
-        batch_size=st.batch_size, prompt_buckets=env.cfg.data.length_buckets,
-        num_patches=env.num_patches)
-    state, m = grpo_step(state, rbatch, upd_rng, graphdef=model.graphdef, optimizer=stage.optimizer,
-                         group_size=g.num_samples, loss_cfg=stage.loss_cfg, mu=g.mu,
-                         minibatch=g.mini_batch_size)
-    host.update({k: float(v) for k, v in jax.device_get(m).items()})
-  host["skipped_nonfinite"] = int(state.skipped)
-  return state, host
+    """One step of the stage's objective; returns host metrics."""
+    model, proc, st = env.model, env.processor, stage.cfg
+    if st.objective == "sft":
+        batch = next(stage.iterator)
+        inputs = models.place_inputs(model, model.prepare(batch, num_patches=env.num_patches))
+        sft_batch = SFTBatch(inputs, jnp.asarray(batch["loss_mask"], jnp.float32))
+        state, m = sft_step(
+            state, sft_batch, graphdef=model.graphdef, optimizer=stage.optimizer, normalize=st.sft.normalize
+        )
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+    else:
+        g = st.grpo
+        roll_rng, upd_rng = jax.random.split(rng)
+        rbatch, _, host = collect_rollout(
+            model,
+            state.params,
+            ref_params,
+            stage.iterator,
+            cfg=g,
+            tokenizer=proc.tokenizer,
+            reward_fn=stage.reward_fn,
+            rng=roll_rng,
+            eos_token_ids=proc.eos_token_ids,
+            pad_token_id=proc.pad_token_id,
+            image_token_id=proc.image_token_id,
+            batch_size=st.batch_size,
+            prompt_buckets=env.cfg.data.length_buckets,
+            num_patches=env.num_patches,
+        )
+        state, m = grpo_step(
+            state,
+            rbatch,
+            upd_rng,
+            graphdef=model.graphdef,
+            optimizer=stage.optimizer,
+            group_size=g.num_samples,
+            loss_cfg=stage.loss_cfg,
+            mu=g.mu,
+            minibatch=g.mini_batch_size,
+        )
+        host.update({k: float(v) for k, v in jax.device_get(m).items()})
+    host["skipped_nonfinite"] = int(state.skipped)
+    return state, host
 
 
-def evaluate_stage(env: Env, stage: Stage, params, *, global_step: int, stage_step: int, when: str,
-                   writer: MetricsWriter) -> dict:
-  from vlm_jax.evaluate import evaluate_source
-  ev = stage.cfg.eval
-  out = {}
-  for ds in ev.datasets:
-    name = f"{ds.name}[{ds.split}]"
-    result = evaluate_source(env.model, params, env.processor, env.sources[(ds.name, ds.split)],
-                             name=name, max_examples=ev.max_examples, batch_size=ev.batch_size,
-                             max_new_tokens=ev.max_new_tokens,
-                             length_buckets=env.cfg.data.length_buckets,
-                             max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
-                             seed=env.cfg.seed)
-    result["when"] = when
-    writer.write_eval(global_step, stage.cfg.name, name, result, stage_step=stage_step)
-    out[name] = result
-  return out
+def evaluate_stage(
+    env: Env, stage: Stage, params, *, global_step: int, stage_step: int, when: str, writer: MetricsWriter
+) -> dict:
+    from vlm_jax.evaluate import evaluate_source
+
+    ev = stage.cfg.eval
+    out = {}
+    for ds in ev.datasets:
+        name = f"{ds.name}[{ds.split}]"
+        result = evaluate_source(
+            env.model,
+            params,
+            env.processor,
+            env.sources[(ds.name, ds.split)],
+            name=name,
+            max_examples=ev.max_examples,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            length_buckets=env.cfg.data.length_buckets,
+            max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
+            seed=env.cfg.seed,
+        )
+        result["when"] = when
+        writer.write_eval(global_step, stage.cfg.name, name, result, stage_step=stage_step)
+        out[name] = result
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,134 +249,176 @@ def evaluate_stage(env: Env, stage: Stage, params, *, global_step: int, stage_st
 
 
 def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
-  """(state, meta, ref_params) from the latest checkpoint, or None for a fresh run."""
-  step = ckpt.latest_step()
-  if step is None:
-    return None
-  meta = ckpt.restore_meta(step)
-  opt_stage = env.cfg.stages[meta["opt_stage"]]
-  target = init_state(env.base_params, make_optimizer(opt_stage.optimizer, opt_stage.steps,
-                                                      opt_stage.trainable))
-  state, meta = ckpt.restore(step, target=target)
-  ref = None
-  if refs.latest_step() == meta["stage_index"] and meta["stage_step"] > 0:
-    ref, _ = refs.restore(meta["stage_index"], target=env.base_params)
-  log.info("resuming from step %d: stage %d, stage step %d", step, meta["stage_index"],
-           meta["stage_step"])
-  return state, meta, ref
+    """(state, meta, ref_params) from the latest checkpoint, or None for a fresh run."""
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    meta = ckpt.restore_meta(step)
+    opt_stage = env.cfg.stages[meta["opt_stage"]]
+    target = init_state(
+        env.base_params, make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable)
+    )
+    state, meta = ckpt.restore(step, target=target)
+    ref = None
+    if refs.latest_step() == meta["stage_index"] and meta["stage_step"] > 0:
+        ref, _ = refs.restore(meta["stage_index"], target=env.base_params)
+    log.info("resuming from step %d: stage %d, stage step %d", step, meta["stage_index"], meta["stage_step"])
+    return state, meta, ref
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None) -> str:
-  """Runs (or resumes) the curriculum; returns "finished" or "preempted".
+    """Runs (or resumes) the curriculum; returns "finished" or "preempted".
 
-  `stop_after` requests a stop (exactly like SIGTERM) once the global step reaches it, e.g. for a
-  time-boxed job; the run checkpoints and returns "preempted"."""
-  workdir = Path(workdir).resolve()  # orbax needs absolute paths
-  workdir.mkdir(parents=True, exist_ok=True)
-  env = setup(cfg, workdir)
-  (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
-  ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
-  refs = Checkpointer(workdir / "reference", keep=1, async_save=False)
-  writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
-                         progress=cfg.logging.progress)
-  restored = _restore(env, ckpt, refs)
-  if restored is None:
-    state, meta, ref_params = None, dict(stage_index=0, stage_step=0, global_step=0, opt_stage=0,
-                                         data_state=None), None
-  else:
-    state, meta, ref_params = restored
-    writer.truncate_after(meta["global_step"] + 1)
-  global_step = meta["global_step"]
-  status = "finished"
-  with PreemptionGuard() as guard:
-    for index in range(meta["stage_index"], len(cfg.stages)):
-      st = cfg.stages[index]
-      resuming = index == meta["stage_index"] and meta["stage_step"] > 0
-      stage = build_stage(env, index, meta["data_state"] if resuming else None)
-      params = env.base_params if state is None else state.params
-      if resuming:
-        pass  # state (params, optimizer, counters) comes from the checkpoint
-      elif state is None or st.reset_optimizer:
-        state = init_state(params, stage.optimizer)
-      else:
-        fresh = init_state(params, stage.optimizer)
-        if jax.tree.structure(fresh.opt_state) != jax.tree.structure(state.opt_state):
-          raise config_lib.ConfigError(
-              f"stages.{index}.reset_optimizer=False needs the same optimizer and trainable "
-              f"modules as the previous stage", f"stages.{index}.reset_optimizer")
-        state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
-      start = meta["stage_step"] if resuming else 0
-      if st.objective != "grpo" or st.grpo.kl_coef == 0:
-        ref_params = None  # no reference model kept in memory
-      elif not resuming:  # the reference is the policy at the start of this stage
-        ref_params = jax.tree.map(jnp.copy, state.params)
-        refs.save(index, ref_params, {"stage_index": index}, force=True)
-      if start == 0 and st.eval.datasets:
-        evaluate_stage(env, stage, state.params, global_step=global_step, stage_step=0,
-                       when="before", writer=writer)
-      meta_for = lambda s_idx, s_step, opt_idx, data_state: dict(
-          stage_index=s_idx, stage_step=s_step, global_step=global_step, opt_stage=opt_idx,
-          data_state=data_state, seed=cfg.seed)
-      with writer.stage_progress(st.name, st.steps, initial=start) as bar:
-        for stage_step in range(start, st.steps):
-          if guard.requested:
-            ckpt.save(global_step, state, meta_for(index, stage_step, index,
-                                                   stage.iterator.get_state()), force=True)
-            status = "preempted"
-            break
-          state, host = train_step(env, stage, state, ref_params,
-                                   step_rng(cfg.seed, index, stage_step))
-          global_step += 1
-          if stop_after is not None and global_step >= stop_after:
-            guard.request()
-          if (stage_step + 1) % cfg.logging.every == 0 or stage_step + 1 == st.steps:
-            writer.write(global_step, st.name, stage_step + 1, host)
-          bar.update(host)
-          if st.eval.every and (stage_step + 1) % st.eval.every == 0 and stage_step + 1 < st.steps:
-            evaluate_stage(env, stage, state.params, global_step=global_step,
-                           stage_step=stage_step + 1, when="during", writer=writer)
-          if (stage_step + 1) % cfg.checkpoint.every == 0 and stage_step + 1 < st.steps:
-            ckpt.save(global_step, state, meta_for(index, stage_step + 1, index,
-                                                   stage.iterator.get_state()))
-      if status == "preempted":
-        break
-      if st.eval.datasets:
-        evaluate_stage(env, stage, state.params, global_step=global_step, stage_step=st.steps,
-                       when="after", writer=writer)
-      # boundary checkpoint: the next stage starts from here
-      ckpt.save(global_step, state, meta_for(index + 1, 0, index, None), force=True)
-      if guard.requested and index + 1 < len(cfg.stages):
-        status = "preempted"
-        break
-  ckpt.wait()
-  ckpt.close()
-  refs.close()
-  writer.close()
-  if status == "finished":
-    from vlm_jax import report
-    text = report.write_report(workdir, [s.name for s in cfg.stages])
-    report.plot(workdir)
-    print(text)
-  return status
+    `stop_after` requests a stop (exactly like SIGTERM) once the global step reaches it, e.g. for a
+    time-boxed job; the run checkpoints and returns "preempted"."""
+    workdir = Path(workdir).resolve()  # orbax needs absolute paths
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = setup(cfg, workdir)
+    (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
+    ckpt = Checkpointer(
+        workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
+    refs = Checkpointer(workdir / "reference", keep=1, async_save=False)
+    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    restored = _restore(env, ckpt, refs)
+    if restored is None:
+        state, meta, ref_params = (
+            None,
+            dict(stage_index=0, stage_step=0, global_step=0, opt_stage=0, data_state=None),
+            None,
+        )
+    else:
+        state, meta, ref_params = restored
+        writer.truncate_after(meta["global_step"] + 1)
+    global_step = meta["global_step"]
+    status = "finished"
+    with PreemptionGuard() as guard:
+        for index in range(meta["stage_index"], len(cfg.stages)):
+            st = cfg.stages[index]
+            resuming = index == meta["stage_index"] and meta["stage_step"] > 0
+            stage = build_stage(env, index, meta["data_state"] if resuming else None)
+            params = env.base_params if state is None else state.params
+            if resuming:
+                pass  # state (params, optimizer, counters) comes from the checkpoint
+            elif state is None or st.reset_optimizer:
+                state = init_state(params, stage.optimizer)
+            else:
+                fresh = init_state(params, stage.optimizer)
+                if jax.tree.structure(fresh.opt_state) != jax.tree.structure(state.opt_state):
+                    raise config_lib.ConfigError(
+                        f"stages.{index}.reset_optimizer=False needs the same optimizer and trainable "
+                        f"modules as the previous stage",
+                        f"stages.{index}.reset_optimizer",
+                    )
+                state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
+            start = meta["stage_step"] if resuming else 0
+            if st.objective != "grpo" or st.grpo.kl_coef == 0:
+                ref_params = None  # no reference model kept in memory
+            elif not resuming:  # the reference is the policy at the start of this stage
+                ref_params = jax.tree.map(jnp.copy, state.params)
+                refs.save(index, ref_params, {"stage_index": index}, force=True)
+            if start == 0 and st.eval.datasets:
+                evaluate_stage(
+                    env,
+                    stage,
+                    state.params,
+                    global_step=global_step,
+                    stage_step=0,
+                    when="before",
+                    writer=writer,
+                )
+            meta_for = lambda s_idx, s_step, opt_idx, data_state: dict(
+                stage_index=s_idx,
+                stage_step=s_step,
+                global_step=global_step,
+                opt_stage=opt_idx,
+                data_state=data_state,
+                seed=cfg.seed,
+            )
+            with writer.stage_progress(st.name, st.steps, initial=start) as bar:
+                for stage_step in range(start, st.steps):
+                    if guard.requested:
+                        ckpt.save(
+                            global_step,
+                            state,
+                            meta_for(index, stage_step, index, stage.iterator.get_state()),
+                            force=True,
+                        )
+                        status = "preempted"
+                        break
+                    state, host = train_step(
+                        env, stage, state, ref_params, step_rng(cfg.seed, index, stage_step)
+                    )
+                    global_step += 1
+                    if stop_after is not None and global_step >= stop_after:
+                        guard.request()
+                    if (stage_step + 1) % cfg.logging.every == 0 or stage_step + 1 == st.steps:
+                        writer.write(global_step, st.name, stage_step + 1, host)
+                    bar.update(host)
+                    if st.eval.every and (stage_step + 1) % st.eval.every == 0 and stage_step + 1 < st.steps:
+                        evaluate_stage(
+                            env,
+                            stage,
+                            state.params,
+                            global_step=global_step,
+                            stage_step=stage_step + 1,
+                            when="during",
+                            writer=writer,
+                        )
+                    if (stage_step + 1) % cfg.checkpoint.every == 0 and stage_step + 1 < st.steps:
+                        ckpt.save(
+                            global_step,
+                            state,
+                            meta_for(index, stage_step + 1, index, stage.iterator.get_state()),
+                        )
+            if status == "preempted":
+                break
+            if st.eval.datasets:
+                evaluate_stage(
+                    env,
+                    stage,
+                    state.params,
+                    global_step=global_step,
+                    stage_step=st.steps,
+                    when="after",
+                    writer=writer,
+                )
+            # boundary checkpoint: the next stage starts from here
+            ckpt.save(global_step, state, meta_for(index + 1, 0, index, None), force=True)
+            if guard.requested and index + 1 < len(cfg.stages):
+                status = "preempted"
+                break
+    ckpt.wait()
+    ckpt.close()
+    refs.close()
+    writer.close()
+    if status == "finished":
+        from vlm_jax import report
+
+        text = report.write_report(workdir, [s.name for s in cfg.stages])
+        report.plot(workdir)
+        print(text)
+    return status
 
 
 def restore_for_export(workdir: str | Path):
-  """(model, params, processor) of the latest checkpoint of a training workdir."""
-  from vlm_jax.data.processor import Processor
-  workdir = Path(workdir).resolve()
-  cfg_file = workdir / "config.json"
-  if not cfg_file.exists():
-    raise FileNotFoundError(f"{workdir} is neither a model directory nor a training workdir "
-                            f"(no config.json)")
-  cfg = config_lib.config_from_dict(json.loads(cfg_file.read_text()))
-  model, base = models.from_pretrained(cfg.model.path, dtype=dtype_of(cfg.model.dtype))
-  with Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    meta = ckpt.restore_meta()
-    st = cfg.stages[meta["opt_stage"]]
-    target = init_state(base, make_optimizer(st.optimizer, st.steps, st.trainable))
-    state, _ = ckpt.restore(target=target)
-  processor = Processor.from_pretrained(cfg.model.path)
-  return model, state.params, processor
+    """(model, params, processor) of the latest checkpoint of a training workdir."""
+    from vlm_jax.data.processor import Processor
+
+    workdir = Path(workdir).resolve()
+    cfg_file = workdir / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(
+            f"{workdir} is neither a model directory nor a training workdir (no config.json)"
+        )
+    cfg = config_lib.config_from_dict(json.loads(cfg_file.read_text()))
+    model, base = models.from_pretrained(cfg.model.path, dtype=dtype_of(cfg.model.dtype))
+    with Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+        meta = ckpt.restore_meta()
+        st = cfg.stages[meta["opt_stage"]]
+        target = init_state(base, make_optimizer(st.optimizer, st.steps, st.trainable))
+        state, _ = ckpt.restore(target=target)
+    processor = Processor.from_pretrained(cfg.model.path)
+    return model, state.params, processor

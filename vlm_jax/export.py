@@ -11,24 +11,25 @@ from vlm_jax import models
 
 
 def export(workdir, out_dir):
-  from vlm_jax.curriculum import restore_for_export
-  model, params, _ = restore_for_export(workdir)
-  return models.save_pretrained(model, params, out_dir)
+    from vlm_jax.curriculum import restore_for_export
+
+    model, params, _ = restore_for_export(workdir)
+    return models.save_pretrained(model, params, out_dir)
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m vlm_jax.export", description=__doc__)
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--out", required=True)
-  args = ap.parse_args(argv)
-  try:
-    out = export(args.workdir, args.out)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported {args.workdir} -> {out}")
-  return 0
+    ap = argparse.ArgumentParser(prog="python -m vlm_jax.export", description=__doc__)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.workdir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.workdir} -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -18,101 +18,106 @@ MODULES = ("vision", "merger", "language_model")
 
 
 class TrainState(NamedTuple):
-  params: Any          # nnx.State of arrays
-  opt_state: Any
-  step: jax.Array      # int32: optimizer steps taken in this stage (updates applied or skipped)
-  skipped: jax.Array   # int32: updates skipped because the loss or a gradient was not finite
+    params: Any  # nnx.State of arrays
+    opt_state: Any
+    step: jax.Array  # int32: optimizer steps taken in this stage (updates applied or skipped)
+    skipped: jax.Array  # int32: updates skipped because the loss or a gradient was not finite
 
 
 def module_of(path: tuple) -> str:
-  keys = [str(getattr(k, "key", k)) for k in path]
-  if keys and keys[0] == "visual":
-    return "merger" if len(keys) > 1 and keys[1] == "merger" else "vision"
-  return "language_model"
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys and keys[0] == "visual":
+        return "merger" if len(keys) > 1 and keys[1] == "merger" else "vision"
+    return "language_model"
 
 
 def module_labels(params) -> Any:
-  """Same structure as `params`, each leaf its module label."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: module_of(p), params)
+    """Same structure as `params`, each leaf its module label."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: module_of(p), params)
 
 
 def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-  lr, warm = opt_cfg.lr, opt_cfg.warmup_steps
-  if opt_cfg.schedule == "constant":
-    main = optax.constant_schedule(lr)
-  elif opt_cfg.schedule == "cosine":
-    main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1))
-  else:
-    main = optax.linear_schedule(lr, 0.0, max(total_steps - warm, 1))
-  if warm <= 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+    lr, warm = opt_cfg.lr, opt_cfg.warmup_steps
+    if opt_cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif opt_cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1))
+    else:
+        main = optax.linear_schedule(lr, 0.0, max(total_steps - warm, 1))
+    if warm <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
 def _base(opt_cfg, lr) -> optax.GradientTransformation:
-  if opt_cfg.name == "adamw":
-    return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                       weight_decay=opt_cfg.weight_decay)
-  if opt_cfg.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), optax.sgd(lr))
-  return optax.adafactor(lr, weight_decay_rate=opt_cfg.weight_decay or None)
+    if opt_cfg.name == "adamw":
+        return optax.adamw(
+            lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
+        )
+    if opt_cfg.name == "sgd":
+        return optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), optax.sgd(lr))
+    return optax.adafactor(lr, weight_decay_rate=opt_cfg.weight_decay or None)
 
 
 @functools.lru_cache(maxsize=64)
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
-  """Frozen modules' gradients zeroed, then global-norm clipping (so only trainable gradients count
-  in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
-  the configured optimizer per trainable module (with its lr multiplier); frozen modules get
-  `set_to_zero` (no optimizer moments).
+    """Frozen modules' gradients zeroed, then global-norm clipping (so only trainable gradients count
+    in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
+    the configured optimizer per trainable module (with its lr multiplier); frozen modules get
+    `set_to_zero` (no optimizer moments).
 
-  Cached on its (hashable) arguments: the optimizer is a static argument of the jitted steps, so
-  stages (and resumed runs) with the same optimizer settings reuse the compiled step."""
-  unknown = set(trainable) - set(MODULES)
-  if unknown:
-    raise ValueError(f"trainable: unknown modules {sorted(unknown)}; valid: {MODULES}")
-  mult = dict(opt_cfg.lr_multipliers)
-  sched = schedule(opt_cfg, total_steps)
-  transforms = {}
-  for m in MODULES:
-    if m in trainable:
-      scale = float(mult.get(m, 1.0))
-      transforms[m] = _base(opt_cfg, lambda count, s=scale: s * sched(count))
-    else:
-      transforms[m] = optax.set_to_zero()
-  keep_trainable = optax.multi_transform(
-      {m: optax.identity() if m in trainable else optax.set_to_zero() for m in MODULES},
-      module_labels)
-  chain = [keep_trainable]
-  if opt_cfg.max_grad_norm > 0:
-    chain.append(optax.clip_by_global_norm(opt_cfg.max_grad_norm))
-  return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
+    Cached on its (hashable) arguments: the optimizer is a static argument of the jitted steps, so
+    stages (and resumed runs) with the same optimizer settings reuse the compiled step."""
+    unknown = set(trainable) - set(MODULES)
+    if unknown:
+        raise ValueError(f"trainable: unknown modules {sorted(unknown)}; valid: {MODULES}")
+    mult = dict(opt_cfg.lr_multipliers)
+    sched = schedule(opt_cfg, total_steps)
+    transforms = {}
+    for m in MODULES:
+        if m in trainable:
+            scale = float(mult.get(m, 1.0))
+            transforms[m] = _base(opt_cfg, lambda count, s=scale: s * sched(count))
+        else:
+            transforms[m] = optax.set_to_zero()
+    keep_trainable = optax.multi_transform(
+        {m: optax.identity() if m in trainable else optax.set_to_zero() for m in MODULES}, module_labels
+    )
+    chain = [keep_trainable]
+    if opt_cfg.max_grad_norm > 0:
+        chain.append(optax.clip_by_global_norm(opt_cfg.max_grad_norm))
+    return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
 
 
 @functools.lru_cache(maxsize=64)
 def _init_fn(optimizer: optax.GradientTransformation):
-  return jax.jit(lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)))
+    return jax.jit(lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)))
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  """Fresh optimizer state, built in one jit so every leaf lives on the parameters' mesh (the step
-  functions then see the same shardings on every call and compile once)."""
-  return _init_fn(optimizer)(params)
+    """Fresh optimizer state, built in one jit so every leaf lives on the parameters' mesh (the step
+    functions then see the same shardings on every call and compile once)."""
+    return _init_fn(optimizer)(params)
 
 
 def all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def apply_gradients(state: TrainState, grads, loss, optimizer) -> tuple[TrainState, dict]:
-  """One optimizer update, or none (state unchanged, `skipped` + 1) when the loss or any gradient
-  is not finite, so a NaN never reaches the parameters or a checkpoint."""
-  ok = jnp.isfinite(loss) & all_finite(grads)
-  safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)
-  updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_state = TrainState(keep(new_params, state.params), keep(new_opt, state.opt_state),
-                         state.step + 1, state.skipped + (~ok).astype(jnp.int32))
-  metrics = {"grad_norm": optax.global_norm(safe_grads), "update_ok": ok.astype(jnp.float32)}
-  return new_state, metrics
+    """One optimizer update, or none (state unchanged, `skipped` + 1) when the loss or any gradient
+    is not finite, so a NaN never reaches the parameters or a checkpoint."""
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)
+    updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(
+        keep(new_params, state.params),
+        keep(new_opt, state.opt_state),
+        state.step + 1,
+        state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = {"grad_norm": optax.global_norm(safe_grads), "update_ok": ok.astype(jnp.float32)}
+    return new_state, metrics

@@ -26,162 +26,185 @@ from vlm_jax.models import hf_io
 from vlm_jax.models.hf_io import CheckpointError
 
 # Files copied from the source directory on save, so an export is a complete HF model directory.
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "processor_config.json", "video_preprocessor_config.json")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
 
 
 @functools.cache
 def families() -> dict[str, ModuleType]:
-  """model_type -> family module, discovered from the sub-packages of this package."""
-  out = {}
-  for info in pkgutil.iter_modules(__path__):
-    if info.ispkg:
-      module = importlib.import_module(f"{__name__}.{info.name}")
-      for model_type in getattr(module, "MODEL_TYPES", ()):
-        out[model_type] = module
-  return out
+    """model_type -> family module, discovered from the sub-packages of this package."""
+    out = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            for model_type in getattr(module, "MODEL_TYPES", ()):
+                out[model_type] = module
+    return out
 
 
 def family_for(raw: Mapping[str, Any], source: str) -> ModuleType:
-  model_type = raw.get("model_type")
-  fams = families()
-  if model_type not in fams:
-    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; supported: "
-                          f"{sorted(fams)}")
-  return fams[model_type]
+    model_type = raw.get("model_type")
+    fams = families()
+    if model_type not in fams:
+        raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; supported: {sorted(fams)}")
+    return fams[model_type]
 
 
 @dataclasses.dataclass(eq=False)
 class Model:
-  """Everything about a loaded model except its parameters (which travel separately as a pytree)."""
-  family: ModuleType
-  config: Any
-  graphdef: nnx.GraphDef
-  hf_config: dict
-  dtype: Any
-  mesh: Mesh | None = None
-  source_dir: Path | None = None
+    """Everything about a loaded model except its parameters (which travel separately as a pytree)."""
 
-  def abstract_params(self) -> nnx.State:
-    return abstract_model(self.family, self.config, self.dtype)[1]
+    family: ModuleType
+    config: Any
+    graphdef: nnx.GraphDef
+    hf_config: dict
+    dtype: Any
+    mesh: Mesh | None = None
+    source_dir: Path | None = None
 
-  def param_shardings(self, rules=None):
-    if self.mesh is None:
-      return None
-    return shd.param_shardings(self.abstract_params(), self.mesh, rules)
+    def abstract_params(self) -> nnx.State:
+        return abstract_model(self.family, self.config, self.dtype)[1]
 
-  def prepare(self, batch: Mapping[str, Any], **kw):
-    """Host-side inputs (`ModelInputs`) for a processor-style numpy batch."""
-    return self.family.prepare_inputs(batch, self.config, **kw)
+    def param_shardings(self, rules=None):
+        if self.mesh is None:
+            return None
+        return shd.param_shardings(self.abstract_params(), self.mesh, rules)
 
-  def merge(self, params):
-    return nnx.merge(self.graphdef, params)
+    def prepare(self, batch: Mapping[str, Any], **kw):
+        """Host-side inputs (`ModelInputs`) for a processor-style numpy batch."""
+        return self.family.prepare_inputs(batch, self.config, **kw)
+
+    def merge(self, params):
+        return nnx.merge(self.graphdef, params)
 
 
 def abstract_model(family: ModuleType, cfg, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: family.build(cfg, dtype, nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract, nnx.Param)
-  return graphdef, state
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: family.build(cfg, dtype, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    return graphdef, state
 
 
 def _path(key_path) -> str:
-  return ".".join(str(k) for k in key_path)
+    return ".".join(str(k) for k in key_path)
 
 
 def init_params(model: Model, seed: int = 0):
-  """Random parameters (sharded on `model.mesh` when set), for tests and from-scratch runs."""
-  def make():
-    return nnx.split(model.family.build(model.config, model.dtype, nnx.Rngs(seed)), nnx.Param)[1]
-  with nnx.use_eager_sharding(False):
-    return jax.jit(make, out_shardings=model.param_shardings())()
+    """Random parameters (sharded on `model.mesh` when set), for tests and from-scratch runs."""
+
+    def make():
+        return nnx.split(model.family.build(model.config, model.dtype, nnx.Rngs(seed)), nnx.Param)[1]
+
+    with nnx.use_eager_sharding(False):
+        return jax.jit(make, out_shardings=model.param_shardings())()
 
 
-def from_pretrained(path, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                    rules=None) -> tuple[Model, nnx.State]:
-  """Loads an HF directory (config.json + *.safetensors) into (model, params), each parameter read
-  slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device)."""
-  path = Path(path)
-  raw = hf_io.read_config(path)
-  source = str(path / "config.json")
-  family = family_for(raw, source)
-  try:
-    cfg = family.parse_config(raw, source)
-  except (TypeError, KeyError) as e:
-    raise CheckpointError(f"{source}: cannot parse config ({e})") from e
-  graphdef, abstract = abstract_model(family, cfg, dtype)
-  model = Model(family, cfg, graphdef, raw, dtype, mesh, path)
-  flat = nnx.to_flat_state(abstract)
-  specs = family.tensor_map([_path(p) for p, _ in flat], cfg)
-  if mesh is not None:
-    shardings = dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules)))
-  else:
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  loaded = []
-  with hf_io.SafetensorsIndex(path) as index:
-    for key_path, var in flat:
-      spec = specs[_path(key_path)]
-      name = index.find(spec.names)
-      if name is None:
-        raise CheckpointError(f"tensor {spec.names[0]} (or {spec.names[1]}) not found in the "
-                              f"safetensors files of {path}")
-      sharding = shardings[key_path] if mesh is not None else single
-      arr = hf_io.load_sharded(index, name, spec, var.shape, dtype, sharding)
-      loaded.append((key_path, var.replace(arr)))
-  return model, nnx.from_flat_state(loaded)
+def from_pretrained(
+    path, *, dtype=jnp.float32, mesh: Mesh | None = None, rules=None
+) -> tuple[Model, nnx.State]:
+    """Loads an HF directory (config.json + *.safetensors) into (model, params), each parameter read
+    slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device)."""
+    path = Path(path)
+    raw = hf_io.read_config(path)
+    source = str(path / "config.json")
+    family = family_for(raw, source)
+    try:
+        cfg = family.parse_config(raw, source)
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: cannot parse config ({e})") from e
+    graphdef, abstract = abstract_model(family, cfg, dtype)
+    model = Model(family, cfg, graphdef, raw, dtype, mesh, path)
+    flat = nnx.to_flat_state(abstract)
+    specs = family.tensor_map([_path(p) for p, _ in flat], cfg)
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules)))
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loaded = []
+    with hf_io.SafetensorsIndex(path) as index:
+        for key_path, var in flat:
+            spec = specs[_path(key_path)]
+            name = index.find(spec.names)
+            if name is None:
+                raise CheckpointError(
+                    f"tensor {spec.names[0]} (or {spec.names[1]}) not found in the "
+                    f"safetensors files of {path}"
+                )
+            sharding = shardings[key_path] if mesh is not None else single
+            arr = hf_io.load_sharded(index, name, spec, var.shape, dtype, sharding)
+            loaded.append((key_path, var.replace(arr)))
+    return model, nnx.from_flat_state(loaded)
 
 
 def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 << 30) -> Path:
-  """Writes an HF directory transformers loads: safetensors (legacy file names), config.json and,
-  when the model came from a directory, its tokenizer / processor / chat-template files."""
-  out_dir = Path(out_dir)
-  flat = nnx.to_flat_state(params)
-  specs = model.family.tensor_map([_path(p) for p, _ in flat], model.config)
-  tensors = {}
-  for key_path, var in flat:
-    spec = specs[_path(key_path)]
-    tensors[spec.names[0]] = functools.partial(
-        lambda s, v: s.from_jax(hf_io.to_host(v)), spec, var[...])
-  hf_io.save_tensors(tensors, out_dir, max_shard_bytes)
-  if jax.process_index() == 0:
-    raw = dict(model.hf_config)
-    raw["dtype"] = jnp.dtype(model.dtype).name
-    raw.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
-    (out_dir / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
-    if model.source_dir is not None and model.source_dir.resolve() != out_dir.resolve():
-      for name in PROCESSOR_FILES:
-        if (model.source_dir / name).exists():
-          shutil.copy(model.source_dir / name, out_dir / name)
-  return out_dir
+    """Writes an HF directory transformers loads: safetensors (legacy file names), config.json and,
+    when the model came from a directory, its tokenizer / processor / chat-template files."""
+    out_dir = Path(out_dir)
+    flat = nnx.to_flat_state(params)
+    specs = model.family.tensor_map([_path(p) for p, _ in flat], model.config)
+    tensors = {}
+    for key_path, var in flat:
+        spec = specs[_path(key_path)]
+        tensors[spec.names[0]] = functools.partial(lambda s, v: s.from_jax(hf_io.to_host(v)), spec, var[...])
+    hf_io.save_tensors(tensors, out_dir, max_shard_bytes)
+    if jax.process_index() == 0:
+        raw = dict(model.hf_config)
+        raw["dtype"] = jnp.dtype(model.dtype).name
+        raw.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
+        (out_dir / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
+        if model.source_dir is not None and model.source_dir.resolve() != out_dir.resolve():
+            for name in PROCESSOR_FILES:
+                if (model.source_dir / name).exists():
+                    shutil.copy(model.source_dir / name, out_dir / name)
+    return out_dir
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, inputs):
-  module = nnx.merge(graphdef, params)
-  return module(inputs.input_ids_BL, inputs.attention_mask_BL, inputs.positions_3BL, inputs.vision)
+    module = nnx.merge(graphdef, params)
+    return module(inputs.input_ids_BL, inputs.attention_mask_BL, inputs.positions_3BL, inputs.vision)
 
 
 def place_inputs(model: Model, inputs):
-  """Puts `ModelInputs` on the model's mesh: token arrays split over (data, fsdp), vision replicated."""
-  if model.mesh is None:
-    return inputs
-  mesh = model.mesh
-  def batch_axis(path, x):
-    name = _path(getattr(k, "name", k) for k in path)
-    if name.startswith("vision"):
-      return None
-    return 1 if name.startswith("positions") else 0
-  return shd.shard_batch(inputs, mesh, batch_axis)
+    """Puts `ModelInputs` on the model's mesh: token arrays split over (data, fsdp), vision replicated."""
+    if model.mesh is None:
+        return inputs
+    mesh = model.mesh
+
+    def batch_axis(path, x):
+        name = _path(getattr(k, "name", k) for k in path)
+        if name.startswith("vision"):
+            return None
+        return 1 if name.startswith("positions") else 0
+
+    return shd.shard_batch(inputs, mesh, batch_axis)
 
 
 def forward(model: Model, params, batch: Mapping[str, Any]) -> jax.Array:
-  """Logits [B, L, V] for a processor-style batch (`input_ids`, `attention_mask`, `pixel_values`,
-  `image_grid_thw`; numpy). Text-only rows, several images per row and left/right padding all work."""
-  inputs = place_inputs(model, model.prepare(batch))
-  return _forward(model.graphdef, params, inputs)
+    """Logits [B, L, V] for a processor-style batch (`input_ids`, `attention_mask`, `pixel_values`,
+    `image_grid_thw`; numpy). Text-only rows, several images per row and left/right padding all work."""
+    inputs = place_inputs(model, model.prepare(batch))
+    return _forward(model.graphdef, params, inputs)
 
 
-__all__ = ["Model", "from_pretrained", "forward", "save_pretrained", "init_params", "families",
-           "CheckpointError"]
+__all__ = [
+    "Model",
+    "from_pretrained",
+    "forward",
+    "save_pretrained",
+    "init_params",
+    "families",
+    "CheckpointError",
+]

@@ -20,138 +20,149 @@ from safetensors.numpy import save_file
 
 
 class CheckpointError(ValueError):
-  """A model directory or tensor that cannot be loaded; the message names the file or tensor."""
+    """A model directory or tensor that cannot be loaded; the message names the file or tensor."""
 
 
 def read_config(path: Path) -> dict:
-  if not path.exists():
-    raise CheckpointError(f"model directory not found: {path}")
-  if not path.is_dir():
-    raise CheckpointError(f"model path is not a directory: {path}")
-  cfg_file = path / "config.json"
-  if not cfg_file.exists():
-    raise CheckpointError(f"no config.json in {path}")
-  try:
-    return json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if not path.exists():
+        raise CheckpointError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"model path is not a directory: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
 
 
 class SafetensorsIndex:
-  """All tensors of a directory: name -> file, with lazily opened handles (use as a context)."""
+    """All tensors of a directory: name -> file, with lazily opened handles (use as a context)."""
 
-  def __init__(self, path: Path):
-    files = sorted(path.glob("*.safetensors"))
-    index_file = path / "model.safetensors.index.json"
-    if index_file.exists():
-      weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-      listed = sorted({path / f for f in weight_map.values()})
-      missing = [str(f) for f in listed if not f.exists()]
-      if missing:
-        raise CheckpointError(f"{index_file} lists missing safetensors files: {missing}")
-      files = listed
-    if not files:
-      raise CheckpointError(f"no *.safetensors files in {path}")
-    self._stack = ExitStack()
-    self.handles: dict[Path, object] = {}
-    self.file_of: dict[str, Path] = {}
-    for f in files:
-      try:
-        handle = self._stack.enter_context(safe_open(str(f), framework="numpy"))
-      except Exception as e:  # SafetensorError, OSError: truncated file, bad header JSON, ...
+    def __init__(self, path: Path):
+        files = sorted(path.glob("*.safetensors"))
+        index_file = path / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+            listed = sorted({path / f for f in weight_map.values()})
+            missing = [str(f) for f in listed if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index_file} lists missing safetensors files: {missing}")
+            files = listed
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {path}")
+        self._stack = ExitStack()
+        self.handles: dict[Path, object] = {}
+        self.file_of: dict[str, Path] = {}
+        for f in files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(f), framework="numpy"))
+            except Exception as e:  # SafetensorError, OSError: truncated file, bad header JSON, ...
+                self._stack.close()
+                raise CheckpointError(f"safetensors file {f} is truncated or corrupt: {e}") from e
+            self.handles[f] = handle
+            for name in handle.keys():
+                self.file_of[name] = f
+
+    def find(self, names: tuple[str, ...]) -> str | None:
+        return next((n for n in names if n in self.file_of), None)
+
+    def get_slice(self, name: str):
+        return self.handles[self.file_of[name]].get_slice(name)
+
+    def close(self):
         self._stack.close()
-        raise CheckpointError(f"safetensors file {f} is truncated or corrupt: {e}") from e
-      self.handles[f] = handle
-      for name in handle.keys():
-        self.file_of[name] = f
 
-  def find(self, names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if n in self.file_of), None)
+    def __enter__(self):
+        return self
 
-  def get_slice(self, name: str):
-    return self.handles[self.file_of[name]].get_slice(name)
-
-  def close(self):
-    self._stack.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+    def __exit__(self, *exc):
+        self.close()
 
 
-def load_sharded(index: SafetensorsIndex, name: str, spec, shape: tuple[int, ...], dtype,
-                 sharding) -> jax.Array:
-  """One parameter, read shard by shard into `sharding` (replicas of a shard are read once)."""
-  sl = index.get_slice(name)
-  file_shape = tuple(sl.get_shape())
-  jax_shape = spec.jax_shape(file_shape)
-  if tuple(jax_shape) != tuple(shape):
-    raise CheckpointError(f"tensor {name} in {index.file_of[name]} has shape {file_shape} "
-                          f"(-> {tuple(jax_shape)} here) but the config implies {tuple(shape)}")
-  np_dtype = jnp.dtype(dtype)
-  cache: dict = {}
+def load_sharded(
+    index: SafetensorsIndex, name: str, spec, shape: tuple[int, ...], dtype, sharding
+) -> jax.Array:
+    """One parameter, read shard by shard into `sharding` (replicas of a shard are read once)."""
+    sl = index.get_slice(name)
+    file_shape = tuple(sl.get_shape())
+    jax_shape = spec.jax_shape(file_shape)
+    if tuple(jax_shape) != tuple(shape):
+        raise CheckpointError(
+            f"tensor {name} in {index.file_of[name]} has shape {file_shape} "
+            f"(-> {tuple(jax_shape)} here) but the config implies {tuple(shape)}"
+        )
+    np_dtype = jnp.dtype(dtype)
+    cache: dict = {}
 
-  def read(idx):
-    key = tuple((s.start, s.stop) for s in idx)
-    if key not in cache:
-      cache[key] = np.asarray(spec.read_slice(sl, idx)).astype(np_dtype)
-    return cache[key]
+    def read(idx):
+        key = tuple((s.start, s.stop) for s in idx)
+        if key not in cache:
+            cache[key] = np.asarray(spec.read_slice(sl, idx)).astype(np_dtype)
+        return cache[key]
 
-  full = tuple(slice(0, n) for n in shape)
-  return jax.make_array_from_callback(
-      tuple(shape), sharding,
-      lambda idx: read(tuple(slice(s.start or 0, n if s.stop is None else s.stop)
-                             for s, n in zip(idx, shape)) if idx else full))
+    full = tuple(slice(0, n) for n in shape)
+    return jax.make_array_from_callback(
+        tuple(shape),
+        sharding,
+        lambda idx: read(
+            tuple(slice(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(idx, shape))
+            if idx
+            else full
+        ),
+    )
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-  """Full host copy of one (possibly multi-process) array."""
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+    """Full host copy of one (possibly multi-process) array."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
-def save_tensors(tensors: Mapping[str, Callable[[], np.ndarray]], out_dir: Path,
-                 max_shard_bytes: int = 2 << 30) -> None:
-  """Writes `name -> lazy array` into safetensors files of at most `max_shard_bytes` each (+ an index
-  when there are several). Arrays are fetched lazily and a shard is written as soon as it is full, so
-  at most one shard is on the host. Every process fetches (collectives); process 0 writes."""
-  out_dir.mkdir(parents=True, exist_ok=True)
-  write = jax.process_index() == 0
-  shard: dict[str, np.ndarray] = {}
-  written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-  total = 0
+def save_tensors(
+    tensors: Mapping[str, Callable[[], np.ndarray]], out_dir: Path, max_shard_bytes: int = 2 << 30
+) -> None:
+    """Writes `name -> lazy array` into safetensors files of at most `max_shard_bytes` each (+ an index
+    when there are several). Arrays are fetched lazily and a shard is written as soon as it is full, so
+    at most one shard is on the host. Every process fetches (collectives); process 0 writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write = jax.process_index() == 0
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+    total = 0
 
-  def flush():
-    fname = f"shard-{len(written):05d}.safetensors"
-    if write:
-      save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-    written.append((fname, list(shard)))
-    shard.clear()
+    def flush():
+        fname = f"shard-{len(written):05d}.safetensors"
+        if write:
+            save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        written.append((fname, list(shard)))
+        shard.clear()
 
-  size = 0
-  for name, make in tensors.items():
-    arr = make()
-    if shard and size + arr.nbytes > max_shard_bytes:
-      flush()
-      size = 0
-    shard[name] = arr
-    size += arr.nbytes
-    total += arr.nbytes
-  flush()
-  if not write:
-    return
-  n = len(written)
-  if n == 1:
-    (out_dir / written[0][0]).rename(out_dir / "model.safetensors")
-    return
-  weight_map = {}
-  for i, (fname, names) in enumerate(written):
-    final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    (out_dir / fname).rename(out_dir / final)
-    weight_map.update({k: final for k in names})
-  (out_dir / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2))
+    size = 0
+    for name, make in tensors.items():
+        arr = make()
+        if shard and size + arr.nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = arr
+        size += arr.nbytes
+        total += arr.nbytes
+    flush()
+    if not write:
+        return
+    n = len(written)
+    if n == 1:
+        (out_dir / written[0][0]).rename(out_dir / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (fname, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (out_dir / fname).rename(out_dir / final)
+        weight_map.update({k: final for k in names})
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2)
+    )

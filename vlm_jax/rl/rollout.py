@@ -20,8 +20,17 @@ from vlm_jax.models import place_inputs
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
-HOST_KEYS = ("answer", "task", "answer_type", "capability", "problem", "index", "caption",
-             "solution", "source")
+HOST_KEYS = (
+    "answer",
+    "task",
+    "answer_type",
+    "capability",
+    "problem",
+    "index",
+    "caption",
+    "solution",
+    "source",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,69 +39,71 @@ HOST_KEYS = ("answer", "task", "answer_type", "capability", "problem", "index", 
 
 
 def _row_images(batch: Mapping[str, Any], image_token_id: int) -> list[list[int]]:
-  """Image indices (into image_grid_thw) owned by each row, from the image-token runs."""
-  ids = np.asarray(batch["input_ids"])
-  mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
-  n_images = int(np.asarray(batch.get("num_images", len(batch.get("image_grid_thw", ())))))
-  out, k = [], 0
-  for b in range(ids.shape[0]):
-    is_img = (ids[b] == image_token_id) & mask[b]
-    runs = int(np.sum(is_img[1:] & ~is_img[:-1]) + is_img[0]) if len(is_img) else 0
-    out.append(list(range(k, k + runs)))
-    k += runs
-  if k != n_images:
-    raise ValueError(f"batch has {k} image-token runs but {n_images} images")
-  return out
+    """Image indices (into image_grid_thw) owned by each row, from the image-token runs."""
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
+    n_images = int(np.asarray(batch.get("num_images", len(batch.get("image_grid_thw", ())))))
+    out, k = [], 0
+    for b in range(ids.shape[0]):
+        is_img = (ids[b] == image_token_id) & mask[b]
+        runs = int(np.sum(is_img[1:] & ~is_img[:-1]) + is_img[0]) if len(is_img) else 0
+        out.append(list(range(k, k + runs)))
+        k += runs
+    if k != n_images:
+        raise ValueError(f"batch has {k} image-token runs but {n_images} images")
+    return out
 
 
 def select_rows(batch: Mapping[str, Any], rows: Sequence[int], image_token_id: int) -> dict:
-  """The sub-batch of `rows` (in that order), with their images, left aligned."""
-  owned = _row_images(batch, image_token_id)
-  grids = np.asarray(batch.get("image_grid_thw", np.zeros((0, 3)))).reshape(-1, 3)
-  sizes = np.prod(grids, axis=-1).astype(int)
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  pixels = np.asarray(batch.get("pixel_values", np.zeros((0, 1))))
-  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
-  seqs = [ids[r][mask[r].astype(bool)] for r in rows]
-  L = max(len(s) for s in seqs)
-  new_ids = np.zeros((len(rows), L), np.int32)
-  new_mask = np.zeros((len(rows), L), np.int32)
-  for i, s in enumerate(seqs):
-    new_ids[i, L - len(s):], new_mask[i, L - len(s):] = s, 1
-  imgs = [j for r in rows for j in owned[r]]
-  out = dict(input_ids=new_ids, attention_mask=new_mask)
-  if imgs:
-    out["image_grid_thw"] = grids[imgs].astype(np.int32)
-    out["pixel_values"] = np.concatenate([pixels[offsets[j]:offsets[j + 1]] for j in imgs])
-  for key in HOST_KEYS:
-    if key in batch:
-      out[key] = [batch[key][r] for r in rows]
-  return out
+    """The sub-batch of `rows` (in that order), with their images, left aligned."""
+    owned = _row_images(batch, image_token_id)
+    grids = np.asarray(batch.get("image_grid_thw", np.zeros((0, 3)))).reshape(-1, 3)
+    sizes = np.prod(grids, axis=-1).astype(int)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    pixels = np.asarray(batch.get("pixel_values", np.zeros((0, 1))))
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    seqs = [ids[r][mask[r].astype(bool)] for r in rows]
+    L = max(len(s) for s in seqs)
+    new_ids = np.zeros((len(rows), L), np.int32)
+    new_mask = np.zeros((len(rows), L), np.int32)
+    for i, s in enumerate(seqs):
+        new_ids[i, L - len(s) :], new_mask[i, L - len(s) :] = s, 1
+    imgs = [j for r in rows for j in owned[r]]
+    out = dict(input_ids=new_ids, attention_mask=new_mask)
+    if imgs:
+        out["image_grid_thw"] = grids[imgs].astype(np.int32)
+        out["pixel_values"] = np.concatenate([pixels[offsets[j] : offsets[j + 1]] for j in imgs])
+    for key in HOST_KEYS:
+        if key in batch:
+            out[key] = [batch[key][r] for r in rows]
+    return out
 
 
 def concat_batches(batches: Sequence[Mapping[str, Any]], image_token_id: int) -> dict:
-  """Row-wise concatenation of processor-style batches (left aligned to the longest row)."""
-  parts = [select_rows(b, range(len(b["input_ids"])), image_token_id) for b in batches]
-  L = max(p["input_ids"].shape[1] for p in parts)
-  pad = lambda a: np.pad(a, ((0, 0), (L - a.shape[1], 0)))
-  out = dict(input_ids=np.concatenate([pad(p["input_ids"]) for p in parts]),
-             attention_mask=np.concatenate([pad(p["attention_mask"]) for p in parts]))
-  with_images = [p for p in parts if "image_grid_thw" in p]
-  if with_images:
-    out["image_grid_thw"] = np.concatenate([p["image_grid_thw"] for p in with_images])
-    out["pixel_values"] = np.concatenate([p["pixel_values"] for p in with_images])
-  for key in HOST_KEYS:
-    if all(key in p for p in parts):
-      out[key] = [v for p in parts for v in p[key]]
-  return out
+    """Row-wise concatenation of processor-style batches (left aligned to the longest row)."""
+    parts = [select_rows(b, range(len(b["input_ids"])), image_token_id) for b in batches]
+    L = max(p["input_ids"].shape[1] for p in parts)
+    pad = lambda a: np.pad(a, ((0, 0), (L - a.shape[1], 0)))
+    out = dict(
+        input_ids=np.concatenate([pad(p["input_ids"]) for p in parts]),
+        attention_mask=np.concatenate([pad(p["attention_mask"]) for p in parts]),
+    )
+    with_images = [p for p in parts if "image_grid_thw" in p]
+    if with_images:
+        out["image_grid_thw"] = np.concatenate([p["image_grid_thw"] for p in with_images])
+        out["pixel_values"] = np.concatenate([p["pixel_values"] for p in with_images])
+    for key in HOST_KEYS:
+        if all(key in p for p in parts):
+            out[key] = [v for p in parts for v in p[key]]
+    return out
 
 
 def real_rows(batch: Mapping[str, Any]) -> list[int]:
-  """Rows that are real examples (pipeline batches pad a final partial batch with row_mask 0)."""
-  n = len(batch["input_ids"])
-  if "row_mask" not in batch:
-    return list(range(n))
-  return [i for i in range(n) if batch["row_mask"][i]]
+    """Rows that are real examples (pipeline batches pad a final partial batch with row_mask 0)."""
+    n = len(batch["input_ids"])
+    if "row_mask" not in batch:
+        return list(range(n))
+    return [i for i in range(n) if batch["row_mask"][i]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,45 +113,80 @@ def real_rows(batch: Mapping[str, Any]) -> list[int]:
 
 @dataclasses.dataclass
 class Graded:
-  """Samples for a batch of prompts with their decoded texts and rewards (row = prompt*G + j)."""
-  prompts: dict               # processor-style batch of the prompts (left aligned) + host keys
-  rollout: sampler.Rollout
-  texts: list[str]
-  rewards: np.ndarray         # float32 [N] total reward
-  components: dict[str, np.ndarray]
-  num_samples: int
+    """Samples for a batch of prompts with their decoded texts and rewards (row = prompt*G + j)."""
 
-  def correct(self, component: str | None = None) -> np.ndarray:
-    """Per-sample accuracy from an accuracy component (the first non-format one by default)."""
-    if component is None:
-      names = [k for k in self.components if k not in ("format", "overlong")]
-      component = names[0] if names else next(iter(self.components))
-    return self.components[component]
+    prompts: dict  # processor-style batch of the prompts (left aligned) + host keys
+    rollout: sampler.Rollout
+    texts: list[str]
+    rewards: np.ndarray  # float32 [N] total reward
+    components: dict[str, np.ndarray]
+    num_samples: int
+
+    def correct(self, component: str | None = None) -> np.ndarray:
+        """Per-sample accuracy from an accuracy component (the first non-format one by default)."""
+        if component is None:
+            names = [k for k in self.components if k not in ("format", "overlong")]
+            component = names[0] if names else next(iter(self.components))
+        return self.components[component]
 
 
-def generate_and_grade(model, params, batch: Mapping[str, Any], *, tokenizer, reward_fn: Callable,
-                       num_samples: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                       top_k: int = 0, rng, eos_token_ids: Sequence[int], pad_token_id: int,
-                       image_token_id: int, max_response_length: int | None = None,
-                       overlong_buffer: int = 0, prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
-                       num_patches: int | None = None) -> Graded:
-  """Samples `num_samples` responses per real prompt row, decodes and scores them."""
-  prompts = select_rows(batch, real_rows(batch), image_token_id)
-  roll = sampler.generate(model, params, prompts, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, top_k=top_k,
-                          num_samples=num_samples, rng=rng, eos_token_ids=eos_token_ids,
-                          pad_token_id=pad_token_id, prompt_buckets=prompt_buckets,
-                          num_patches=num_patches)
-  texts = tokenizer.batch_decode([t[:n] for t, n in zip(roll.tokens, roll.lengths)],
-                                 skip_special_tokens=True)
-  rep = lambda xs: [x for x in xs for _ in range(num_samples)]
-  fields = {k: rep(prompts[k]) for k in ("answer_type", "task") if k in prompts}
-  fields.update(response_lengths=np.asarray(roll.lengths),
-                max_response_length=max_response_length or max_new_tokens,
-                overlong_buffer=overlong_buffer)
-  total, components = reward_fn(texts, rep(prompts["answer"]), **fields)
-  return Graded(prompts, roll, texts, np.asarray(total, np.float32),
-                {k: np.asarray(v, np.float32) for k, v in components.items()}, num_samples)
+def generate_and_grade(
+    model,
+    params,
+    batch: Mapping[str, Any],
+    *,
+    tokenizer,
+    reward_fn: Callable,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    rng,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    image_token_id: int,
+    max_response_length: int | None = None,
+    overlong_buffer: int = 0,
+    prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
+    num_patches: int | None = None,
+) -> Graded:
+    """Samples `num_samples` responses per real prompt row, decodes and scores them."""
+    prompts = select_rows(batch, real_rows(batch), image_token_id)
+    roll = sampler.generate(
+        model,
+        params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_samples=num_samples,
+        rng=rng,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        prompt_buckets=prompt_buckets,
+        num_patches=num_patches,
+    )
+    texts = tokenizer.batch_decode(
+        [t[:n] for t, n in zip(roll.tokens, roll.lengths)], skip_special_tokens=True
+    )
+    rep = lambda xs: [x for x in xs for _ in range(num_samples)]
+    fields = {k: rep(prompts[k]) for k in ("answer_type", "task") if k in prompts}
+    fields.update(
+        response_lengths=np.asarray(roll.lengths),
+        max_response_length=max_response_length or max_new_tokens,
+        overlong_buffer=overlong_buffer,
+    )
+    total, components = reward_fn(texts, rep(prompts["answer"]), **fields)
+    return Graded(
+        prompts,
+        roll,
+        texts,
+        np.asarray(total, np.float32),
+        {k: np.asarray(v, np.float32) for k, v in components.items()},
+        num_samples,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,111 +195,165 @@ def generate_and_grade(model, params, batch: Mapping[str, Any], *, tokenizer, re
 
 
 def _take_groups(g: Graded, groups: Sequence[int], image_token_id: int) -> Graded:
-  G = g.num_samples
-  rows = np.asarray([i * G + j for i in groups for j in range(G)], dtype=np.int64)
-  r = g.rollout
-  return Graded(select_rows(g.prompts, list(groups), image_token_id),
-                sampler.Rollout(r.tokens[rows], r.lengths[rows], r.logprobs[rows], r.truncated[rows]),
-                [g.texts[i] for i in rows], g.rewards[rows],
-                {k: v[rows] for k, v in g.components.items()}, G)
+    G = g.num_samples
+    rows = np.asarray([i * G + j for i in groups for j in range(G)], dtype=np.int64)
+    r = g.rollout
+    return Graded(
+        select_rows(g.prompts, list(groups), image_token_id),
+        sampler.Rollout(r.tokens[rows], r.lengths[rows], r.logprobs[rows], r.truncated[rows]),
+        [g.texts[i] for i in rows],
+        g.rewards[rows],
+        {k: v[rows] for k, v in g.components.items()},
+        G,
+    )
 
 
 def _concat_graded(parts: Sequence[Graded], image_token_id: int) -> Graded:
-  T = max(p.rollout.tokens.shape[1] for p in parts)
-  padT = lambda a: np.pad(a, ((0, 0), (0, T - a.shape[1])))
-  cat = lambda f: np.concatenate([f(p) for p in parts])
-  return Graded(concat_batches([p.prompts for p in parts], image_token_id),
-                sampler.Rollout(cat(lambda p: padT(p.rollout.tokens)), cat(lambda p: p.rollout.lengths),
-                                cat(lambda p: padT(p.rollout.logprobs)),
-                                cat(lambda p: p.rollout.truncated)),
-                [t for p in parts for t in p.texts], cat(lambda p: p.rewards),
-                {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components},
-                parts[0].num_samples)
+    T = max(p.rollout.tokens.shape[1] for p in parts)
+    padT = lambda a: np.pad(a, ((0, 0), (0, T - a.shape[1])))
+    cat = lambda f: np.concatenate([f(p) for p in parts])
+    return Graded(
+        concat_batches([p.prompts for p in parts], image_token_id),
+        sampler.Rollout(
+            cat(lambda p: padT(p.rollout.tokens)),
+            cat(lambda p: p.rollout.lengths),
+            cat(lambda p: padT(p.rollout.logprobs)),
+            cat(lambda p: p.rollout.truncated),
+        ),
+        [t for p in parts for t in p.texts],
+        cat(lambda p: p.rewards),
+        {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components},
+        parts[0].num_samples,
+    )
 
 
-def collect_rollout(model, params, ref_params, batches: Iterator[Mapping[str, Any]], *, cfg, tokenizer,
-                    reward_fn, rng, eos_token_ids, pad_token_id, image_token_id, batch_size: int,
-                    prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
-                    num_patches: int | None = None) -> tuple[RolloutBatch, Graded, dict]:
-  """One GRPO rollout batch of `batch_size` prompts x `cfg.num_samples` samples (`cfg`: GRPOConfig)."""
-  G = cfg.num_samples
-  gen = functools.partial(generate_and_grade, model, params, tokenizer=tokenizer, reward_fn=reward_fn,
-                          num_samples=G, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                          eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                          image_token_id=image_token_id, overlong_buffer=cfg.overlong_buffer,
-                          prompt_buckets=prompt_buckets, num_patches=num_patches)
-  kept: list[Graded] = []
-  dropped: list[Graded] = []
-  n_kept = draws = 0
-  seen_groups = 0
-  while n_kept < batch_size:
-    if draws > 0 and (not cfg.dynamic_sampling or draws > cfg.max_extra_draws):
-      break
-    try:
-      raw = next(batches)
-    except StopIteration:  # data exhausted: fill from the equal-reward groups below
-      break
-    g = gen(raw, rng=jax.random.fold_in(rng, draws))
-    draws += 1
-    n = len(g.texts) // G
-    seen_groups += n
-    if cfg.dynamic_sampling:
-      r = g.rewards.reshape(n, G)
-      varied = [i for i in range(n) if np.ptp(r[i]) > 0]
-      flat = [i for i in range(n) if np.ptp(r[i]) == 0]
-      if varied:
-        take = varied[: batch_size - n_kept]
-        kept.append(_take_groups(g, take, image_token_id))
-        n_kept += len(take)
-      if flat:
-        dropped.append(_take_groups(g, flat, image_token_id))
+def collect_rollout(
+    model,
+    params,
+    ref_params,
+    batches: Iterator[Mapping[str, Any]],
+    *,
+    cfg,
+    tokenizer,
+    reward_fn,
+    rng,
+    eos_token_ids,
+    pad_token_id,
+    image_token_id,
+    batch_size: int,
+    prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
+    num_patches: int | None = None,
+) -> tuple[RolloutBatch, Graded, dict]:
+    """One GRPO rollout batch of `batch_size` prompts x `cfg.num_samples` samples (`cfg`: GRPOConfig)."""
+    G = cfg.num_samples
+    gen = functools.partial(
+        generate_and_grade,
+        model,
+        params,
+        tokenizer=tokenizer,
+        reward_fn=reward_fn,
+        num_samples=G,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        image_token_id=image_token_id,
+        overlong_buffer=cfg.overlong_buffer,
+        prompt_buckets=prompt_buckets,
+        num_patches=num_patches,
+    )
+    kept: list[Graded] = []
+    dropped: list[Graded] = []
+    n_kept = draws = 0
+    seen_groups = 0
+    while n_kept < batch_size:
+        if draws > 0 and (not cfg.dynamic_sampling or draws > cfg.max_extra_draws):
+            break
+        try:
+            raw = next(batches)
+        except StopIteration:  # data exhausted: fill from the equal-reward groups below
+            break
+        g = gen(raw, rng=jax.random.fold_in(rng, draws))
+        draws += 1
+        n = len(g.texts) // G
+        seen_groups += n
+        if cfg.dynamic_sampling:
+            r = g.rewards.reshape(n, G)
+            varied = [i for i in range(n) if np.ptp(r[i]) > 0]
+            flat = [i for i in range(n) if np.ptp(r[i]) == 0]
+            if varied:
+                take = varied[: batch_size - n_kept]
+                kept.append(_take_groups(g, take, image_token_id))
+                n_kept += len(take)
+            if flat:
+                dropped.append(_take_groups(g, flat, image_token_id))
+        else:
+            take = list(range(min(n, batch_size - n_kept)))
+            kept.append(_take_groups(g, take, image_token_id))
+            n_kept += len(take)
+    filled = 0
+    if n_kept < batch_size:  # cap reached (or data exhausted): fill with equal-reward groups
+        if not dropped:
+            raise RuntimeError(f"rollout: only {n_kept} of {batch_size} prompts available")
+        pool = _concat_graded(dropped, image_token_id)
+        filled = min(batch_size - n_kept, len(pool.texts) // G)
+        if n_kept + filled < batch_size:  # a short batch would change shapes (and recompile) silently
+            raise RuntimeError(
+                f"rollout: only {n_kept + filled} of {batch_size} prompts available after "
+                f"{draws} draws ({n_kept} with varied rewards)"
+            )
+        kept.append(_take_groups(pool, list(range(filled)), image_token_id))
+        n_kept += filled
+    graded = _concat_graded(kept, image_token_id)
+    roll = graded.rollout
+    adv = np.asarray(
+        grpo.compute_advantages(
+            jnp.asarray(graded.rewards), G, estimator=cfg.advantage, scaling=cfg.reward_scaling
+        ),
+        np.float32,
+    )
+    T = roll.tokens.shape[1]
+    mask = np.asarray(
+        grpo.response_mask(
+            jnp.asarray(roll.lengths),
+            T,
+            truncated_B=jnp.asarray(roll.truncated),
+            mask_truncated=cfg.mask_truncated,
+        ),
+        np.float32,
+    )
+    prompt_inputs = place_inputs(
+        model,
+        sampler.prepare_prompts(
+            model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches
+        ),
+    )
+    responses = jnp.asarray(roll.tokens, jnp.int32)
+    if cfg.kl_coef > 0:
+        ref_logp = score_responses(model.graphdef, ref_params, prompt_inputs, responses, group_size=G)
     else:
-      take = list(range(min(n, batch_size - n_kept)))
-      kept.append(_take_groups(g, take, image_token_id))
-      n_kept += len(take)
-  filled = 0
-  if n_kept < batch_size:  # cap reached (or data exhausted): fill with equal-reward groups
-    if not dropped:
-      raise RuntimeError(f"rollout: only {n_kept} of {batch_size} prompts available")
-    pool = _concat_graded(dropped, image_token_id)
-    filled = min(batch_size - n_kept, len(pool.texts) // G)
-    if n_kept + filled < batch_size:  # a short batch would change shapes (and recompile) silently
-      raise RuntimeError(f"rollout: only {n_kept + filled} of {batch_size} prompts available after "
-                         f"{draws} draws ({n_kept} with varied rewards)")
-    kept.append(_take_groups(pool, list(range(filled)), image_token_id))
-    n_kept += filled
-  graded = _concat_graded(kept, image_token_id)
-  roll = graded.rollout
-  adv = np.asarray(grpo.compute_advantages(jnp.asarray(graded.rewards), G, estimator=cfg.advantage,
-                                           scaling=cfg.reward_scaling), np.float32)
-  T = roll.tokens.shape[1]
-  mask = np.asarray(grpo.response_mask(jnp.asarray(roll.lengths), T,
-                                       truncated_B=jnp.asarray(roll.truncated),
-                                       mask_truncated=cfg.mask_truncated), np.float32)
-  prompt_inputs = place_inputs(model, sampler.prepare_prompts(
-      model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets,
-      num_patches=num_patches))
-  responses = jnp.asarray(roll.tokens, jnp.int32)
-  if cfg.kl_coef > 0:
-    ref_logp = score_responses(model.graphdef, ref_params, prompt_inputs, responses, group_size=G)
-  else:
-    ref_logp = jnp.zeros(roll.tokens.shape, jnp.float32)
-  batch = RolloutBatch(prompt_inputs, responses, jnp.asarray(mask), jnp.asarray(roll.logprobs),
-                       ref_logp, jnp.asarray(adv))
-  groups = graded.rewards.reshape(-1, G)
-  metrics = {
-      "reward/mean": float(graded.rewards.mean()), "reward/std": float(graded.rewards.std()),
-      "response_length/mean": float(roll.lengths.mean()),
-      "response_length/max": float(roll.lengths.max()),
-      "response/truncated_frac": float(roll.truncated.mean()),
-      "adv/mean": float(adv.mean()), "adv/std": float(adv.std()),
-      "reward/zero_std_group_frac": float(np.mean(np.ptp(groups, axis=1) == 0)),
-      "rollout/draws": draws, "rollout/prompts_seen": seen_groups,
-  }
-  if cfg.dynamic_sampling:
-    metrics["dynamic/extra_draws"] = draws - 1
-    metrics["dynamic/filled_equal_reward_groups"] = filled
-  for k, v in graded.components.items():
-    metrics[f"reward/{k}"] = float(v.mean())
-  return batch, graded, metrics
+        ref_logp = jnp.zeros(roll.tokens.shape, jnp.float32)
+    batch = RolloutBatch(
+        prompt_inputs, responses, jnp.asarray(mask), jnp.asarray(roll.logprobs), ref_logp, jnp.asarray(adv)
+    )
+    groups = graded.rewards.reshape(-1, G)
+    metrics = {
+        "reward/mean": float(graded.rewards.mean()),
+        "reward/std": float(graded.rewards.std()),
+        "response_length/mean": float(roll.lengths.mean()),
+        "response_length/max": float(roll.lengths.max()),
+        "response/truncated_frac": float(roll.truncated.mean()),
+        "adv/mean": float(adv.mean()),
+        "adv/std": float(adv.std()),
+        "reward/zero_std_group_frac": float(np.mean(np.ptp(groups, axis=1) == 0)),
+        "rollout/draws": draws,
+        "rollout/prompts_seen": seen_groups,
+    }
+    if cfg.dynamic_sampling:
+        metrics["dynamic/extra_draws"] = draws - 1
+        metrics["dynamic/filled_equal_reward_groups"] = filled
+    for k, v in graded.components.items():
+        metrics[f"reward/{k}"] = float(v.mean())
+    return batch, graded, metrics

@@ -13,12 +13,24 @@ MODEL_TYPES = ("qwen2_5_vl",)
 
 
 def parse_config(raw: dict, source: str = "config.json") -> Qwen25VLConfig:
-  return from_hf_dict(raw, source)
+    return from_hf_dict(raw, source)
 
 
 def build(cfg: Qwen25VLConfig, dtype, rngs) -> Qwen25VL:
-  return Qwen25VL(cfg, dtype=dtype, rngs=rngs)
+    return Qwen25VL(cfg, dtype=dtype, rngs=rngs)
 
 
-__all__ = ["MODEL_TYPES", "parse_config", "build", "prepare_inputs", "tensor_map", "ModelInputs",
-           "VisionInputs", "KVCache", "Qwen25VL", "Qwen25VLConfig", "ConfigParseError", "rope_index"]
+__all__ = [
+    "MODEL_TYPES",
+    "parse_config",
+    "build",
+    "prepare_inputs",
+    "tensor_map",
+    "ModelInputs",
+    "VisionInputs",
+    "KVCache",
+    "Qwen25VL",
+    "Qwen25VLConfig",
+    "ConfigParseError",
+    "rope_index",
+]

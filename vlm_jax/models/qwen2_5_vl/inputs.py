@@ -18,175 +18,203 @@ PATCH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class VisionInputs(NamedTuple):
-  """Vision tower inputs, padded to a patch bucket P (merged M = P / merge_unit).
+    """Vision tower inputs, padded to a patch bucket P (merged M = P / merge_unit).
 
-  Patches are stored in window order (the order the blocks see them); `window_inverse` maps the merged
-  outputs back to image order. Padding patches get segment id -1 and are discarded.
-  """
-  patches_PC: np.ndarray          # float [P, C*tp*p*p], window order
-  rope_pos_P2: np.ndarray         # int32 [P, 2] (row, col) per patch, window order
-  window_seg_P: np.ndarray        # int32 [P] window segment id (window attention blocks)
-  full_seg_P: np.ndarray          # int32 [P] frame segment id (full attention blocks)
-  window_inverse_M: np.ndarray    # int32 [M] merged index in window order for each image-order slot
-  num_merged: np.ndarray          # int32 [] valid merged tokens
+    Patches are stored in window order (the order the blocks see them); `window_inverse` maps the merged
+    outputs back to image order. Padding patches get segment id -1 and are discarded.
+    """
+
+    patches_PC: np.ndarray  # float [P, C*tp*p*p], window order
+    rope_pos_P2: np.ndarray  # int32 [P, 2] (row, col) per patch, window order
+    window_seg_P: np.ndarray  # int32 [P] window segment id (window attention blocks)
+    full_seg_P: np.ndarray  # int32 [P] frame segment id (full attention blocks)
+    window_inverse_M: np.ndarray  # int32 [M] merged index in window order for each image-order slot
+    num_merged: np.ndarray  # int32 [] valid merged tokens
 
 
 class ModelInputs(NamedTuple):
-  """Everything the jitted forward needs; all numpy, fixed shapes per bucket."""
-  input_ids_BL: np.ndarray        # int32 [B, L]
-  attention_mask_BL: np.ndarray   # int32 [B, L]
-  positions_3BL: np.ndarray       # int32 [3, B, L] MRoPE (T, H, W) position ids
-  vision: VisionInputs | None
+    """Everything the jitted forward needs; all numpy, fixed shapes per bucket."""
+
+    input_ids_BL: np.ndarray  # int32 [B, L]
+    attention_mask_BL: np.ndarray  # int32 [B, L]
+    positions_3BL: np.ndarray  # int32 [3, B, L] MRoPE (T, H, W) position ids
+    vision: VisionInputs | None
 
 
 def bucket(n: int, buckets: tuple[int, ...] = PATCH_BUCKETS) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  top = buckets[-1]
-  return -(-n // top) * top
+    for b in buckets:
+        if n <= b:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
 
 
 def _merge_block_order(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-  """(row, col) of each patch of an h x w patch grid, in merge-block-major order."""
-  hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  shape = (h // m, m, w // m, m)
-  return (hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1),
-          wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1))
+    """(row, col) of each patch of an h x w patch grid, in merge-block-major order."""
+    hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // m, m, w // m, m)
+    return (
+        hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1),
+        wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1),
+    )
 
 
 def vision_layout(grid_thw: np.ndarray, cfg: Qwen25VLConfig):
-  """Window permutation (merged granularity), window/frame segment ids and rope positions, image order.
+    """Window permutation (merged granularity), window/frame segment ids and rope positions, image order.
 
-  Mirrors transformers' `get_vision_window_index`, `get_vision_attention_seqlens` and
-  `get_vision_position_ids` for Qwen2.5-VL.
-  """
-  v = cfg.vision
-  m, unit = v.spatial_merge_size, v.merge_unit
-  vws = v.window_size // m // v.patch_size
-  window_index, window_sizes, frame_sizes, pos = [], [], [], []
-  offset = 0
-  for t, h, w in np.asarray(grid_thw, dtype=np.int64).tolist():
-    gh, gw = h // m, w // m
-    index = np.arange(t * gh * gw).reshape(t, gh, gw)
-    pad_h, pad_w = vws - gh % vws, vws - gw % vws
-    nwh, nww = (gh + pad_h) // vws, (gw + pad_w) // vws
-    padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
-    padded = padded.reshape(t, nwh, vws, nww, vws).transpose(0, 1, 3, 2, 4).reshape(t, nwh * nww, vws * vws)
-    sizes = (padded != -100).sum(-1).reshape(-1)
-    flat = padded.reshape(-1)
-    window_index.append(flat[flat != -100] + offset)
-    window_sizes.extend(int(s) for s in sizes if s > 0)
-    frame_sizes.extend([h * w] * t)
-    rows, cols = _merge_block_order(h, w, m)
-    pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
-    offset += t * gh * gw
-  window_index = np.concatenate(window_index).astype(np.int64)
-  # Segment ids per patch. Frame segments are defined in image order; permute to window order.
-  window_seg = np.repeat(np.arange(len(window_sizes)), np.asarray(window_sizes) * unit)
-  frame_seg_image_order = np.repeat(np.arange(len(frame_sizes)), frame_sizes)
-  patch_perm = (window_index[:, None] * unit + np.arange(unit)[None]).reshape(-1)
-  return dict(window_index=window_index, patch_perm=patch_perm, window_seg=window_seg,
-              full_seg=frame_seg_image_order[patch_perm], rope_pos=np.concatenate(pos)[patch_perm])
-
-
-def prepare_vision(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig,
-                   num_patches: int | None = None) -> VisionInputs:
-  """Permutes patches into window order and pads them to a bucket of `num_patches` (default: auto)."""
-  grid_thw = np.asarray(grid_thw).reshape(-1, 3)
-  n = int(np.prod(grid_thw, axis=-1).sum())
-  if pixel_values.shape[0] != n:
-    raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw "
-                     f"describes {n} patches")
-  if pixel_values.shape[-1] != cfg.vision.patch_dim:
-    raise ValueError(f"pixel_values rows have {pixel_values.shape[-1]} values, the vision config "
-                     f"expects {cfg.vision.patch_dim} (3 * temporal_patch_size * patch_size^2)")
-  unit = cfg.vision.merge_unit
-  P = num_patches or bucket(n)
-  if P < n or P % unit:
-    raise ValueError(f"patch bucket {P} cannot hold {n} patches in merge units of {unit}")
-  lay = vision_layout(grid_thw, cfg)
-  pad = P - n
-  patches = np.concatenate([np.asarray(pixel_values)[lay["patch_perm"]],
-                            np.zeros((pad, pixel_values.shape[-1]), pixel_values.dtype)])
-  m_valid = n // unit
-  inverse = np.zeros(P // unit, np.int32)
-  inverse[:m_valid] = np.argsort(lay["window_index"])
-  inverse[m_valid:] = np.arange(m_valid, P // unit)
-  return VisionInputs(
-      patches_PC=patches.astype(np.float32),
-      rope_pos_P2=np.concatenate([lay["rope_pos"], np.zeros((pad, 2), np.int64)]).astype(np.int32),
-      window_seg_P=np.concatenate([lay["window_seg"], np.full(pad, -1)]).astype(np.int32),
-      full_seg_P=np.concatenate([lay["full_seg"], np.full(pad, -1)]).astype(np.int32),
-      window_inverse_M=inverse,
-      num_merged=np.asarray(m_valid, np.int32))
+    Mirrors transformers' `get_vision_window_index`, `get_vision_attention_seqlens` and
+    `get_vision_position_ids` for Qwen2.5-VL.
+    """
+    v = cfg.vision
+    m, unit = v.spatial_merge_size, v.merge_unit
+    vws = v.window_size // m // v.patch_size
+    window_index, window_sizes, frame_sizes, pos = [], [], [], []
+    offset = 0
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).tolist():
+        gh, gw = h // m, w // m
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = vws - gh % vws, vws - gw % vws
+        nwh, nww = (gh + pad_h) // vws, (gw + pad_w) // vws
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+        padded = (
+            padded.reshape(t, nwh, vws, nww, vws).transpose(0, 1, 3, 2, 4).reshape(t, nwh * nww, vws * vws)
+        )
+        sizes = (padded != -100).sum(-1).reshape(-1)
+        flat = padded.reshape(-1)
+        window_index.append(flat[flat != -100] + offset)
+        window_sizes.extend(int(s) for s in sizes if s > 0)
+        frame_sizes.extend([h * w] * t)
+        rows, cols = _merge_block_order(h, w, m)
+        pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
+        offset += t * gh * gw
+    window_index = np.concatenate(window_index).astype(np.int64)
+    # Segment ids per patch. Frame segments are defined in image order; permute to window order.
+    window_seg = np.repeat(np.arange(len(window_sizes)), np.asarray(window_sizes) * unit)
+    frame_seg_image_order = np.repeat(np.arange(len(frame_sizes)), frame_sizes)
+    patch_perm = (window_index[:, None] * unit + np.arange(unit)[None]).reshape(-1)
+    return dict(
+        window_index=window_index,
+        patch_perm=patch_perm,
+        window_seg=window_seg,
+        full_seg=frame_seg_image_order[patch_perm],
+        rope_pos=np.concatenate(pos)[patch_perm],
+    )
 
 
-def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, grid_thw: np.ndarray | None,
-               cfg: Qwen25VLConfig) -> np.ndarray:
-  """MRoPE position ids [3, B, L], as transformers' `get_rope_index` for images (padding stays 0)."""
-  B, L = input_ids.shape
-  m = cfg.vision.spatial_merge_size
-  positions = np.zeros((3, B, L), np.int32)
-  grids = iter(np.asarray(grid_thw).reshape(-1, 3).tolist()) if grid_thw is not None else iter(())
-  n_grids = 0 if grid_thw is None else np.asarray(grid_thw).reshape(-1, 3).shape[0]
-  used = 0
-  for b in range(B):
-    valid = attention_mask[b].astype(bool)
-    types = (input_ids[b][valid] == cfg.image_token_id).astype(np.int32)
-    chunks, cur = [], 0
-    for is_image, group in itertools.groupby(types.tolist()):
-      run = len(list(group))
-      if not is_image:
-        chunks.append(np.broadcast_to(cur + np.arange(run), (3, run)))
-        cur += run
-        continue
-      try:
-        t, h, w = next(grids)
-      except StopIteration:
-        raise ValueError(f"row {b}: more image-token runs than image_grid_thw rows ({n_grids})") from None
-      used += 1
-      gh, gw = h // m, w // m
-      if run != t * gh * gw:
-        raise ValueError(f"Image features and image tokens do not match: row {b} has a run of {run} "
-                         f"image tokens but its image grid {t}x{h}x{w} gives {t * gh * gw}")
-      tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-      chunks.append(cur + np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]))
-      cur += max(gh, gw)
-    if chunks:
-      positions[:, b, valid] = np.concatenate(chunks, axis=1)
-  if used != n_grids:
-    raise ValueError(f"image_grid_thw has {n_grids} rows but the tokens contain {used} image runs")
-  return positions
+def prepare_vision(
+    pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig, num_patches: int | None = None
+) -> VisionInputs:
+    """Permutes patches into window order and pads them to a bucket of `num_patches` (default: auto)."""
+    grid_thw = np.asarray(grid_thw).reshape(-1, 3)
+    n = int(np.prod(grid_thw, axis=-1).sum())
+    if pixel_values.shape[0] != n:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw describes {n} patches"
+        )
+    if pixel_values.shape[-1] != cfg.vision.patch_dim:
+        raise ValueError(
+            f"pixel_values rows have {pixel_values.shape[-1]} values, the vision config "
+            f"expects {cfg.vision.patch_dim} (3 * temporal_patch_size * patch_size^2)"
+        )
+    unit = cfg.vision.merge_unit
+    P = num_patches or bucket(n)
+    if P < n or P % unit:
+        raise ValueError(f"patch bucket {P} cannot hold {n} patches in merge units of {unit}")
+    lay = vision_layout(grid_thw, cfg)
+    pad = P - n
+    patches = np.concatenate(
+        [
+            np.asarray(pixel_values)[lay["patch_perm"]],
+            np.zeros((pad, pixel_values.shape[-1]), pixel_values.dtype),
+        ]
+    )
+    m_valid = n // unit
+    inverse = np.zeros(P // unit, np.int32)
+    inverse[:m_valid] = np.argsort(lay["window_index"])
+    inverse[m_valid:] = np.arange(m_valid, P // unit)
+    return VisionInputs(
+        patches_PC=patches.astype(np.float32),
+        rope_pos_P2=np.concatenate([lay["rope_pos"], np.zeros((pad, 2), np.int64)]).astype(np.int32),
+        window_seg_P=np.concatenate([lay["window_seg"], np.full(pad, -1)]).astype(np.int32),
+        full_seg_P=np.concatenate([lay["full_seg"], np.full(pad, -1)]).astype(np.int32),
+        window_inverse_M=inverse,
+        num_merged=np.asarray(m_valid, np.int32),
+    )
 
 
-def prepare_inputs(batch: Mapping[str, Any], cfg: Qwen25VLConfig, *,
-                   num_patches: int | None = None) -> ModelInputs:
-  """Turns a processor-style batch dict (numpy) into `ModelInputs`."""
-  if "input_ids" not in batch:
-    raise ValueError("batch has no 'input_ids'")
-  input_ids = np.asarray(batch["input_ids"]).astype(np.int32)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
-  mask = batch.get("attention_mask")
-  mask = np.ones_like(input_ids) if mask is None else np.asarray(mask).astype(np.int32)
-  grid = batch.get("image_grid_thw")
-  grid = None if grid is None or np.asarray(grid).size == 0 else np.asarray(grid).reshape(-1, 3)
-  if grid is not None and "num_images" in batch:  # pipeline batches pad grids with zero rows
-    grid = grid[: int(np.asarray(batch["num_images"]).sum())]
-  if grid is not None and grid.shape[0] == 0:
-    grid = None
-  n_image_tokens = int(((input_ids == cfg.image_token_id) & (mask > 0)).sum())
-  vision = None
-  if grid is not None:
-    pixels = np.asarray(batch["pixel_values"])
-    n = int(np.prod(grid, -1).sum())
-    pixels = pixels[:n]
-    expected = n // cfg.vision.merge_unit
-    if n_image_tokens != expected:
-      raise ValueError(f"Image features and image tokens do not match: {n_image_tokens} image tokens, "
-                       f"{expected} merged image features from image_grid_thw")
-    vision = prepare_vision(pixels, grid, cfg, num_patches)
-  elif n_image_tokens:
-    raise ValueError(f"batch has {n_image_tokens} image tokens but no image_grid_thw/pixel_values")
-  return ModelInputs(input_ids, mask, rope_index(input_ids, mask, grid, cfg), vision)
+def rope_index(
+    input_ids: np.ndarray, attention_mask: np.ndarray, grid_thw: np.ndarray | None, cfg: Qwen25VLConfig
+) -> np.ndarray:
+    """MRoPE position ids [3, B, L], as transformers' `get_rope_index` for images (padding stays 0)."""
+    B, L = input_ids.shape
+    m = cfg.vision.spatial_merge_size
+    positions = np.zeros((3, B, L), np.int32)
+    grids = iter(np.asarray(grid_thw).reshape(-1, 3).tolist()) if grid_thw is not None else iter(())
+    n_grids = 0 if grid_thw is None else np.asarray(grid_thw).reshape(-1, 3).shape[0]
+    used = 0
+    for b in range(B):
+        valid = attention_mask[b].astype(bool)
+        types = (input_ids[b][valid] == cfg.image_token_id).astype(np.int32)
+        chunks, cur = [], 0
+        for is_image, group in itertools.groupby(types.tolist()):
+            run = len(list(group))
+            if not is_image:
+                chunks.append(np.broadcast_to(cur + np.arange(run), (3, run)))
+                cur += run
+                continue
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise ValueError(
+                    f"row {b}: more image-token runs than image_grid_thw rows ({n_grids})"
+                ) from None
+            used += 1
+            gh, gw = h // m, w // m
+            if run != t * gh * gw:
+                raise ValueError(
+                    f"Image features and image tokens do not match: row {b} has a run of {run} "
+                    f"image tokens but its image grid {t}x{h}x{w} gives {t * gh * gw}"
+                )
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            chunks.append(cur + np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]))
+            cur += max(gh, gw)
+        if chunks:
+            positions[:, b, valid] = np.concatenate(chunks, axis=1)
+    if used != n_grids:
+        raise ValueError(f"image_grid_thw has {n_grids} rows but the tokens contain {used} image runs")
+    return positions
+
+
+def prepare_inputs(
+    batch: Mapping[str, Any], cfg: Qwen25VLConfig, *, num_patches: int | None = None
+) -> ModelInputs:
+    """Turns a processor-style batch dict (numpy) into `ModelInputs`."""
+    if "input_ids" not in batch:
+        raise ValueError("batch has no 'input_ids'")
+    input_ids = np.asarray(batch["input_ids"]).astype(np.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
+    mask = batch.get("attention_mask")
+    mask = np.ones_like(input_ids) if mask is None else np.asarray(mask).astype(np.int32)
+    grid = batch.get("image_grid_thw")
+    grid = None if grid is None or np.asarray(grid).size == 0 else np.asarray(grid).reshape(-1, 3)
+    if grid is not None and "num_images" in batch:  # pipeline batches pad grids with zero rows
+        grid = grid[: int(np.asarray(batch["num_images"]).sum())]
+    if grid is not None and grid.shape[0] == 0:
+        grid = None
+    n_image_tokens = int(((input_ids == cfg.image_token_id) & (mask > 0)).sum())
+    vision = None
+    if grid is not None:
+        pixels = np.asarray(batch["pixel_values"])
+        n = int(np.prod(grid, -1).sum())
+        pixels = pixels[:n]
+        expected = n // cfg.vision.merge_unit
+        if n_image_tokens != expected:
+            raise ValueError(
+                f"Image features and image tokens do not match: {n_image_tokens} image tokens, "
+                f"{expected} merged image features from image_grid_thw"
+            )
+        vision = prepare_vision(pixels, grid, cfg, num_patches)
+    elif n_image_tokens:
+        raise ValueError(f"batch has {n_image_tokens} image tokens but no image_grid_thw/pixel_values")
+    return ModelInputs(input_ids, mask, rope_index(input_ids, mask, grid, cfg), vision)

@@ -20,38 +20,39 @@ NEG_INF = -1e30  # finite: fully-masked rows (padding) stay NaN-free
 
 
 def _init(rngs: nnx.Rngs, shape, scale: float, dtype):
-  return (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias); kernel [in, out] (a transposed torch Linear weight)."""
+    """y = x @ kernel (+ bias); kernel [in, out] (a transposed torch Linear weight)."""
 
-  def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
-               dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_init(rngs, (din, dout), din**-0.5, dtype), sharding_names=axes)
-    self.bias = nnx.Param(jnp.zeros((dout,), dtype), sharding_names=(axes[1],)) if bias else None
+    def __init__(
+        self, din: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool, dtype, rngs: nnx.Rngs
+    ):
+        self.kernel = nnx.Param(_init(rngs, (din, dout), din**-0.5, dtype), sharding_names=axes)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype), sharding_names=(axes[1],)) if bias else None
 
-  def __call__(self, x):
-    y = x @ self.kernel[...].astype(x.dtype)
-    return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+    def __call__(self, x):
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
 
 
 class RMSNorm(nnx.Module):
-  """Normalise in fp32, cast back to the input dtype, then multiply by the weight (as transformers)."""
+    """Normalise in fp32, cast back to the input dtype, then multiply by the weight (as transformers)."""
 
-  def __init__(self, dim: int, eps: float, *, dtype):
-    self.weight = nnx.Param(jnp.ones((dim,), dtype), sharding_names=("norm",))
-    self.eps = eps
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), sharding_names=("norm",))
+        self.eps = eps
 
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rotate_half(x):
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,99 +61,114 @@ def rotate_half(x):
 
 
 class VisionAttention(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        v = cfg.vision
+        self.num_heads, self.head_dim = v.num_heads, v.head_dim
+        self.qkv = Dense(
+            v.hidden_size,
+            3 * v.hidden_size,
+            ("vision_embed", "vision_heads"),
+            bias=True,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.proj = Dense(
+            v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, dtype=dtype, rngs=rngs
+        )
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    v = cfg.vision
-    self.num_heads, self.head_dim = v.num_heads, v.head_dim
-    self.qkv = Dense(v.hidden_size, 3 * v.hidden_size, ("vision_embed", "vision_heads"), bias=True,
-                     dtype=dtype, rngs=rngs)
-    self.proj = Dense(v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True,
-                      dtype=dtype, rngs=rngs)
-
-  def __call__(self, x_PD, cos_PE, sin_PE, seg_P):
-    P = x_PD.shape[0]
-    qkv = self.qkv(x_PD).reshape(P, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    cos, sin = cos_PE[:, None, :], sin_PE[:, None, :]
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    q = (q32 * cos + rotate_half(q32) * sin).astype(x_PD.dtype)
-    k = (k32 * cos + rotate_half(k32) * sin).astype(x_PD.dtype)
-    scores = jnp.einsum("qhd,khd->hqk", q, k) * self.head_dim**-0.5
-    mask = seg_P[:, None] == seg_P[None, :]
-    scores = jnp.where(mask[None], scores.astype(jnp.float32), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x_PD.dtype)
-    out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(P, -1)
-    return self.proj(out)
+    def __call__(self, x_PD, cos_PE, sin_PE, seg_P):
+        P = x_PD.shape[0]
+        qkv = self.qkv(x_PD).reshape(P, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        cos, sin = cos_PE[:, None, :], sin_PE[:, None, :]
+        q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+        q = (q32 * cos + rotate_half(q32) * sin).astype(x_PD.dtype)
+        k = (k32 * cos + rotate_half(k32) * sin).astype(x_PD.dtype)
+        scores = jnp.einsum("qhd,khd->hqk", q, k) * self.head_dim**-0.5
+        mask = seg_P[:, None] == seg_P[None, :]
+        scores = jnp.where(mask[None], scores.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x_PD.dtype)
+        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(P, -1)
+        return self.proj(out)
 
 
-class VisionMLP(nnx.Module):
+class GatedMLP(nnx.Module):
+    """down(silu(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not."""
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    d, i = cfg.vision.hidden_size, cfg.vision.intermediate_size
-    self.gate_proj = Dense(d, i, ("vision_embed", "vision_mlp"), bias=True, dtype=dtype, rngs=rngs)
-    self.up_proj = Dense(d, i, ("vision_embed", "vision_mlp"), bias=True, dtype=dtype, rngs=rngs)
-    self.down_proj = Dense(i, d, ("vision_mlp", "vision_embed"), bias=True, dtype=dtype, rngs=rngs)
+    def __init__(self, d: int, i: int, axes: tuple[str, str], *, bias: bool, dtype, rngs):
+        inner, outer = axes  # logical names of the hidden (d) and intermediate (i) dims
+        self.gate_proj = Dense(d, i, (inner, outer), bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Dense(d, i, (inner, outer), bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(i, d, (outer, inner), bias=bias, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        self.norm1 = RMSNorm(cfg.vision.hidden_size, 1e-6, dtype=dtype)
+        self.norm2 = RMSNorm(cfg.vision.hidden_size, 1e-6, dtype=dtype)
+        self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+        v = cfg.vision
+        self.mlp = GatedMLP(
+            v.hidden_size,
+            v.intermediate_size,
+            ("vision_embed", "vision_mlp"),
+            bias=True,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    self.norm1 = RMSNorm(cfg.vision.hidden_size, 1e-6, dtype=dtype)
-    self.norm2 = RMSNorm(cfg.vision.hidden_size, 1e-6, dtype=dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
-    self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x, cos, sin, seg):
-    x = x + self.attn(self.norm1(x), cos, sin, seg)
-    return x + self.mlp(self.norm2(x))
+    def __call__(self, x, cos, sin, seg):
+        x = x + self.attn(self.norm1(x), cos, sin, seg)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        v = cfg.vision
+        self.hidden = v.hidden_size * v.merge_unit
+        self.ln_q = RMSNorm(v.hidden_size, 1e-6, dtype=dtype)
+        self.mlp_0 = Dense(
+            self.hidden, self.hidden, ("merger_in", "vision_mlp"), bias=True, dtype=dtype, rngs=rngs
+        )
+        self.mlp_2 = Dense(
+            self.hidden, v.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype, rngs=rngs
+        )
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    v = cfg.vision
-    self.hidden = v.hidden_size * v.merge_unit
-    self.ln_q = RMSNorm(v.hidden_size, 1e-6, dtype=dtype)
-    self.mlp_0 = Dense(self.hidden, self.hidden, ("merger_in", "vision_mlp"), bias=True, dtype=dtype,
-                       rngs=rngs)
-    self.mlp_2 = Dense(self.hidden, v.out_hidden_size, ("vision_mlp", "embed"), bias=True,
-                       dtype=dtype, rngs=rngs)
-
-  def __call__(self, x_PD):
-    x = self.ln_q(x_PD).reshape(-1, self.hidden)
-    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+    def __call__(self, x_PD):
+        x = self.ln_q(x_PD).reshape(-1, self.hidden)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
 class VisionTower(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        v = cfg.vision
+        self.cfg = cfg
+        self.patch_embed = Dense(
+            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, dtype=dtype, rngs=rngs
+        )
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(v.depth)])
+        self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    v = cfg.vision
-    self.cfg = cfg
-    self.patch_embed = Dense(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"),
-                             bias=False, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(v.depth)])
-    self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
+    def rope(self, pos_P2):
+        v = self.cfg.vision
+        spatial = v.head_dim // 2
+        inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+        f = pos_P2.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, E/4]
+        f = jnp.concatenate([f[:, 0], f[:, 1]], axis=-1)
+        f = jnp.concatenate([f, f], axis=-1)
+        return jnp.cos(f), jnp.sin(f)
 
-  def rope(self, pos_P2):
-    v = self.cfg.vision
-    spatial = v.head_dim // 2
-    inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-    f = pos_P2.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, E/4]
-    f = jnp.concatenate([f[:, 0], f[:, 1]], axis=-1)
-    f = jnp.concatenate([f, f], axis=-1)
-    return jnp.cos(f), jnp.sin(f)
-
-  def __call__(self, patches_PC, rope_pos_P2, window_seg_P, full_seg_P, window_inverse_M):
-    """Returns merged features [M, D_text] in image order (padding slots at the end are garbage)."""
-    x = self.patch_embed(patches_PC.astype(self.patch_embed.kernel.dtype))
-    cos, sin = self.rope(rope_pos_P2)
-    full = set(self.cfg.vision.fullatt_block_indexes)
-    for i, block in enumerate(self.blocks):
-      x = block(x, cos, sin, full_seg_P if i in full else window_seg_P)
-    return self.merger(x)[window_inverse_M]
+    def __call__(self, patches_PC, rope_pos_P2, window_seg_P, full_seg_P, window_inverse_M):
+        """Returns merged features [M, D_text] in image order (padding slots at the end are garbage)."""
+        x = self.patch_embed(patches_PC.astype(self.patch_embed.kernel.dtype))
+        cos, sin = self.rope(rope_pos_P2)
+        full = set(self.cfg.vision.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full_seg_P if i in full else window_seg_P)
+        return self.merger(x)[window_inverse_M]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,154 +177,172 @@ class VisionTower(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Per-layer preallocated keys/values [B, S, K, E] (tuples over layers) and the valid-key mask."""
-  k: tuple
-  v: tuple
-  mask_BS: jax.Array  # bool: key slot holds a real token
+    """Per-layer preallocated keys/values [B, S, K, E] (tuples over layers) and the valid-key mask."""
+
+    k: tuple
+    v: tuple
+    mask_BS: jax.Array  # bool: key slot holds a real token
 
 
 def mrope_cos_sin(positions_3BL, cfg: Qwen25VLConfig, dtype):
-  """Blocked multimodal RoPE: frequency chunk k (sizes `mrope_section`) reads position row k."""
-  t = cfg.text
-  E = t.head_dim
-  inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
-  freqs = positions_3BL.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, E/2]
-  bounds, start = [], 0
-  for size in t.mrope_section:
-    bounds.append((start, start + size))
-    start += size
-  f = jnp.concatenate([freqs[k % 3, ..., a:b] for k, (a, b) in enumerate(bounds)], axis=-1)
-  f = jnp.concatenate([f, f], axis=-1)
-  return jnp.cos(f).astype(dtype), jnp.sin(f).astype(dtype)
+    """Blocked multimodal RoPE: frequency chunk k (sizes `mrope_section`) reads position row k."""
+    t = cfg.text
+    E = t.head_dim
+    inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+    freqs = positions_3BL.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, E/2]
+    bounds, start = [], 0
+    for size in t.mrope_section:
+        bounds.append((start, start + size))
+        start += size
+    f = jnp.concatenate([freqs[k % 3, ..., a:b] for k, (a, b) in enumerate(bounds)], axis=-1)
+    f = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(f).astype(dtype), jnp.sin(f).astype(dtype)
 
 
 class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        t = cfg.text
+        self.H, self.K, self.E = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        self.q_proj = Dense(
+            t.hidden_size, self.H * self.E, ("embed", "heads"), bias=True, dtype=dtype, rngs=rngs
+        )
+        self.k_proj = Dense(
+            t.hidden_size, self.K * self.E, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Dense(
+            t.hidden_size, self.K * self.E, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Dense(
+            self.H * self.E, t.hidden_size, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs
+        )
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    t = cfg.text
-    self.H, self.K, self.E = t.num_attention_heads, t.num_key_value_heads, t.head_dim
-    self.q_proj = Dense(t.hidden_size, self.H * self.E, ("embed", "heads"), bias=True, dtype=dtype,
-                        rngs=rngs)
-    self.k_proj = Dense(t.hidden_size, self.K * self.E, ("embed", "kv_heads"), bias=True,
-                        dtype=dtype, rngs=rngs)
-    self.v_proj = Dense(t.hidden_size, self.K * self.E, ("embed", "kv_heads"), bias=True,
-                        dtype=dtype, rngs=rngs)
-    self.o_proj = Dense(self.H * self.E, t.hidden_size, ("heads", "embed"), bias=False,
-                        dtype=dtype, rngs=rngs)
-
-  def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None):
-    """Causal GQA attention. Without `kv`, keys are this call's tokens (S = L). With `kv` = (k, v)
-    caches [B, S, K, E], this call's keys are written at `write_index` and all S slots are attended
-    under `mask_BLS`. Returns (out, new_kv)."""
-    B, L, _ = x_BLD.shape
-    q = self.q_proj(x_BLD).reshape(B, L, self.H, self.E)
-    k = self.k_proj(x_BLD).reshape(B, L, self.K, self.E)
-    v = self.v_proj(x_BLD).reshape(B, L, self.K, self.E)
-    cos, sin = cos_BLE[:, :, None, :], sin_BLE[:, :, None, :]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
-      new_kv = (k, v)
-    else:
-      new_kv = None
-    # GQA: query head h reads kv head h // (H / K)  (repeat, not tile)
-    qg = q.reshape(B, L, self.K, self.H // self.K, self.E)
-    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(q.dtype)) * self.E**-0.5
-    scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(q.dtype)).reshape(B, L, self.H * self.E)
-    return self.o_proj(out), new_kv
-
-
-class MLP(nnx.Module):
-
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    d, i = cfg.text.hidden_size, cfg.text.intermediate_size
-    self.gate_proj = Dense(d, i, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
-    self.up_proj = Dense(d, i, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
-    self.down_proj = Dense(i, d, ("mlp", "embed"), bias=False, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None):
+        """Causal GQA attention. Without `kv`, keys are this call's tokens (S = L). With `kv` = (k, v)
+        caches [B, S, K, E], this call's keys are written at `write_index` and all S slots are attended
+        under `mask_BLS`. Returns (out, new_kv)."""
+        B, L, _ = x_BLD.shape
+        q = self.q_proj(x_BLD).reshape(B, L, self.H, self.E)
+        k = self.k_proj(x_BLD).reshape(B, L, self.K, self.E)
+        v = self.v_proj(x_BLD).reshape(B, L, self.K, self.E)
+        cos, sin = cos_BLE[:, :, None, :], sin_BLE[:, :, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
+            new_kv = (k, v)
+        else:
+            new_kv = None
+        # GQA: query head h reads kv head h // (H / K)  (repeat, not tile)
+        qg = q.reshape(B, L, self.K, self.H // self.K, self.E)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if L == 1 and kv is not None:
+            # Decode step: multiply-and-reduce over the cache in its own [B, S, K, E] layout. A matmul
+            # (einsum) here makes XLA transpose the whole cache on every step and layer.
+            scores = (qg[:, 0, None] * k[:, :, :, None, :]).sum(-1) * self.E**-0.5  # [B, S, K, G]
+            scores = jnp.where(mask_BLS[:, 0, :, None, None], scores.astype(jnp.float32), NEG_INF)
+            probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)
+            out = (probs[..., None] * v[:, :, :, None, :]).sum(1).reshape(B, 1, self.H * self.E)
+            return self.o_proj(out), new_kv
+        scores = jnp.einsum("blkgd,bskd->bkgls", qg, k) * self.E**-0.5
+        scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(B, L, self.H * self.E)
+        return self.o_proj(out), new_kv
 
 
 class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        eps = cfg.text.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.text.hidden_size, eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.text.hidden_size, eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        t = cfg.text
+        self.mlp = GatedMLP(
+            t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs
+        )
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    eps = cfg.text.rms_norm_eps
-    self.input_layernorm = RMSNorm(cfg.text.hidden_size, eps, dtype=dtype)
-    self.post_attention_layernorm = RMSNorm(cfg.text.hidden_size, eps, dtype=dtype)
-    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index)
-    x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+    def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
 class TextModel(nnx.Module):
-
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
-    t = cfg.text
-    self.embed_tokens = nnx.Param(_init(rngs, (t.vocab_size, t.hidden_size), 1.0, dtype),
-                                  sharding_names=("vocab", "embed"))
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-                            for _ in range(t.num_hidden_layers)])
-    self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+        t = cfg.text
+        self.embed_tokens = nnx.Param(
+            _init(rngs, (t.vocab_size, t.hidden_size), 1.0, dtype), sharding_names=("vocab", "embed")
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(t.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
 
 
 class Qwen25VL(nnx.Module):
-  """The full model. Use `vlm_jax.models.forward` / the sampler rather than calling it directly."""
+    """The full model. Use `vlm_jax.models.forward` / the sampler rather than calling it directly."""
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.config = cfg
-    self.dtype = dtype
-    self.visual = VisionTower(cfg, dtype=dtype, rngs=rngs)
-    self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
-    self.lm_head = None if cfg.tie_word_embeddings else Dense(
-        cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype,
-        rngs=rngs)
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.visual = VisionTower(cfg, dtype=dtype, rngs=rngs)
+        self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Dense(
+                cfg.text.hidden_size,
+                cfg.text.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
 
-  # -- pieces shared by the training forward and the sampler ------------------------------------
+    # -- pieces shared by the training forward and the sampler ------------------------------------
 
-  def embed(self, input_ids_BL, vision):
-    """Token embeddings with image features written at image-token positions, row-major order."""
-    emb = self.language_model.embed_tokens[...]
-    x = jnp.take(emb, input_ids_BL, axis=0).astype(self.dtype)
-    if vision is None:
-      return x
-    feats_MD = self.visual(vision.patches_PC, vision.rope_pos_P2, vision.window_seg_P,
-                           vision.full_seg_P, vision.window_inverse_M).astype(self.dtype)
-    is_img = input_ids_BL == self.config.image_token_id
-    slot = jnp.cumsum(is_img.reshape(-1)) - 1
-    slot = jnp.clip(slot, 0, feats_MD.shape[0] - 1).reshape(input_ids_BL.shape)
-    return jnp.where(is_img[..., None], feats_MD[slot], x)
+    def embed(self, input_ids_BL, vision):
+        """Token embeddings with image features written at image-token positions, row-major order."""
+        emb = self.language_model.embed_tokens[...]
+        x = jnp.take(emb, input_ids_BL, axis=0).astype(self.dtype)
+        if vision is None:
+            return x
+        feats_MD = self.visual(
+            vision.patches_PC,
+            vision.rope_pos_P2,
+            vision.window_seg_P,
+            vision.full_seg_P,
+            vision.window_inverse_M,
+        ).astype(self.dtype)
+        is_img = input_ids_BL == self.config.image_token_id
+        slot = jnp.cumsum(is_img.reshape(-1)) - 1
+        slot = jnp.clip(slot, 0, feats_MD.shape[0] - 1).reshape(input_ids_BL.shape)
+        return jnp.where(is_img[..., None], feats_MD[slot], x)
 
-  def decode(self, x_BLD, positions_3BL, mask_BLS, cache: KVCache | None = None, write_index=None):
-    """Decoder stack; returns (final hidden [B, L, D] after the norm, new per-layer kv or None)."""
-    cos, sin = mrope_cos_sin(positions_3BL, self.config, x_BLD.dtype)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.language_model.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BLD, kv = layer(x_BLD, cos, sin, mask_BLS, kv, write_index)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    return self.language_model.norm(x_BLD), (tuple(new_k), tuple(new_v))
+    def decode(self, x_BLD, positions_3BL, mask_BLS, cache: KVCache | None = None, write_index=None):
+        """Decoder stack; returns (final hidden [B, L, D] after the norm, new per-layer kv or None)."""
+        cos, sin = mrope_cos_sin(positions_3BL, self.config, x_BLD.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.language_model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BLD, kv = layer(x_BLD, cos, sin, mask_BLS, kv, write_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return self.language_model.norm(x_BLD), (tuple(new_k), tuple(new_v))
 
-  def logits(self, h_BLD):
-    if self.lm_head is None:
-      return h_BLD @ self.language_model.embed_tokens[...].astype(h_BLD.dtype).T
-    return self.lm_head(h_BLD)
+    def logits(self, h_BLD):
+        if self.lm_head is None:
+            return h_BLD @ self.language_model.embed_tokens[...].astype(h_BLD.dtype).T
+        return self.lm_head(h_BLD)
 
-  def __call__(self, input_ids_BL, attention_mask_BL, positions_3BL, vision=None):
-    """Full forward (training / teacher forcing): logits [B, L, V]."""
-    x = self.embed(input_ids_BL, vision)
-    L = input_ids_BL.shape[1]
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    mask = causal[None] & (attention_mask_BL[:, None, :] > 0)
-    h, _ = self.decode(x, positions_3BL, mask)
-    return self.logits(h)
+    def __call__(self, input_ids_BL, attention_mask_BL, positions_3BL, vision=None):
+        """Full forward (training / teacher forcing): logits [B, L, V]."""
+        x = self.embed(input_ids_BL, vision)
+        L = input_ids_BL.shape[1]
+        causal = jnp.tril(jnp.ones((L, L), bool))
+        mask = causal[None] & (attention_mask_BL[:, None, :] > 0)
+        h, _ = self.decode(x, positions_3BL, mask)
+        return self.logits(h)

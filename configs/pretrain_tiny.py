@@ -1,8 +1,6 @@
-"""Base pre-training of the tiny demo model with the project's own trainer: short cross-entropy on
-synthetic captions (every fact of a perception image, so the vision tower must carry them), then on
-reference solutions of all three capabilities. The base then answers some perception questions
-right and many wrong. Run by `python -m vlm_jax.demo_setup` (which sets model.path and
-data.data_dir):
+"""Base pre-training of the tiny demo model: short cross-entropy on synthetic reference solutions
+(perception, textual and visual reasoning mixed), so the base answers some perception questions right
+and many wrong. Run by `python -m vlm_jax.demo_setup` (which sets model.path and data.data_dir):
 
   python -m vlm_jax.train --config configs/pretrain_tiny.py --workdir workdirs/pretrain_tiny \
       --config.model.path=artifacts/tiny_base_init
@@ -13,26 +11,16 @@ from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, L
 
 
 def get_config() -> Config:
-    captions = StageConfig(
-        name="captions",
-        capability="perception",
-        objective="sft",
-        datasets=(DatasetSpec(name="synthetic_perception"),),
-        steps=150,
-        batch_size=16,
-        optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20, schedule="cosine"),
-        sft=SFTConfig(target="caption", normalize="token"),
-    )
-    solutions = StageConfig(
-        name="solutions",
+    pretrain = StageConfig(
+        name="pretrain",
         capability="mixed",
         objective="sft",
         datasets=(DatasetSpec(name="synthetic_perception", weight=2.0),
                   DatasetSpec(name="synthetic_textual_reasoning", weight=1.0),
                   DatasetSpec(name="synthetic_visual_reasoning", weight=1.0)),
-        steps=150,
+        steps=300,
         batch_size=16,
-        optimizer=OptimizerConfig(lr=1e-3, weight_decay=0.0, warmup_steps=10, schedule="cosine"),
+        optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20, schedule="cosine"),
         sft=SFTConfig(target="solution", normalize="token"),
     )
     return Config(
@@ -41,7 +29,7 @@ def get_config() -> Config:
         data=DataConfig(data_dir="artifacts/data", max_prompt_len=128, max_response_len=64,
                         length_buckets=(192,), min_pixels_per_image=28 * 28 * 4,
                         max_pixels_per_image=112 * 112),
-        stages=(captions, solutions),
+        stages=(pretrain,),
         checkpoint=CheckpointConfig(every=100, keep=1),
         logging=LoggingConfig(every=10),
     )

@@ -26,7 +26,7 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(path="artifacts/tiny_base_init", dtype="float32"),
         mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-        data=DataConfig(data_dir="artifacts/data", max_prompt_len=128, max_response_len=64,
+        data=DataConfig(data_dir="artifacts/data", max_prompt_len=128,
                         length_buckets=(192,), min_pixels_per_image=28 * 28 * 4,
                         max_pixels_per_image=112 * 112),
         stages=(pretrain,),

@@ -83,9 +83,9 @@ def _stage(name: str, datasets: tuple[DatasetSpec, ...], steps: int,
 def get_config() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     return Config(
-        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", remat="full"),
+        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        data=DataConfig(data_dir="artifacts/data", max_prompt_len=_MAX_LEN, max_response_len=_MAX_LEN,
+        data=DataConfig(data_dir="artifacts/data", max_prompt_len=_MAX_LEN,
                         length_buckets=(256, 512, 1024, 2048), min_pixels_per_image=262_144,
                         max_pixels_per_image=4_194_304, strict=False),
         stages=(

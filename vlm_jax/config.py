@@ -223,11 +223,10 @@ class MeshConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Node):
-    """Which Hugging Face directory to load, its compute dtype and the remat policy."""
+    """Which Hugging Face directory to load and its compute dtype."""
 
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "dots"] = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,14 +239,13 @@ class DataConfig(_Node):
 
     data_dir: str = "artifacts/data"
     max_prompt_len: int = 512
-    max_response_len: int = 128
     length_buckets: tuple[int, ...] = (64, 128, 256, 512)
     max_pixels_per_image: int = 1_003_520
     min_pixels_per_image: int = 3_136
     strict: bool = False
 
     def _check(self) -> None:
-        _at_least(self, 1, "max_prompt_len", "max_response_len", "min_pixels_per_image")
+        _at_least(self, 1, "max_prompt_len", "min_pixels_per_image")
         b = self.length_buckets
         _require(len(b) > 0 and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:])), "length_buckets",
                  f"must be positive and strictly increasing, got {b}")

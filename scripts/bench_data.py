@@ -50,7 +50,8 @@ def against_train_step(config_path: str, steps: int) -> int:
         loader = steps * st.batch_size / (time.perf_counter() - start)
         stage = curriculum.build_stage(env, index, None)
         state = init_state(env.base_params, stage.optimizer)
-        ref = state.params if st.objective == "grpo" and st.grpo.kl_coef > 0 else None
+        needs_ref = st.objective == "grpo" and st.grpo.kl_coef > 0
+        ref = jax.tree.map(jax.numpy.copy, state.params) if needs_ref else None  # steps donate state
         state, _ = curriculum.train_step(env, stage, state, ref, jax.random.key(0))  # compiles
         start = time.perf_counter()
         for i in range(steps):

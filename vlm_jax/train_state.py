@@ -91,7 +91,10 @@ def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> opt
 
 @functools.lru_cache(maxsize=64)
 def _init_fn(optimizer: optax.GradientTransformation):
-    return jax.jit(lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)))
+    # Copy the parameters: the steps donate the state, which must not delete the caller's arrays.
+    return jax.jit(
+        lambda p: TrainState(jax.tree.map(jnp.copy, p), optimizer.init(p), jnp.int32(0), jnp.int32(0))
+    )
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:

@@ -74,14 +74,6 @@ class Model:
     mesh: Mesh | None = None
     source_dir: Path | None = None
 
-    def abstract_params(self) -> nnx.State:
-        return abstract_model(self.family, self.config, self.dtype)[1]
-
-    def param_shardings(self, rules=None):
-        if self.mesh is None:
-            return None
-        return shd.param_shardings(self.abstract_params(), self.mesh, rules)
-
     def prepare(self, batch: Mapping[str, Any], **kw):
         """Host-side inputs (`ModelInputs`) for a processor-style numpy batch."""
         return self.family.prepare_inputs(batch, self.config, **kw)
@@ -99,16 +91,6 @@ def abstract_model(family: ModuleType, cfg, dtype) -> tuple[nnx.GraphDef, nnx.St
 
 def _path(key_path) -> str:
     return ".".join(str(k) for k in key_path)
-
-
-def init_params(model: Model, seed: int = 0):
-    """Random parameters (sharded on `model.mesh` when set), for tests and from-scratch runs."""
-
-    def make():
-        return nnx.split(model.family.build(model.config, model.dtype, nnx.Rngs(seed)), nnx.Param)[1]
-
-    with nnx.use_eager_sharding(False):
-        return jax.jit(make, out_shardings=model.param_shardings())()
 
 
 def from_pretrained(
@@ -204,7 +186,6 @@ __all__ = [
     "from_pretrained",
     "forward",
     "save_pretrained",
-    "init_params",
     "families",
     "CheckpointError",
 ]

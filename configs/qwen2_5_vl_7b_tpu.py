@@ -12,7 +12,8 @@ in place first (the dataset file names below are placeholders for your local cop
 with `--config.stages.N.datasets='[{"name": "PATH"}]'`). Parameters are sharded FSDP over every chip.
 
 Run (every host of the slice runs the same command):
-  python -m vlm_jax.train --config configs/qwen2_5_vl_7b_tpu.py --workdir gs://BUCKET/runs/staged_7b
+  python -m vlm_jax.train --config configs/qwen2_5_vl_7b_tpu.py --workdir gs://BUCKET/runs/staged_7b \\
+      --distributed=auto
 Capability + difficulty curriculum (easy -> hard by pass rate, within each stage):
   ... --config.stages.0.order=easy_to_hard --config.stages.0.order_key=pass_rate  (same for 1 and 2)
 """

@@ -277,3 +277,16 @@ def test_evaluate_cli(assets, tmp_path, capsys):
         == 2
     )
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coordinator_address=127.0.0.1:1234"], "go together"),
+        (["--distributed=yes"], "only value is 'auto'"),
+    ],
+)
+def test_distributed_flags_are_checked(tmp_path, capsys, flags, message):
+    argv = ["--config", str(ROOT / "configs/demo_cpu.py"), "--workdir", str(tmp_path), *flags]
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
 Runs the staged curriculum of the config; rerunning with the same workdir resumes. Exits 0 when
 finished or when preempted by SIGTERM (after checkpointing), 2 on a bad config or input.
+
+Several processes (one per host): `--distributed=auto` on a TPU pod slice (`jax.distributed`
+discovers the slice), or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on
+CPU/GPU clusters. Every process runs the same command.
 """
 
 import logging
@@ -11,15 +15,45 @@ from vlm_jax import config as config_lib
 from vlm_jax.models import CheckpointError
 
 
+DISTRIBUTED_FLAGS = ("workdir", "distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def init_distributed(flags: dict) -> None:
+    """`jax.distributed.initialize` from the command line flags (nothing for a single process)."""
+    explicit = [k for k in ("coordinator_address", "num_processes", "process_id") if k in flags]
+    if "distributed" in flags and flags["distributed"] != "auto":
+        raise config_lib.ConfigError(f"--distributed={flags['distributed']}: the only value is 'auto'")
+    if explicit and len(explicit) != 3:
+        raise config_lib.ConfigError(
+            "--coordinator_address, --num_processes and --process_id go together; got " + ", ".join(explicit)
+        )
+    if not explicit and "distributed" not in flags:
+        return
+    import jax
+
+    if explicit:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=flags["coordinator_address"],
+            num_processes=int(flags["num_processes"]),
+            process_id=int(flags["process_id"]),
+        )
+    else:
+        jax.distributed.initialize()
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path, overrides, flags = config_lib.parse_flags(sys.argv[1:] if argv is None else argv)
+        path, overrides, flags = config_lib.parse_flags(
+            sys.argv[1:] if argv is None else argv, known_flags=DISTRIBUTED_FLAGS
+        )
         if path is None or "workdir" not in flags:
             raise config_lib.ConfigError(
                 "usage: python -m vlm_jax.train --config FILE --workdir DIR [--config.KEY=VALUE ...]"
             )
         cfg = config_lib.load_config(path, overrides)
+        init_distributed(flags)
         from vlm_jax import curriculum
 
         status = curriculum.run(cfg, flags["workdir"])

@@ -132,23 +132,17 @@ def _generate(
     mesh=None,
 ):
     model = nnx.merge(graphdef, params)
-    cfg = model.config.text
     B, L = inputs.input_ids_BL.shape
     S = L + gen_len
     N = B * num_samples
-    dtype = model.dtype
 
     # ---- prefill once per prompt ------------------------------------------------------------------
     x = model.embed(inputs.input_ids_BL, inputs.vision)
     key_valid = jnp.concatenate([inputs.attention_mask_BL > 0, jnp.zeros((B, gen_len), bool)], 1)
     causal = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]  # [L, S]
     mask = causal[None] & key_valid[:, None, :]
-    kv_shape = (B, S, cfg.num_key_value_heads, cfg.head_dim)
-    kv_names = ("batch", "kv_length", "kv_heads", "head_dim")
-    zeros = _constrain(jnp.zeros(kv_shape, dtype), mesh, kv_names)
-    from vlm_jax.models.qwen2_5_vl.model import KVCache  # family-specific cache layout
-
-    cache = KVCache((zeros,) * cfg.num_hidden_layers, (zeros,) * cfg.num_hidden_layers, key_valid)
+    kv_names = model.KV_AXES
+    cache = model.init_cache(B, S, key_valid, constrain=lambda a: _constrain(a, mesh, kv_names))
     h, (ks, vs) = model.decode(x, inputs.positions_3BL, mask, cache, write_index=0)
     last_logits = model.logits(h[:, -1]).astype(jnp.float32)  # [B, V]
     next_pos = inputs.positions_3BL.max(axis=(0, 2)) + 1  # [B] text positions continue here
@@ -191,7 +185,9 @@ def _generate(
         pos = jnp.broadcast_to((s["next_pos"] + t)[None, :, None], (3, N, 1))
         x = model.embed(tok[:, None], None)
         step_mask = key_valid[:, None, :]
-        h, (ks, vs) = model.decode(x, pos, step_mask, KVCache(s["ks"], s["vs"], key_valid), write_index=slot)
+        h, (ks, vs) = model.decode(
+            x, pos, step_mask, cache._replace(k=s["ks"], v=s["vs"], mask_BS=key_valid), write_index=slot
+        )
         logits = model.logits(h[:, 0]).astype(jnp.float32)
         return dict(
             t=t + 1,

@@ -303,6 +303,15 @@ class Qwen25VL(nnx.Module):
 
     # -- pieces shared by the training forward and the sampler ------------------------------------
 
+    KV_AXES = ("batch", "kv_length", "kv_heads", "head_dim")  # logical axes of one cache array
+
+    def init_cache(self, batch: int, length: int, key_valid_BS, constrain=lambda a: a) -> KVCache:
+        """Zeroed per-layer key/value caches [batch, length, K, E] (`constrain` places them)."""
+        t = self.config.text
+        zeros = constrain(jnp.zeros((batch, length, t.num_key_value_heads, t.head_dim), self.dtype))
+        n = t.num_hidden_layers
+        return KVCache((zeros,) * n, (zeros,) * n, key_valid_BS)
+
     def embed(self, input_ids_BL, vision):
         """Token embeddings with image features written at image-token positions, row-major order."""
         emb = self.language_model.embed_tokens[...]

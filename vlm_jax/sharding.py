@@ -93,7 +93,3 @@ def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0):
         return jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim, axis)))
 
     return jax.tree_util.tree_map_with_path(put, tree)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())

@@ -122,13 +122,6 @@ class Graded:
     components: dict[str, np.ndarray]
     num_samples: int
 
-    def correct(self, component: str | None = None) -> np.ndarray:
-        """Per-sample accuracy from an accuracy component (the first non-format one by default)."""
-        if component is None:
-            names = [k for k in self.components if k not in ("format", "overlong")]
-            component = names[0] if names else next(iter(self.components))
-        return self.components[component]
-
 
 def generate_and_grade(
     model,

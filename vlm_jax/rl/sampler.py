@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vlm_jax import sharding as shd
+from vlm_jax.shapes import bucket
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 GEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -37,13 +38,6 @@ class SamplingParams(NamedTuple):
     temperature: jax.Array
     top_p: jax.Array
     top_k: jax.Array
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    return -(-n // buckets[-1]) * buckets[-1]
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, pad_id: int):

@@ -12,6 +12,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from vlm_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlm_jax.shapes import bucket
 
 # Vision patch counts are padded up to one of these sizes (then to multiples of the largest).
 PATCH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -39,14 +40,6 @@ class ModelInputs(NamedTuple):
     attention_mask_BL: np.ndarray  # int32 [B, L]
     positions_3BL: np.ndarray  # int32 [3, B, L] MRoPE (T, H, W) position ids
     vision: VisionInputs | None
-
-
-def bucket(n: int, buckets: tuple[int, ...] = PATCH_BUCKETS) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    top = buckets[-1]
-    return -(-n // top) * top
 
 
 def _merge_block_order(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +110,7 @@ def prepare_vision(
             f"expects {cfg.vision.patch_dim} (3 * temporal_patch_size * patch_size^2)"
         )
     unit = cfg.vision.merge_unit
-    P = num_patches or bucket(n)
+    P = num_patches or bucket(n, PATCH_BUCKETS)
     if P < n or P % unit:
         raise ValueError(f"patch bucket {P} cannot hold {n} patches in merge units of {unit}")
     lay = vision_layout(grid_thw, cfg)

@@ -1,0 +1,14 @@
+"""Shape buckets: padding sizes chosen from a short list so jitted functions see few shapes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` (ascending) that holds `n`; beyond the largest, the next multiple
+    of the largest."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]

@@ -1,7 +1,16 @@
 """Rollout throughput: vlm_jax's jitted sampler against transformers `generate` (PyTorch, fp32).
 
     python scripts/bench_rollout.py [--prompts 8] [--num_samples 4] [--new_tokens 64] [--repeats 3]
-                                    [--spec bench|tiny] [--torch_threads N]
+                                    [--spec bench|tiny] [--cpus N] [--torch_threads N]
+
+Like with like: `--cpus N` pins the whole process (both sides) to N cores before either library
+starts a thread, and torch gets N threads (override with `--torch_threads`). XLA sizes its CPU
+thread pools from the cores the process may use, and XLA_FLAGS has no per-process thread-count
+flag (`intra_op_parallelism_threads` is a TensorFlow option, not an XLA flag), so pinning is what
+restricts the JAX side. The report prints the cores every thread of the process may run on.
+Timings are wall-clock: on a machine where other jobs run, a side that uses N threads suffers
+more than one that uses one (torch's OpenMP threads wait for each other), so compare runs made
+while nothing else runs.
 
 Both sides load the SAME weights (a tiny real-format Qwen2.5-VL directory, config `BENCH_SPEC`
 below: hidden 256, 4 layers, vocab 1024, vision depth 2), get the SAME processor batch (prompts
@@ -22,18 +31,35 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from vlm_jax import models  # noqa: E402
-from vlm_jax.data.processor import Processor  # noqa: E402
-from vlm_jax.models.tiny import TinySpec, build_tiny_model  # noqa: E402
-from vlm_jax.rl import sampler  # noqa: E402
+def pin_cpus(n: int | None) -> list[int]:
+    """Restricts this process to its first `n` allowed cores; threads started later inherit it,
+    so this runs before numpy, JAX or torch start their thread pools."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if n is not None:
+        if not 1 <= n <= len(allowed):
+            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
+        os.sched_setaffinity(0, allowed[:n])
+    return sorted(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    _early = argparse.ArgumentParser(add_help=False)
+    _early.add_argument("--cpus", type=int, default=None)
+    pin_cpus(_early.parse_known_args()[0].cpus)
+
+import jax
+import numpy as np
+
+from vlm_jax import models
+from vlm_jax.data.processor import Processor
+from vlm_jax.models.tiny import TinySpec, build_tiny_model
+from vlm_jax.rl import sampler
 
 BENCH_SPEC = TinySpec(
     vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -72,6 +98,18 @@ def torch_inputs(batch):
 
     return {k: torch.as_tensor(v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v)
             for k, v in batch.items()}
+
+
+def thread_cpus() -> tuple[int, set[int]]:
+    """(number of threads, union of the cores they may run on) over all threads of this process."""
+    cpus: set[int] = set()
+    tasks = os.listdir("/proc/self/task")
+    for tid in tasks:
+        try:
+            cpus |= os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return len(tasks), cpus
 
 
 def vlm_jax_call(path: Path, batch, args) -> Callable[[], None]:
@@ -151,11 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cpus", type=int, default=None,
+                        help="pin both sides to this many cores (default: all this process may use)")
+    parser.add_argument("--torch_threads", type=int, default=None, help="default: the pinned cores")
     parser.add_argument("--spec", choices=sorted(SPECS), default="bench", help="model size")
     parser.add_argument("--skip_check", action="store_true", help="skip the greedy agreement check")
     args = parser.parse_args(argv)
+    cpus = pin_cpus(args.cpus)  # already done at import when run as a script
+    if args.torch_threads is None:
+        args.torch_threads = len(cpus)
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(Path(tmp) / "model", spec=SPECS[args.spec], seed=0)
         processor = Processor.from_pretrained(path)
@@ -181,9 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in later:
         print(f"{name:<14}{first[name]:>14.2f}{steady[name]:>12.3f}{tokens / steady[name]:>12.0f}   "
               f"{', '.join(f'{t:.3f}' for t in later[name])}")
+    import torch
+
+    n_threads, used = thread_cpus()
+    print(f"threads: process pinned to cores {cpus} (all {n_threads} threads: cores {sorted(used)}); "
+          f"vlm_jax: XLA CPU on those {len(cpus)} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"row groups {sampler.row_groups_for(None, args.prompts)} (see sampler.row_groups_for); "
+          f"transformers: torch.get_num_threads()={torch.get_num_threads()}")
+    busy = "  <- other jobs were running" if load_before[0] > 0.5 else ""
+    print(f"1-min load average before / after this run: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}"
+          f"{busy}")
     print(f"vlm_jax compile (first call - steady): {first['vlm_jax'] - steady['vlm_jax']:.2f} s; "
-          f"steady-state speed-up: {steady['transformers'] / steady['vlm_jax']:.2f}x "
-          f"(torch threads: {args.torch_threads})")
+          f"steady-state speed-up: {steady['transformers'] / steady['vlm_jax']:.2f}x")
     return 0
 
 

@@ -1,16 +1,25 @@
 """Batched autoregressive sampling with a preallocated KV cache, inside one jit.
 
-Each prompt is prefilled once (its images encoded once); the cache is then repeated for the prompt's
-`num_samples` samples, which sit in consecutive rows. Decoding runs in a `lax.while_loop` that stops
-as soon as every row has emitted an end token. Prompt length and cache length are padded to buckets,
-and `max_new_tokens`, `temperature`, `top_p` and `top_k` are traced values, so a second call in the
-same bucket does not compile again.
+Each prompt is prefilled once (its images encoded once). Its keys/values are stored once and
+shared by the prompt's `num_samples` samples (consecutive rows), which only add their own
+generated keys/values (the model's `DecodeCache`). Decoding runs in a `lax.while_loop` that stops
+as soon as every row has emitted an end token. Prompt length and cache length are padded to
+buckets, and `max_new_tokens`, `temperature`, `top_p` and `top_k` are traced values, so a second
+call in the same bucket does not compile again.
+
+Speed (CPU): per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once
+per call), attention over the prompt bucket plus the generation bucket without repeating the
+prompt part, a token draw from one uniform per row (all drawn up front), and on a multi-core CPU
+two independent row groups that XLA runs side by side (`row_groups_for`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple, Sequence
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +29,10 @@ from flax import nnx
 from vlm_jax import sharding as shd
 from vlm_jax.shapes import bucket
 
-PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Three prompt buckets per doubling (x1, x1.25, x1.5): the prefill costs the padded length, so a
+# power-of-two ladder wastes up to half of it (a 65-token prompt pays for 128), at the price of a
+# few more compiles.
+PROMPT_BUCKETS = (32, 48) + tuple(2**k * m // 4 for k in range(6, 13) for m in (4, 5, 6)) + (8192,)
 GEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -86,17 +98,48 @@ def filter_logits(logits_NV, top_p, top_k):
     return jnp.where(logits_NV >= threshold, logits_NV, -jnp.inf)
 
 
-def sample_token(rng, logits_NV, sp: SamplingParams, *, greedy: bool, filtered: bool):
-    """Greedy argmax, or a draw from softmax(logits / temperature) truncated to top-k then top-p.
+def inverse_cdf(uniform_N, weights_NV):
+    """Per row, an index drawn with probability weights / sum(weights) (weights >= 0, some > 0),
+    given one uniform [0, 1) number per row.
 
+    The uniform is located in two levels: the block of C ~ sqrt(V) tokens holding it, then
+    the token inside that block. Costs O(V) per row and N random numbers per step, where
+    Gumbel-max (`jax.random.categorical`) draws N * V. A zero-weight token is never returned,
+    even when float round-off puts the target past the last cumulative sum."""
+    N, V = weights_NV.shape
+    C = 1 << max(0, math.ceil(math.log2(math.sqrt(V))))
+    nb = -(-V // C)
+    w = jnp.pad(weights_NV, ((0, 0), (0, nb * C - V))).reshape(N, nb, C)
+    block = w.sum(-1)  # [N, nb]
+    cum = jnp.cumsum(block, -1)
+    target = uniform_N.astype(cum.dtype) * cum[:, -1]
+    last = lambda x: jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), -1)
+    b = jnp.minimum(jnp.sum(cum <= target[:, None], -1), last(block))
+    inside = jnp.take_along_axis(w, b[:, None, None], 1)[:, 0]  # [N, C]
+    before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0.0)
+    icum = jnp.cumsum(inside, -1)
+    i = jnp.minimum(jnp.sum(icum <= (target - before)[:, None], -1), last(inside))
+    return (b * C + i).astype(jnp.int32)
+
+
+def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filtered: bool):
+    """(token [N], its log-probability under softmax(logits) at temperature 1 [N]); `uniform_N`
+    holds one uniform [0, 1) number per row (unused when greedy).
+
+    Greedy argmax, or a draw from softmax(logits / temperature) truncated to top-k then top-p.
     Temperature is applied before truncation (transformers' and vLLM's order), so the nucleus is
     the top-p mass of the distribution actually sampled from."""
+    logits = logits_NV.astype(jnp.float32)
+    top = logits.max(-1, keepdims=True)
+    lse = top[:, 0] + jnp.log(jnp.exp(logits - top).sum(-1))
     if greedy:
-        return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
-    logits = logits_NV.astype(jnp.float32) / sp.temperature
-    if filtered:
-        logits = filter_logits(logits, sp.top_p, sp.top_k)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        scaled = logits / sp.temperature
+        if filtered:
+            scaled = filter_logits(scaled, sp.top_p, sp.top_k)
+        tok = inverse_cdf(uniform_N, jnp.exp(scaled - scaled.max(-1, keepdims=True)))
+    return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
 
 
 def _constrain(x, mesh, names):
@@ -106,9 +149,32 @@ def _constrain(x, mesh, names):
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
+class _Loop(NamedTuple):
+    """Decode loop state; `t` is the number of tokens sampled so far."""
+
+    t: jax.Array
+    tok: jax.Array  # [N] the token sampled last
+    rope: Any  # its rotary (cos, sin), computed one step ahead (see `decode_rope`)
+    cache: Any
+    done: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "gen_len", "num_samples", "greedy", "filtered", "eos_ids", "pad_id", "mesh"),
+    static_argnames=(
+        "graphdef",
+        "gen_len",
+        "num_samples",
+        "greedy",
+        "filtered",
+        "eos_ids",
+        "pad_id",
+        "mesh",
+        "row_groups",
+    ),
 )
 def _generate(
     graphdef,
@@ -124,80 +190,103 @@ def _generate(
     eos_ids: tuple[int, ...],
     pad_id: int,
     mesh=None,
+    row_groups: int = 1,
 ):
     model = nnx.merge(graphdef, params)
     B, L = inputs.input_ids_BL.shape
-    S = L + gen_len
     N = B * num_samples
+    if B % row_groups:
+        raise ValueError(f"row_groups={row_groups} does not divide the {B} prompts")
+    # Prompts b*Bg .. (b+1)*Bg - 1 and their samples form group b: each group runs its own chain of
+    # prefill / decode ops, which share nothing, so XLA's CPU runtime can run them on different cores.
+    Bg, Ng = B // row_groups, N // row_groups
+    prompts = [slice(g * Bg, (g + 1) * Bg) for g in range(row_groups)]
+    rows = [slice(g * Ng, (g + 1) * Ng) for g in range(row_groups)]
 
-    # ---- prefill once per prompt ------------------------------------------------------------------
+    # ---- prefill once per prompt (the images are encoded once, for all groups) ----------------------
     x = model.embed(inputs.input_ids_BL, inputs.vision)
-    key_valid = jnp.concatenate([inputs.attention_mask_BL > 0, jnp.zeros((B, gen_len), bool)], 1)
-    causal = jnp.arange(S)[None, :] <= jnp.arange(L)[:, None]  # [L, S]
-    mask = causal[None] & key_valid[:, None, :]
-    kv_names = model.KV_AXES
-    cache = model.init_cache(B, S, key_valid, constrain=lambda a: _constrain(a, mesh, kv_names))
-    h, (ks, vs) = model.decode(x, inputs.positions_3BL, mask, cache, write_index=0)
-    last_logits = model.logits(h[:, -1]).astype(jnp.float32)  # [B, V]
-    next_pos = inputs.positions_3BL.max(axis=(0, 2)) + 1  # [B] text positions continue here
-
-    # ---- share each prompt's cache with its samples -----------------------------------------------
+    key_valid = inputs.attention_mask_BL > 0
+    causal = jnp.tril(jnp.ones((L, L), bool))
+    caches, logits = [], []
+    for g in prompts:
+        valid = key_valid[g]
+        prefill = model.init_cache(Bg, L, valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
+        h, prompt_kv = model.decode(x[g], inputs.positions_3BL[:, g], causal & valid[:, None, :], prefill, 0)
+        logits.append(model.logits(h[:, -1]).astype(jnp.float32))
+        # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
+        caches.append(
+            model.init_decode_cache(
+                prompt_kv,
+                valid,
+                num_samples,
+                gen_len,
+                constrain=lambda a, names: _constrain(a, mesh, names),
+            )
+        )
     rep = lambda a: jnp.repeat(a, num_samples, axis=0)
-    ks = tuple(_constrain(rep(k), mesh, kv_names) for k in ks)
-    vs = tuple(_constrain(rep(v), mesh, kv_names) for v in vs)
-    state = dict(
+    logits = [rep(lg) for lg in logits]  # per group [Ng, V]
+    next_pos = rep(inputs.positions_3BL.max(axis=(0, 2)) + 1)  # [N] text positions continue here
+
+    # ---- decode -----------------------------------------------------------------------------------
+    weights = model.decode_weights()  # fused once here, not per step
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    limit = jnp.minimum(sp.max_new_tokens, gen_len)
+    # all the randomness up front: one number per row and step (the size of the logprobs buffer)
+    uniforms = None if greedy else jax.random.uniform(rng, (gen_len, N), jnp.float32)
+
+    def record(s: _Loop, group_logits) -> _Loop:
+        """Samples token `s.t` of every row from its group's logits [Ng, V] (each group on its own)
+        and books it (pad once a row stopped)."""
+        u = None if greedy else jax.lax.dynamic_index_in_dim(uniforms, s.t, keepdims=False)
+        drawn = [
+            sample_token(None if u is None else u[r], lg, sp, greedy=greedy, filtered=filtered)
+            for r, lg in zip(rows, group_logits)
+        ]
+        tok, logp = (jnp.concatenate(a) for a in zip(*drawn))
+        live = ~s.done
+        tok, logp = jnp.where(live, tok, pad_id), jnp.where(live, logp, 0.0)
+        return s._replace(
+            t=s.t + 1,
+            tok=tok,
+            done=s.done | (live & jnp.isin(tok, eos)),
+            tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.t, 1),
+            logprobs=jax.lax.dynamic_update_slice_in_dim(s.logprobs, logp[:, None], s.t, 1),
+            lengths=s.lengths + live.astype(jnp.int32),
+        )
+
+    def cond(s: _Loop):
+        return (s.t < limit) & ~jnp.all(s.done)
+
+    def body(s: _Loop) -> _Loop:
+        slot = s.t - 1  # the last sampled token goes into generated slot t - 1, position next_pos + t - 1
+        steps = [
+            model.decode_step(weights, s.tok[r], tuple(a[r] for a in s.rope), cache, slot, num_samples)
+            for r, cache in zip(rows, s.cache)
+        ]
+        s = s._replace(cache=tuple(c for _, c in steps), rope=model.decode_rope(next_pos + s.t))
+        return record(s, [lg for lg, _ in steps])
+
+    state = _Loop(
         t=jnp.int32(0),
-        ks=ks,
-        vs=vs,
-        key_valid=rep(key_valid),
-        logits=rep(last_logits),
-        next_pos=rep(next_pos),
+        tok=jnp.zeros((N,), jnp.int32),
+        rope=model.decode_rope(next_pos),
+        cache=tuple(caches),
         done=jnp.zeros((N,), bool),
         tokens=jnp.full((N, gen_len), pad_id, jnp.int32),
         logprobs=jnp.zeros((N, gen_len), jnp.float32),
         lengths=jnp.zeros((N,), jnp.int32),
     )
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    limit = jnp.minimum(sp.max_new_tokens, gen_len)
+    out = jax.lax.while_loop(cond, body, record(state, logits))
+    return out.tokens, out.lengths, out.logprobs, out.done
 
-    def cond(s):
-        return (s["t"] < limit) & ~jnp.all(s["done"])
 
-    def body(s):
-        t = s["t"]
-        tok = sample_token(jax.random.fold_in(rng, t), s["logits"], sp, greedy=greedy, filtered=filtered)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(s["logits"], -1), tok[:, None], -1)[:, 0]
-        live = ~s["done"]
-        tok = jnp.where(live, tok, pad_id)
-        tokens = s["tokens"].at[:, t].set(tok)
-        logprobs = s["logprobs"].at[:, t].set(jnp.where(live, logp, 0.0))
-        lengths = s["lengths"] + live.astype(jnp.int32)
-        done = s["done"] | (live & jnp.isin(tok, eos))
-        # one decode step for the new token
-        slot = L + t
-        key_valid = s["key_valid"].at[:, slot].set(True)
-        pos = jnp.broadcast_to((s["next_pos"] + t)[None, :, None], (3, N, 1))
-        x = model.embed(tok[:, None], None)
-        step_mask = key_valid[:, None, :]
-        h, (ks, vs) = model.decode(
-            x, pos, step_mask, cache._replace(k=s["ks"], v=s["vs"], mask_BS=key_valid), write_index=slot
-        )
-        logits = model.logits(h[:, 0]).astype(jnp.float32)
-        return dict(
-            t=t + 1,
-            ks=ks,
-            vs=vs,
-            key_valid=key_valid,
-            logits=logits,
-            next_pos=s["next_pos"],
-            done=done,
-            tokens=tokens,
-            logprobs=logprobs,
-            lengths=lengths,
-        )
-
-    out = jax.lax.while_loop(cond, body, state)
-    return out["tokens"], out["lengths"], out["logprobs"], out["done"]
+def row_groups_for(mesh, num_prompts: int) -> int:
+    """Independent row groups for `_generate`: 2 on a CPU with >= 2 usable cores and no mesh, else 1.
+    XLA's CPU runtime runs each dot on one core but runs independent ops side by side, so two
+    groups that share nothing keep two cores busy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu = mesh is None and jax.default_backend() == "cpu" and cores >= 2
+    return 2 if cpu and num_prompts % 2 == 0 else 1
 
 
 def generate(
@@ -255,6 +344,7 @@ def generate(
         eos_ids=eos,
         pad_id=pad_token_id,
         mesh=model.mesh,
+        row_groups=row_groups_for(model.mesh, inputs.input_ids_BL.shape[0]),
     )
     tokens, lengths, logprobs, done = jax.device_get((tokens, lengths, logprobs, done))
     return Rollout(

@@ -280,6 +280,66 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# One-token decode steps for the sampler: shared prompt cache, fused projections
+# ----------------------------------------------------------------------------------------------
+
+
+class DecodeCache(NamedTuple):
+    """The sampler's cache. The prompt part is stored once per prompt and shared by its samples
+    (rows b*G .. b*G+G-1); the generated part is per sample. Per-layer tuples, laid out so that
+    both attention products of a one-token step are plain batched matmuls on CPU (keys with the
+    head dim before the length, values length-major):
+
+    prompt_k [B, K, E, L] / prompt_v [B, K, L, E]: written by the prefill, read-only afterwards;
+    k [N, K, E, T] / v [N, K, T, E], N = B * G: slot t holds generated token t.
+    """
+
+    prompt_k: tuple
+    prompt_v: tuple
+    prompt_mask_BL: jax.Array  # bool: prompt slot holds a real token
+    k: tuple
+    v: tuple
+
+
+class DecodeLayer(NamedTuple):
+    """A decoder layer's projections fused for one-token steps, built once per `generate` call
+    (outside the decode loop): q/k/v grouped per kv head (its Hg query heads, then its key and
+    value) and gate/up stacked. The grouping keeps the kv-head and mlp dims whole, so tensor-sharded
+    kernels stay sharded the same way and splitting the result needs no communication."""
+
+    w_qkv_DKCE: jax.Array  # C = Hg + 2
+    b_qkv_KCE: jax.Array
+    w_gate_up_D2I: jax.Array
+
+
+def decode_attention(q_NKGE, pk_BKEL, pv_BKLE, prompt_mask_BL, gk_NKET, gv_NKTE, gen_valid_T, num_samples):
+    """Attention of one new query per row over its prompt's shared keys/values and its own
+    generated ones (`DecodeCache` layouts), with one softmax over both parts (a common max, one
+    normaliser). A prompt's G samples x Hg query heads form one [G * Hg, E] block against that
+    prompt's keys. Returns [N, K, Hg, E]."""
+    N, K, Hg, E = q_NKGE.shape
+    G, B, dt, f32 = num_samples, N // num_samples, q_NKGE.dtype, jnp.float32
+
+    def to_prompt(a):  # [N, K, Hg, ...] -> [B, K, G * Hg, ...]
+        return jnp.swapaxes(a.reshape(B, G, K, Hg, *a.shape[3:]), 1, 2).reshape(B, K, G * Hg, *a.shape[3:])
+
+    def to_rows(a):  # inverse of to_prompt
+        return jnp.swapaxes(a.reshape(B, K, G, Hg, *a.shape[3:]), 1, 2).reshape(N, K, Hg, *a.shape[3:])
+
+    s_p = jnp.einsum("bkqe,bkel->bkql", to_prompt(q_NKGE), pk_BKEL.astype(dt)).astype(f32) * E**-0.5
+    s_p = jnp.where(prompt_mask_BL[:, None, None, :], s_p, NEG_INF)  # [B, K, G*Hg, L]
+    s_g = jnp.einsum("nkhe,nket->nkht", q_NKGE, gk_NKET.astype(dt)).astype(f32) * E**-0.5
+    s_g = jnp.where(gen_valid_T, s_g, NEG_INF)  # [N, K, Hg, T]
+    m = jnp.maximum(to_rows(s_p.max(-1)), s_g.max(-1))  # [N, K, Hg]
+    e_p = jnp.exp(s_p - to_prompt(m)[..., None])
+    e_g = jnp.exp(s_g - m[..., None])
+    denom = to_rows(e_p.sum(-1)) + e_g.sum(-1)
+    out = to_rows(jnp.einsum("bkql,bkle->bkqe", e_p.astype(dt), pv_BKLE.astype(dt)))
+    out = out + jnp.einsum("nkht,nkte->nkhe", e_g.astype(dt), gv_NKTE.astype(dt))
+    return (out.astype(f32) / denom[..., None]).astype(dt)
+
+
 class Qwen25VL(nnx.Module):
     """The full model. Use `vlm_jax.models.forward` / the sampler rather than calling it directly."""
 
@@ -341,6 +401,91 @@ class Qwen25VL(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         return self.language_model.norm(x_BLD), (tuple(new_k), tuple(new_v))
+
+    # logical axes of the DecodeCache arrays: keys [., K, E, length], values [., K, length, E]
+    DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "kv_length")
+    DECODE_V_AXES = ("batch", "kv_heads", "kv_length", "head_dim")
+
+    def init_decode_cache(
+        self, prefill_kv, prompt_mask_BL, num_samples: int, gen_len: int, constrain=lambda a, names: a
+    ) -> DecodeCache:
+        """The sampler's cache from the prefill's per-layer (k, v) [B, L, K, E]: the prompt part
+        moved once into the `DecodeCache` layout, and a zeroed generated part for
+        B * num_samples rows and `gen_len` slots (`constrain(array, logical axes)` places each)."""
+        ks, vs = prefill_kv
+        t = self.config.text
+        N, K, E = prompt_mask_BL.shape[0] * num_samples, t.num_key_value_heads, t.head_dim
+        k_axes, v_axes = self.DECODE_K_AXES, self.DECODE_V_AXES
+        pk = tuple(constrain(jnp.transpose(k, (0, 2, 3, 1)), k_axes) for k in ks)
+        pv = tuple(constrain(jnp.swapaxes(v, 1, 2), v_axes) for v in vs)
+        gk = constrain(jnp.zeros((N, K, E, gen_len), self.dtype), k_axes)
+        gv = constrain(jnp.zeros((N, K, gen_len, E), self.dtype), v_axes)
+        n = t.num_hidden_layers
+        return DecodeCache(pk, pv, prompt_mask_BL, (gk,) * n, (gv,) * n)
+
+    def decode_weights(self) -> tuple[DecodeLayer, ...]:
+        """Per-layer fused projections (`DecodeLayer`); call once, outside the decode loop."""
+        t = self.config.text
+        K, Hg, E = t.num_key_value_heads, t.num_attention_heads // t.num_key_value_heads, t.head_dim
+        out = []
+        for layer in self.language_model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            parts = ((a.q_proj, Hg), (a.k_proj, 1), (a.v_proj, 1))
+            w = jnp.concatenate([p.kernel[...].reshape(-1, K, n, E) for p, n in parts], axis=2)
+            b = jnp.concatenate([p.bias[...].reshape(K, n, E) for p, n in parts], axis=1)
+            gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1)
+            out.append(DecodeLayer(w, b, gate_up))
+        return tuple(out)
+
+    def decode_rope(self, positions_N):
+        """(cos, sin) [N, 1, 1, E] of one new token per row at text positions `positions_N` (all
+        three mrope rows equal, as for every generated token). The sampler computes them one step
+        ahead and carries them in its loop state: computed inside the step, XLA fuses cos/sin into
+        each layer's rope and evaluates them again for every query and key element."""
+        N = positions_N.shape[0]
+        pos = jnp.broadcast_to(positions_N[None, :, None], (3, N, 1))
+        cos, sin = mrope_cos_sin(pos, self.config, self.dtype)
+        return cos[:, 0, None, None, :], sin[:, 0, None, None, :]
+
+    def decode_step(
+        self, weights: tuple[DecodeLayer, ...], tokens_N, rope, cache: DecodeCache, slot, num_samples: int
+    ):
+        """One new token per row: embeds `tokens_N` (rotary `rope` from `decode_rope` of their
+        positions), writes their keys/values at generated slot `slot` and attends over the prompt
+        plus slots 0..slot. Returns (logits [N, V] fp32, updated cache); equal to `decode` over the
+        whole sequence."""
+        t = self.config.text
+        K, Hg, E = t.num_key_value_heads, t.num_attention_heads // t.num_key_value_heads, t.head_dim
+        x = self.embed(tokens_N[:, None], None)[:, 0]  # [N, D]
+        N = x.shape[0]
+        cos, sin = (a.astype(x.dtype) for a in rope)
+        gen_valid = jnp.arange(cache.v[0].shape[2]) <= slot
+        new_k, new_v = [], []
+        for i, (layer, w) in enumerate(zip(self.language_model.layers, weights)):
+            h = layer.input_layernorm(x)
+            qkv = jnp.einsum("nd,dkce->nkce", h, w.w_qkv_DKCE.astype(x.dtype)) + w.b_qkv_KCE.astype(x.dtype)
+            qk = qkv[:, :, : Hg + 1]
+            qk = qk * cos + rotate_half(qk) * sin  # rope on the queries and the key together
+            q, k, v = qk[:, :, :Hg], qk[:, :, Hg:], qkv[:, :, Hg + 1 :]  # k, v: [N, K, 1, E]
+            k = jnp.swapaxes(k, 2, 3).astype(cache.k[i].dtype)  # [N, K, E, 1]
+            new_k.append(jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, slot, axis=3))
+            new_v.append(jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(cache.v[i].dtype), slot, 2))
+            attn = decode_attention(
+                q,
+                cache.prompt_k[i],
+                cache.prompt_v[i],
+                cache.prompt_mask_BL,
+                new_k[i],
+                new_v[i],
+                gen_valid,
+                num_samples,
+            )
+            x = x + layer.self_attn.o_proj(attn.reshape(N, K * Hg * E))
+            gu = jnp.einsum("nd,dci->nci", layer.post_attention_layernorm(x), w.w_gate_up_D2I.astype(x.dtype))
+            x = x + layer.mlp.down_proj(jax.nn.silu(gu[:, 0]) * gu[:, 1])
+        h = self.language_model.norm(x)
+        logits = self.logits(h).astype(jnp.float32)
+        return logits, cache._replace(k=tuple(new_k), v=tuple(new_v))
 
     def logits(self, h_BLD):
         if self.lm_head is None:

@@ -225,3 +225,12 @@ def test_build_synthetic(tmp_path: Path) -> None:
     assert got == expected  # generation order kept, fields intact
     data.build_synthetic(tmp_path, sizes={**sizes, "train": 4}, seed=3)  # other settings -> rebuilt
     assert tfds_builders.dataset_splits("synthetic_perception", tmp_path)["train"] == 4
+    # per-capability generator options: only the perception set changes
+    style = {"perception": {"tasks": ["color"], "max_objects": 1}}
+    data.build_synthetic(tmp_path, sizes={**sizes, "train": 4}, seed=3, generator_kwargs=style)
+    perception = data.load("synthetic_perception", data_dir=tmp_path)
+    assert {perception[i]["task"] for i in range(4)} == {"color"}
+    assert data.load("synthetic_textual_reasoning", data_dir=tmp_path)[0] == schema.normalize_row(
+        synthetic.generate("textual_reasoning", 4, seed=3, split="train")[0])
+    with pytest.raises(ValueError, match=r"capabilities .* got \['vision'\]"):
+        data.build_synthetic(tmp_path, sizes=sizes, generator_kwargs={"vision": {}})

@@ -473,6 +473,9 @@ def test_corpus_covers_all_tasks():
         ({"image_size": (10, 20)}, "image_size"),
         ({"mc_fraction": 1.5}, "mc_fraction"),
         ({"n": -1}, "n must be"),
+        ({"max_objects": 0}, "max_objects"),
+        ({"object_scale": 10.0}, "object_scale"),
+        ({"capability": "visual_reasoning", "max_objects": 1}, "perception only"),
     ],
 )
 def test_generate_rejects_bad_arguments(kwargs, message):
@@ -491,3 +494,29 @@ def test_make_example_rejects_bad_arguments():
         S.make_example("count", rng, difficulty=6, image_size=(56, 112), multiple_choice=False)
     with pytest.raises(PlacementError):
         S.render_scene(rng, n_objects=200, image_size=56, clutter=0)
+
+
+def test_scene_style_caps_objects_and_scales_them():
+    """max_objects=1 draws exactly one shape (a position question asks its quadrant); object_scale
+    makes shapes bigger; answers still match the re-measured pixels."""
+    kw = dict(difficulty=(1, 5), image_size=56, mc_fraction=0.0)
+    small = S.generate("perception", 24, seed=3, tasks=["color", "position"], **kw)
+    big = S.generate("perception", 24, seed=3, tasks=["color", "position"], max_objects=1, object_scale=2.0, **kw)
+    for ex in big:
+        bs = blobs(pixels(ex))
+        assert len(bs) == 1, ex["problem"]
+        if ex["task"] == "color":
+            check(ex, bs[0].color)
+        else:
+            x1, y1, x2, y2 = bs[0].box
+            assert re.fullmatch(rf"Which quadrant is the {OBJ} in\?", question(ex)), ex["problem"]
+            check(ex, f"{'top' if y2 <= 28 else 'bottom'}-{'left' if x2 <= 28 else 'right'}")
+    assert any(len(blobs(pixels(ex))) > 1 for ex in small)
+
+    def mean_side(rows):
+        return np.mean([b.box[2] - b.box[0] for ex in rows for b in blobs(pixels(ex))])
+
+    assert mean_side(big) > 1.5 * mean_side(small)
+    # questions that need two referents keep two objects
+    sizes = S.generate("perception", 6, seed=3, tasks=["size"], max_objects=1, **kw)
+    assert all(len(blobs(pixels(ex))) == 2 for ex in sizes)

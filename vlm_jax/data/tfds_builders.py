@@ -200,22 +200,30 @@ def build_synthetic(
     *,
     sizes: Mapping[str, int] = DEFAULT_SYNTHETIC_SIZES,
     seed: int = 0,
-    generator_kwargs: Mapping[str, Any] | None = None,
+    generator_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     verbose: bool = False,
 ) -> dict[str, Path]:
     """Build the three synthetic datasets under ``data_dir``; return name -> version dir.
 
+    ``generator_kwargs`` maps a capability ("perception", ...) to extra keyword arguments of
+    ``synthetic.generate`` for that dataset (e.g. ``{"perception": {"max_objects": 1}}``).
     A dataset already prepared with the same sizes, seed and generator options is
     reused; one built with other settings is rebuilt (the data is deterministic).
     """
+    per_capability = dict(generator_kwargs or {})
+    known = [cls.CAPABILITY for cls in SYNTHETIC_BUILDERS.values()]
+    unknown = sorted(set(per_capability) - set(known))
+    if unknown:
+        raise ValueError(f"generator_kwargs keys must be capabilities {known}, got {unknown}")
     out: dict[str, Path] = {}
     for name, cls in SYNTHETIC_BUILDERS.items():
+        kwargs = per_capability.get(cls.CAPABILITY)
         with _quiet_build(verbose):
-            builder = cls(data_dir=str(data_dir), sizes=sizes, seed=seed, generator_kwargs=generator_kwargs,
+            builder = cls(data_dir=str(data_dir), sizes=sizes, seed=seed, generator_kwargs=kwargs,
                           file_format="array_record")
             if builder.is_prepared() and _stored_settings(Path(builder.data_dir)) != builder.settings():
                 shutil.rmtree(builder.data_dir)
-                builder = cls(data_dir=str(data_dir), sizes=sizes, seed=seed, generator_kwargs=generator_kwargs,
+                builder = cls(data_dir=str(data_dir), sizes=sizes, seed=seed, generator_kwargs=kwargs,
                               file_format="array_record")
             builder.download_and_prepare()
         out[name] = Path(builder.data_dir)

@@ -31,6 +31,7 @@ import numpy as np
 
 from vlm_jax.data.synthetic.common import CAPABILITIES, Resample, to_record
 from vlm_jax.data.synthetic.perception import BUILDERS as _PERCEPTION
+from vlm_jax.data.synthetic.perception import DEFAULT_STYLE, SceneStyle
 from vlm_jax.data.synthetic.scenes import COLORS, PALETTE, SHAPES, Object, check_image_size, render_scene, side_for
 from vlm_jax.data.synthetic.textual import BUILDERS as _TEXTUAL
 from vlm_jax.data.synthetic.visual_reasoning import BUILDERS as _VISUAL
@@ -42,6 +43,7 @@ __all__ = [
     "Object",
     "PALETTE",
     "SHAPES",
+    "SceneStyle",
     "TASKS",
     "corpus",
     "generate",
@@ -67,12 +69,14 @@ def make_example(
     difficulty: int,
     image_size: int | Sequence[int] = (56, 112),
     multiple_choice: bool = False,
+    style: SceneStyle = DEFAULT_STYLE,
 ) -> dict[str, Any]:
     """One example of ``task`` at ``difficulty`` (1..5); ``image_size`` is the side range (lo, hi).
 
     ``multiple_choice`` asks a four-option question (perception and visual-reasoning tasks; text
-    tasks have no multiple-choice form and reject it). Random draws that give an ambiguous question
-    are redrawn from the same ``rng``, so the result is a pure function of the rng state.
+    tasks have no multiple-choice form and reject it). ``style`` (object count cap, object scale)
+    applies to perception tasks. Random draws that give an ambiguous question are redrawn from the
+    same ``rng``, so the result is a pure function of the rng state.
     """
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(_BUILDERS)}")
@@ -81,10 +85,13 @@ def make_example(
     capability = _CAPABILITY_OF[task]
     if multiple_choice and capability == "textual_reasoning":
         raise ValueError(f"task {task!r} is text-only and has no multiple-choice form")
+    if style != DEFAULT_STYLE and capability != "perception":
+        raise ValueError(f"scene style {style} applies to perception tasks only, not {task!r} ({capability})")
     side = side_for(image_size, int(difficulty))
+    extra = {"style": style} if capability == "perception" else {}
     for _ in range(_MAX_TRIES):
         try:
-            draft = _BUILDERS[task](rng, int(difficulty), side, multiple_choice)
+            draft = _BUILDERS[task](rng, int(difficulty), side, multiple_choice, **extra)
         except Resample:
             continue
         return to_record(
@@ -129,13 +136,20 @@ def generate(
     difficulty: int | tuple[int, int] = (1, 3),
     image_size: int | tuple[int, int] = (56, 112),
     mc_fraction: float = 0.5,
+    max_objects: int | None = None,
+    object_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     """``n`` examples of one capability, tasks in round-robin order, difficulty drawn per example.
 
     ``difficulty`` is an inclusive range (an int fixes it); ``image_size`` the range of image sides
     (px, square images, larger at higher difficulty); ``mc_fraction`` the share of perception
     questions asked as four-option multiple choice (other capabilities are always free-form).
+    ``max_objects`` / ``object_scale`` (perception only, see ``SceneStyle``) cap the objects per
+    scene and scale their size.
     """
+    style = SceneStyle(max_objects=max_objects, object_scale=object_scale)
+    if style != DEFAULT_STYLE and capability != "perception":
+        raise ValueError(f"max_objects / object_scale apply to perception only, not {capability!r}")
     tasks = tuple(TASKS[capability] if tasks is None else tasks) if capability in TASKS else ()
     levels = (difficulty, difficulty) if isinstance(difficulty, (int, np.integer)) else tuple(difficulty)
     _check_generate_args(capability, n, seed, tasks, levels, mc_fraction)
@@ -146,7 +160,8 @@ def generate(
         rng = _example_rng(capability, int(seed), split, i)
         level = int(rng.integers(lo, hi + 1))
         mc = capability == "perception" and bool(rng.random() < mc_fraction)
-        out.append(make_example(tasks[i % len(tasks)], rng, difficulty=level, image_size=image_size, multiple_choice=mc))
+        task = tasks[i % len(tasks)]
+        out.append(make_example(task, rng, difficulty=level, image_size=image_size, multiple_choice=mc, style=style))
     return out
 
 

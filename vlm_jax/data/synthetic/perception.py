@@ -7,6 +7,7 @@ side is chosen by the caller from the difficulty.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,13 +49,44 @@ WORDS: tuple[str, ...] = (
 SIZE_MARGIN = 1.6  # "bigger" only asked when the areas differ by at least this factor
 
 
+@dataclasses.dataclass(frozen=True)
+class SceneStyle:
+    """How perception scenes are drawn beyond the difficulty: ``max_objects`` caps the objects per
+    scene (None: the difficulty decides; questions that need two referents keep two, and a position
+    question about a single object asks for its quadrant); ``object_scale`` multiplies the default
+    object sides (1/8..1/4 of the canvas, see ``scenes.size_range``). Large, few objects make a
+    perception set that a tiny model can learn on a CPU (the demo's)."""
+
+    max_objects: int | None = None
+    object_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.max_objects is not None and (isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int)
+                                             or self.max_objects < 1):
+            raise ValueError(f"max_objects must be a positive int or None, got {self.max_objects!r}")
+        if not 0.25 <= self.object_scale <= 4.0:
+            raise ValueError(f"object_scale must be in [0.25, 4], got {self.object_scale!r}")
+
+    def cap(self, n: int, least: int = 1) -> int:
+        """``n`` objects limited by ``max_objects``, but never under ``least`` (the referents)."""
+        return n if self.max_objects is None else max(least, min(n, self.max_objects))
+
+
+DEFAULT_STYLE = SceneStyle()
+
+
 def place_scene(
-    rng: np.random.Generator, specs: Sequence[Spec], side: int, sizes: Sequence[int] | None = None
+    rng: np.random.Generator,
+    specs: Sequence[Spec],
+    side: int,
+    sizes: Sequence[int] | None = None,
+    style: SceneStyle = DEFAULT_STYLE,
 ) -> list[Object]:
     """Layout of ``specs``, shuffled so the referents are not always drawn first."""
     order = rng.permutation(len(specs))
     try:
-        objects = layout(rng, [specs[i] for i in order], side, sizes=None if sizes is None else [sizes[i] for i in order])
+        objects = layout(rng, [specs[i] for i in order], side, sizes=None if sizes is None else [sizes[i] for i in order],
+                         scale=style.object_scale)
     except PlacementError as err:
         raise Resample(str(err)) from err
     inverse = np.argsort(order)
@@ -71,9 +103,11 @@ def _draw(rng: np.random.Generator, objects: Sequence[Object], side: int, clutte
     return draw_objects(blank_canvas(rng, side, clutter), objects)
 
 
-def build_count(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_count(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """How many <colour> <shape>s / <shape>s / <colour> shapes: difficulty 1 -> 3 objects, 5 -> 7."""
-    n, clutter = difficulty + 2, difficulty - 1
+    n, clutter = style.cap(difficulty + 2), difficulty - 1
     color, shape = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
     kind = ("color_shape", "shape", "color")[rng.integers(3)]
     all_specs = [(c, s) for c in COLORS for s in SHAPES]
@@ -87,7 +121,7 @@ def build_count(rng: np.random.Generator, difficulty: int, side: int, multiple_c
     misses = [sp for sp in all_specs if not match(*sp)]
     k = int(rng.integers(1, n + 1))
     specs = [hits[rng.integers(len(hits))] for _ in range(k)] + [misses[rng.integers(len(misses))] for _ in range(n - k)]
-    objects = place_scene(rng, specs, side)
+    objects = place_scene(rng, specs, side, style=style)
     return Draft(
         question=f"How many {noun} are there?",
         answer=str(k),
@@ -99,12 +133,14 @@ def build_count(rng: np.random.Generator, difficulty: int, side: int, multiple_c
     )
 
 
-def build_color(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_color(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """What colour is the <shape> (the only one of its shape): difficulty 1 -> 2 objects, 5 -> 6."""
-    n, clutter = difficulty + 1, difficulty - 1
+    n, clutter = style.cap(difficulty + 1), difficulty - 1
     target = random_spec(rng)
     others = other_specs(rng, n - 1, [(c, target[1]) for c in COLORS])
-    objects = place_scene(rng, [target, *others], side)
+    objects = place_scene(rng, [target, *others], side, style=style)
     color, shape = target
     return Draft(
         question=f"What color is the {shape}?",
@@ -133,14 +169,20 @@ def relation(a: Object, b: Object) -> str | None:
     return None
 
 
-def build_position(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_position(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """Quadrant of an object, or its relation to another (left/right, above/below, yes/no)."""
-    n, clutter = max(2, difficulty + 1), difficulty - 1
+    n, clutter = style.cap(max(2, difficulty + 1)), difficulty - 1
     first = random_spec(rng)
-    second = random_spec(rng, [first])
-    objects = place_scene(rng, [first, second, *other_specs(rng, n - 2, [first, second])], side)
-    a, b = objects[0], objects[1]
-    kinds = ("quadrant", "relation") if multiple_choice else ("quadrant", "left_right", "above_below", "yes_no")
+    if n == 1:  # a single object has a quadrant but no relation
+        objects = place_scene(rng, [first], side, style=style)
+        a, b, kinds = objects[0], objects[0], ("quadrant",)
+    else:
+        second = random_spec(rng, [first])
+        objects = place_scene(rng, [first, second, *other_specs(rng, n - 2, [first, second])], side, style=style)
+        a, b = objects[0], objects[1]
+        kinds = ("quadrant", "relation") if multiple_choice else ("quadrant", "left_right", "above_below", "yes_no")
     kind = kinds[rng.integers(len(kinds))]
     facts: list[str] = []
     if kind == "quadrant":
@@ -184,12 +226,14 @@ def build_position(rng: np.random.Generator, difficulty: int, side: int, multipl
     )
 
 
-def build_size(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_size(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """Colour of the biggest shape, or is A bigger than B (areas differ by >= SIZE_MARGIN)."""
-    n, clutter = max(2, difficulty + 1), difficulty - 1
+    n, clutter = style.cap(max(2, difficulty + 1), least=2), difficulty - 1
     first = random_spec(rng)
     second = random_spec(rng, [first])
-    objects = place_scene(rng, [first, second, *other_specs(rng, n - 2, [first, second])], side)
+    objects = place_scene(rng, [first, second, *other_specs(rng, n - 2, [first, second])], side, style=style)
     kind = "biggest" if multiple_choice or rng.random() < 0.5 else "yes_no"
     if kind == "biggest":
         ranked = sorted(objects, key=lambda o: -o.area)
@@ -231,7 +275,9 @@ def _text_distractors(rng: np.random.Generator, text: str) -> tuple[str, ...]:
     return tuple(same or [w for w in WORDS if w != text])
 
 
-def build_read(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_read(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """Read 1-3 digits or a 3-5 letter word; higher difficulty: longer text, smaller font, noise."""
     clutter = difficulty - 1
     if rng.random() < 0.5:
@@ -265,11 +311,13 @@ def build_read(rng: np.random.Generator, difficulty: int, side: int, multiple_ch
     )
 
 
-def build_ground(rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool) -> Draft:
+def build_ground(
+    rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
+) -> Draft:
     """Box of the one <colour> <shape>, in pixels of the original image: difficulty d -> d objects."""
-    n, clutter = max(1, difficulty), difficulty - 1
+    n, clutter = style.cap(max(1, difficulty)), difficulty - 1
     target = random_spec(rng)
-    objects = place_scene(rng, [target, *other_specs(rng, n - 1, [target])], side)
+    objects = place_scene(rng, [target, *other_specs(rng, n - 1, [target])], side, style=style)
     obj = objects[0]
     answer = box_text(obj.box)
     x1, y1, x2, y2 = obj.box

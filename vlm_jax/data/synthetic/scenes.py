@@ -143,10 +143,11 @@ def place_boxes(
     return [out[i] for i in range(len(extents))]
 
 
-def size_range(side: int) -> tuple[int, int]:
-    """Default object sides (inclusive) for a canvas: 1/8 to 1/4 of its side, never under 8 px."""
-    lo = max(MIN_OBJECT_SIZE, side // 8)
-    return lo, max(lo + 2, side // 4)
+def size_range(side: int, scale: float = 1.0) -> tuple[int, int]:
+    """Object sides (inclusive) for a canvas: ``scale`` x (1/8 to 1/4) of its side, never under 8 px
+    and never over 3/4 of the side."""
+    lo = min(max(MIN_OBJECT_SIZE, int(side * scale) // 8), side * 3 // 4 - 2)
+    return lo, min(side * 3 // 4, max(lo + 2, int(side * scale) // 4))
 
 
 def layout(
@@ -155,8 +156,10 @@ def layout(
     side: int,
     *,
     sizes: Sequence[int] | None = None,
+    scale: float = 1.0,
 ) -> list[Object]:
-    """Place one object per (colour, shape) spec; random sizes unless ``sizes`` is given.
+    """Place one object per (colour, shape) spec; random sizes (``size_range(side, scale)``) unless
+    ``sizes`` is given.
 
     With random sizes a crowded canvas is retried with smaller objects (down to 8 px); fixed sizes
     (ratio questions) are only re-positioned. Raises PlacementError when nothing fits.
@@ -164,7 +167,7 @@ def layout(
     for color, shape in specs:
         if color not in PALETTE or shape not in SHAPES:
             raise ValueError(f"unknown object spec {(color, shape)!r}; colours {COLORS}, shapes {SHAPES}")
-    lo, hi = size_range(side)
+    lo, hi = size_range(side, scale)
     scales = (1.0,) if sizes is not None else (1.0, 0.85, 0.7, 0.55, 0.4)
     last: PlacementError | None = None
     for scale in scales:

@@ -59,9 +59,28 @@ def _base(opt_cfg, lr) -> optax.GradientTransformation:
     return optax.adafactor(lr, weight_decay_rate=opt_cfg.weight_decay or None)
 
 
+class GradNormState(NamedTuple):
+    grad_norm: jax.Array  # global norm of the last update's trainable gradients (before clipping)
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+    """Identity that keeps the global norm of what it sees in its state, so `apply_gradients` can
+    report the norm of the gradients that are actually trained (frozen modules' already zeroed)."""
+
+    def init(params):
+        del params
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del state, params
+        return updates, GradNormState(optax.global_norm(updates).astype(jnp.float32))
+
+    return optax.GradientTransformation(init, update)
+
+
 @functools.lru_cache(maxsize=64)
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
-    """Frozen modules' gradients zeroed, then global-norm clipping (so only trainable gradients count
+    """Frozen modules' gradients zeroed (their norm recorded for the `grad_norm` metric), then global-norm clipping (so only trainable gradients count
     in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
     the configured optimizer per trainable module (with its lr multiplier); frozen modules get
     `set_to_zero` (no optimizer moments).
@@ -83,7 +102,7 @@ def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> opt
     keep_trainable = optax.multi_transform(
         {m: optax.identity() if m in trainable else optax.set_to_zero() for m in MODULES}, module_labels
     )
-    chain = [keep_trainable]
+    chain = [keep_trainable, record_grad_norm()]
     if opt_cfg.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(opt_cfg.max_grad_norm))
     return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
@@ -122,5 +141,8 @@ def apply_gradients(state: TrainState, grads, loss, optimizer) -> tuple[TrainSta
         state.step + 1,
         state.skipped + (~ok).astype(jnp.int32),
     )
-    metrics = {"grad_norm": optax.global_norm(safe_grads), "update_ok": ok.astype(jnp.float32)}
+    # the norm `record_grad_norm` saw (trainable modules only); an optimizer without it: all grads
+    norms = optax.tree_utils.tree_get_all_with_path(new_opt, "grad_norm")
+    grad_norm = norms[0][1] if norms else optax.global_norm(safe_grads)
+    metrics = {"grad_norm": grad_norm, "update_ok": ok.astype(jnp.float32)}
     return new_state, metrics

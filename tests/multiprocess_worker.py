@@ -84,6 +84,14 @@ def data_indices(num_rows: int, tiny_dir: Path) -> dict[str, Any]:
   return {"indices": indices, "stats": it.stats}
 
 
+def train_two_steps(assets: Path, workdir: Path) -> str:
+  """A 2-step SFT curriculum over the 8-device, 2-process mesh, checkpointed in `workdir`; returns
+  the run status."""
+  from vlm_jax import config as config_lib, curriculum
+
+  return curriculum.run(config_lib.load_config(str(assets / "config.py"), []), workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--process-id", type=int, required=True)
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num-rows", type=int, required=True)
   p.add_argument("--tiny", type=Path, required=True)
   p.add_argument("--out", type=Path, required=True)
+  p.add_argument("--train-assets", type=Path, required=True)
   args = p.parse_args(argv)
 
   result: dict[str, Any] = {"process_id": args.process_id, "seconds": {}}
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("save")
     result["data"] = data_indices(args.num_rows, args.tiny)
     lap("data")
+    result["train"] = train_two_steps(args.train_assets, args.train_assets / "workdir")
+    lap("train")
     result["ok"] = True
   except BaseException:  # noqa: BLE001 - report everything to the parent test
     result["ok"] = False

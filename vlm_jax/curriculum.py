@@ -131,10 +131,15 @@ def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
     optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
+    # Every process reads the same global batch (shard 0 of 1) and supplies its own devices' slices
+    # of it (`sharding.shard_batch`): the vision inputs (patches of all rows, window layout) are laid
+    # out for the whole batch, which loading a part per process would split inconsistently.
     iterator = make_dataset(
         [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
         env.processor,
         batch_size=st.batch_size,
+        shard_index=0,
+        shard_count=1,
         seed=env.cfg.seed + 1000 * index,
         order=st.order,
         order_key=st.order_key,
@@ -179,7 +184,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
         state, m = sft_step(
             state, sft_batch, graphdef=model.graphdef, optimizer=stage.optimizer, normalize=st.sft.normalize
         )
-        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        host = {k: float(v) for k, v in sharding.to_host(m).items()}
     else:
         g = st.grpo
         roll_rng, upd_rng = jax.random.split(rng)
@@ -210,7 +215,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             mu=g.mu,
             minibatch=g.mini_batch_size,
         )
-        host.update({k: float(v) for k, v in jax.device_get(m).items()})
+        host.update({k: float(v) for k, v in sharding.to_host(m).items()})
     host["skipped_nonfinite"] = int(state.skipped)
     return state, host
 

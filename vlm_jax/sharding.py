@@ -82,14 +82,32 @@ def batch_spec(ndim: int, batch_axis: int = 0) -> P:
 
 
 def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0):
-    """Places numpy arrays on the mesh, batch dim over (data, fsdp) when it divides, else replicated."""
+    """Places numpy arrays on the mesh, batch dim over (data, fsdp) when it divides, else replicated.
+
+    Each array is the global value, the same on every process; each process fills only its own
+    devices' slices (no cross-process copy or equality check, so it works with several processes)."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def put(path, x):
         x = np.asarray(x)
         axis = batch_axis_of(path, x)
         if axis is None or x.ndim == 0 or x.shape[axis] % n:
-            return jax.device_put(x, NamedSharding(mesh, P()))
-        return jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim, axis)))
+            spec = P()
+        else:
+            spec = batch_spec(x.ndim, axis)
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
     return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def to_host(tree):
+    """Numpy copies of a tree of arrays; arrays spread over several processes are gathered (a
+    collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)

@@ -346,7 +346,7 @@ def generate(
         mesh=model.mesh,
         row_groups=row_groups_for(model.mesh, inputs.input_ids_BL.shape[0]),
     )
-    tokens, lengths, logprobs, done = jax.device_get((tokens, lengths, logprobs, done))
+    tokens, lengths, logprobs, done = shd.to_host((tokens, lengths, logprobs, done))
     return Rollout(
         np.asarray(tokens)[:, :max_new_tokens],
         np.asarray(lengths),

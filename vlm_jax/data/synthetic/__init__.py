@@ -85,8 +85,7 @@ def make_example(
     capability = _CAPABILITY_OF[task]
     if multiple_choice and capability == "textual_reasoning":
         raise ValueError(f"task {task!r} is text-only and has no multiple-choice form")
-    if style != DEFAULT_STYLE and capability != "perception":
-        raise ValueError(f"scene style {style} applies to perception tasks only, not {task!r} ({capability})")
+    _check_style(style, capability)
     side = side_for(image_size, int(difficulty))
     extra = {"style": style} if capability == "perception" else {}
     for _ in range(_MAX_TRIES):
@@ -103,6 +102,12 @@ def make_example(
 def _example_rng(capability: str, seed: int, split: str, index: int) -> np.random.Generator:
     """Independent stream per (capability, seed, split, index); crc32 keeps names stable across runs."""
     return np.random.default_rng([seed, zlib.crc32(capability.encode()), zlib.crc32(split.encode()), index])
+
+
+def _check_style(style: SceneStyle, capability: str) -> None:
+    """A scene style (max_objects / object_scale) other than the default is for perception only."""
+    if style != DEFAULT_STYLE and capability != "perception":
+        raise ValueError(f"max_objects / object_scale ({style}) apply to perception only, not {capability!r}")
 
 
 def _check_generate_args(
@@ -148,8 +153,7 @@ def generate(
     scene and scale their size.
     """
     style = SceneStyle(max_objects=max_objects, object_scale=object_scale)
-    if style != DEFAULT_STYLE and capability != "perception":
-        raise ValueError(f"max_objects / object_scale apply to perception only, not {capability!r}")
+    _check_style(style, capability)
     tasks = tuple(TASKS[capability] if tasks is None else tasks) if capability in TASKS else ()
     levels = (difficulty, difficulty) if isinstance(difficulty, (int, np.integer)) else tuple(difficulty)
     _check_generate_args(capability, n, seed, tasks, levels, mc_fraction)

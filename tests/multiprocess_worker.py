@@ -84,9 +84,9 @@ def data_indices(num_rows: int, tiny_dir: Path) -> dict[str, Any]:
   return {"indices": indices, "stats": it.stats}
 
 
-def train_two_steps(assets: Path, workdir: Path) -> str:
-  """A 2-step SFT curriculum over the 8-device, 2-process mesh, checkpointed in `workdir`; returns
-  the run status."""
+def train(assets: Path, workdir: Path) -> str:
+  """The SFT + GRPO curriculum of `assets/config.py` over the 8-device, 2-process mesh, checkpointed
+  in `workdir`; returns the run status."""
   from vlm_jax import config as config_lib, curriculum
 
   return curriculum.run(config_lib.load_config(str(assets / "config.py"), []), workdir)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     lap("save")
     result["data"] = data_indices(args.num_rows, args.tiny)
     lap("data")
-    result["train"] = train_two_steps(args.train_assets, args.train_assets / "workdir")
+    result["train"] = train(args.train_assets, args.train_assets / "workdir")
     lap("train")
     result["ok"] = True
   except BaseException:  # noqa: BLE001 - report everything to the parent test

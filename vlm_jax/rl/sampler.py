@@ -130,17 +130,16 @@ def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filt
     Temperature is applied before truncation (transformers' and vLLM's order), so the nucleus is
     the top-p mass of the distribution actually sampled from."""
     logits = logits_NV.astype(jnp.float32)
-    shifted = logits - logits.max(-1, keepdims=True)  # <= 0, one max shared by both uses below
-    lse = jnp.log(jnp.exp(shifted).sum(-1))
+    top = logits.max(-1, keepdims=True)
+    lse = top[:, 0] + jnp.log(jnp.exp(logits - top).sum(-1))
     if greedy:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        # max(logits / T) = max(logits) / T for T > 0, so `shifted / T` is already max-shifted
-        scaled = shifted / sp.temperature
+        scaled = logits / sp.temperature
         if filtered:
             scaled = filter_logits(scaled, sp.top_p, sp.top_k)
-        tok = inverse_cdf(uniform_N, jnp.exp(scaled))
-    return tok, jnp.take_along_axis(shifted, tok[:, None], -1)[:, 0] - lse
+        tok = inverse_cdf(uniform_N, jnp.exp(scaled - scaled.max(-1, keepdims=True)))
+    return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
 
 
 def _constrain(x, mesh, names):

@@ -8,6 +8,10 @@ starts a thread, and torch gets N threads (override with `--torch_threads`). XLA
 thread pools from the cores the process may use, and XLA_FLAGS has no per-process thread-count
 flag (`intra_op_parallelism_threads` is a TensorFlow option, not an XLA flag), so pinning is what
 restricts the JAX side. The report prints the cores every thread of the process may run on.
+Each library uses the cores its own way: torch with intra-op threads, vlm_jax with one JAX CPU
+device per core (`jax_num_cpu_devices`) and the batch split over them on a `data` mesh, as on
+any multi-device machine (`--single_device`: one device, where the sampler runs two independent
+row groups instead, see `sampler.row_groups_for`; ~5-10% slower here).
 Timings are wall-clock: on a machine where other jobs run, a side that uses N threads suffers
 more than one that uses one (torch's OpenMP threads wait for each other), so compare runs made
 while nothing else runs.
@@ -56,7 +60,7 @@ if __name__ == "__main__":
 import jax
 import numpy as np
 
-from vlm_jax import models
+from vlm_jax import models, sharding
 from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import TinySpec, build_tiny_model
 from vlm_jax.rl import sampler
@@ -112,9 +116,24 @@ def thread_cpus() -> tuple[int, set[int]]:
     return len(tasks), cpus
 
 
+def use_cpu_devices(n: int) -> int:
+    """Asks JAX for `n` CPU devices (it must be before JAX starts its backend); returns how many
+    devices JAX has."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backend already started (main() called in a running process)
+        pass
+    return len(jax.devices())
+
+
+def vlm_jax_mesh():
+    """A `data` mesh over all JAX devices, or None with one device."""
+    return sharding.make_mesh() if len(jax.devices()) > 1 else None
+
+
 def vlm_jax_call(path: Path, batch, args) -> Callable[[], None]:
     """One timed unit on the vlm_jax side: `sampler.generate` to numpy, output shape checked."""
-    model, params = models.from_pretrained(path)
+    model, params = models.from_pretrained(path, mesh=vlm_jax_mesh())
     keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
     rows = args.prompts * args.num_samples
 
@@ -194,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the pinned cores")
     parser.add_argument("--spec", choices=sorted(SPECS), default="bench", help="model size")
     parser.add_argument("--skip_check", action="store_true", help="skip the greedy agreement check")
+    parser.add_argument("--single_device", action="store_true",
+                        help="vlm_jax on one JAX CPU device (default: one per pinned core)")
     args = parser.parse_args(argv)
     cpus = pin_cpus(args.cpus)  # already done at import when run as a script
     if args.torch_threads is None:
         args.torch_threads = len(cpus)
+    use_cpu_devices(1 if args.single_device else len(cpus))
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     n_threads, used = thread_cpus()
+    mesh = vlm_jax_mesh()
     print(f"threads: process pinned to cores {cpus} (all {n_threads} threads: cores {sorted(used)}); "
           f"vlm_jax: XLA CPU on those {len(cpus)} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"row groups {sampler.row_groups_for(None, args.prompts)} (see sampler.row_groups_for); "
+          f"{len(jax.devices())} JAX devices, mesh {None if mesh is None else dict(mesh.shape)}, "
+          f"row groups {sampler.row_groups_for(mesh, args.prompts)} (see sampler.row_groups_for); "
           f"transformers: torch.get_num_threads()={torch.get_num_threads()}")
     busy = "  <- other jobs were running" if load_before[0] > 0.5 else ""
     print(f"1-min load average before / after this run: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}"

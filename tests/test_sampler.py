@@ -211,6 +211,26 @@ def test_sharded_greedy_equals_single_device(ref, batches, greedy_g2):
   np.testing.assert_allclose(run.logprobs, greedy_g2.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("data", [2, 4])
+def test_data_parallel_sampling_equals_single_device(ref, batches, data):
+  """On a mesh that only splits the batch, each device runs its own decode loop (shard_map, no
+  per-token all-reduce); greedy and sampled rows, end tokens included, match one device."""
+  mesh = make_mesh(MeshConfig(data=data, fsdp=1, tensor=1), devices=jax.devices()[:data])
+  model, params = models.from_pretrained(ref.path, mesh=mesh)
+  assert sampler.data_parallel(mesh, len(ROWS))
+  for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20)):
+    kw.update(max_new_tokens=NEW, num_samples=2, rng=jax.random.key(3), pad_token_id=PAD,
+              eos_token_ids=(7, 11, 13))
+    with jax.default_matmul_precision("highest"):
+      want = sampler.generate(ref.model, ref.params, batches["left"], **kw)
+      got = sampler.generate(model, params, batches["left"], **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_array_equal(got.truncated, want.truncated)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  assert not sampler.data_parallel(mesh, len(ROWS) + 1)  # prompts that do not split: one loop
+
+
 # ---- sampling ----------------------------------------------------------------------------------
 
 

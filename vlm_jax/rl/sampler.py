@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding as shd
 from vlm_jax.shapes import bucket
@@ -193,7 +194,68 @@ def _generate(
     row_groups: int = 1,
 ):
     model = nnx.merge(graphdef, params)
-    B, L = inputs.input_ids_BL.shape
+    B = inputs.input_ids_BL.shape[0]
+    # The images are encoded for the whole batch (the vision inputs are laid out per batch, not per
+    # row); everything after the embedding is per row.
+    x = model.embed(inputs.input_ids_BL, inputs.vision)
+    # all the randomness up front: one number per row and step, the same whatever the mesh
+    uniforms = jax.random.uniform(rng, (gen_len, B * num_samples), jnp.float32)
+    rows = functools.partial(
+        _sample_rows,
+        graphdef,
+        gen_len=gen_len,
+        num_samples=num_samples,
+        greedy=greedy,
+        filtered=filtered,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+    args = (params, x, inputs.positions_3BL, inputs.attention_mask_BL, uniforms, sp)
+    if data_parallel(mesh, B):
+        # Rows are independent: each device samples its own prompts in its own decode loop, with
+        # no cross-device step (a global loop would all-reduce `done` at every token).
+        specs = (P(), P("data"), P(None, "data"), P("data"), P(None, "data"), P())
+        local = functools.partial(rows, mesh=None, row_groups=1)
+        # check_vma=False: the loop's zero-initialised state is device-invariant, its updates are not;
+        # nothing inside communicates, so there is nothing for the check to protect
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P("data"), check_vma=False)
+        return sharded(*args)
+    return rows(*args, mesh=mesh, row_groups=row_groups)
+
+
+def data_parallel(mesh, num_prompts: int) -> bool:
+    """Whether `_generate` runs one independent decode loop per device: a mesh that only splits the
+    batch (fsdp = tensor = 1, so every device holds all parameters) over a `data` axis that divides
+    the prompts."""
+    if mesh is None:
+        return False
+    shape = dict(mesh.shape)
+    data = shape.pop("data", 1)
+    return data > 1 and all(n == 1 for n in shape.values()) and num_prompts % data == 0
+
+
+def _sample_rows(
+    graphdef,
+    params,
+    x_BLD,
+    positions_3BL,
+    attention_mask_BL,
+    uniforms_TN,
+    sp: SamplingParams,
+    *,
+    gen_len: int,
+    num_samples: int,
+    greedy: bool,
+    filtered: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    mesh,
+    row_groups: int,
+):
+    """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1);
+    returns (tokens [N, T], lengths [N], logprobs [N, T], done [N])."""
+    model = nnx.merge(graphdef, params)
+    B, L = attention_mask_BL.shape
     N = B * num_samples
     if B % row_groups:
         raise ValueError(f"row_groups={row_groups} does not divide the {B} prompts")
@@ -203,15 +265,14 @@ def _generate(
     prompts = [slice(g * Bg, (g + 1) * Bg) for g in range(row_groups)]
     rows = [slice(g * Ng, (g + 1) * Ng) for g in range(row_groups)]
 
-    # ---- prefill once per prompt (the images are encoded once, for all groups) ----------------------
-    x = model.embed(inputs.input_ids_BL, inputs.vision)
-    key_valid = inputs.attention_mask_BL > 0
+    # ---- prefill once per prompt --------------------------------------------------------------------
+    key_valid = attention_mask_BL > 0
     causal = jnp.tril(jnp.ones((L, L), bool))
     caches, logits = [], []
     for g in prompts:
         valid = key_valid[g]
         prefill = model.init_cache(Bg, L, valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
-        h, prompt_kv = model.decode(x[g], inputs.positions_3BL[:, g], causal & valid[:, None, :], prefill, 0)
+        h, prompt_kv = model.decode(x_BLD[g], positions_3BL[:, g], causal & valid[:, None, :], prefill, 0)
         logits.append(model.logits(h[:, -1]).astype(jnp.float32))
         # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
         caches.append(
@@ -225,22 +286,19 @@ def _generate(
         )
     rep = lambda a: jnp.repeat(a, num_samples, axis=0)
     logits = [rep(lg) for lg in logits]  # per group [Ng, V]
-    next_pos = rep(inputs.positions_3BL.max(axis=(0, 2)) + 1)  # [N] text positions continue here
+    next_pos = rep(positions_3BL.max(axis=(0, 2)) + 1)  # [N] text positions continue here
 
     # ---- decode -----------------------------------------------------------------------------------
     weights = model.decode_weights()  # fused once here, not per step
     eos = jnp.asarray(eos_ids, jnp.int32)
     limit = jnp.minimum(sp.max_new_tokens, gen_len)
-    # all the randomness up front: one number per row and step (the size of the logprobs buffer)
-    uniforms = None if greedy else jax.random.uniform(rng, (gen_len, N), jnp.float32)
 
     def record(s: _Loop, group_logits) -> _Loop:
         """Samples token `s.t` of every row from its group's logits [Ng, V] (each group on its own)
         and books it (pad once a row stopped)."""
-        u = None if greedy else jax.lax.dynamic_index_in_dim(uniforms, s.t, keepdims=False)
+        u = jax.lax.dynamic_index_in_dim(uniforms_TN, s.t, keepdims=False)
         drawn = [
-            sample_token(None if u is None else u[r], lg, sp, greedy=greedy, filtered=filtered)
-            for r, lg in zip(rows, group_logits)
+            sample_token(u[r], lg, sp, greedy=greedy, filtered=filtered) for r, lg in zip(rows, group_logits)
         ]
         tok, logp = (jnp.concatenate(a) for a in zip(*drawn))
         live = ~s.done

@@ -5,12 +5,16 @@ shared by the prompt's `num_samples` samples (consecutive rows), which only add 
 generated keys/values (the model's `DecodeCache`). Decoding runs in a `lax.while_loop` that stops
 as soon as every row has emitted an end token. Prompt length and cache length are padded to
 buckets, and `max_new_tokens`, `temperature`, `top_p` and `top_k` are traced values, so a second
-call in the same bucket does not compile again.
+call in the same bucket does not compile again. On a mesh that only splits the batch (`data`),
+every device runs its own decode loop over its prompts (`data_parallel`); on other meshes one loop
+runs over the sharded batch and heads.
 
 Speed (CPU): per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once
 per call), attention over the prompt bucket plus the generation bucket without repeating the
-prompt part, a token draw from one uniform per row (all drawn up front), and on a multi-core CPU
-two independent row groups that XLA runs side by side (`row_groups_for`).
+prompt part, a token draw from one uniform per row (all drawn up front). A multi-core CPU is used
+best as one JAX device per core (`jax.config.update("jax_num_cpu_devices", n)` before JAX starts)
+and a `data` mesh; on a single device, two independent row groups that XLA runs side by side
+(`row_groups_for`).
 """
 
 from __future__ import annotations

@@ -104,6 +104,18 @@ def torch_inputs(batch):
             for k, v in batch.items()}
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of this machine have used (user + nice + system + irq + softirq +
+    steal, from /proc/stat; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpus() -> tuple[int, set[int]]:
     """(number of threads, union of the cores they may run on) over all threads of this process."""
     cpus: set[int] = set()
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cpu_devices(1 if args.single_device else len(cpus))
 
     load_before = os.getloadavg()
+    busy_before, own_before, wall_before = busy_cpu_seconds(), sum(os.times()[:4]), time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(Path(tmp) / "model", spec=SPECS[args.spec], seed=0)
         processor = Processor.from_pretrained(path)
@@ -256,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(jax.devices())} JAX devices, mesh {None if mesh is None else dict(mesh.shape)}, "
           f"row groups {sampler.row_groups_for(mesh, args.prompts)} (see sampler.row_groups_for); "
           f"transformers: torch.get_num_threads()={torch.get_num_threads()}")
-    busy = "  <- other jobs were running" if load_before[0] > 0.5 else ""
-    print(f"1-min load average before / after this run: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}"
-          f"{busy}")
+    # CPU time used by everything but this process while it ran (the load average also counts
+    # threads blocked in the kernel, so it can read ~1 on an idle machine)
+    others = (busy_cpu_seconds() - busy_before) - (sum(os.times()[:4]) - own_before)
+    print(f"1-min load average before / after this run: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; "
+          f"other processes used {max(others, 0.0):.1f} CPU s in the {time.monotonic() - wall_before:.0f} s "
+          "of this run")
     print(f"vlm_jax compile (first call - steady): {first['vlm_jax'] - steady['vlm_jax']:.2f} s; "
           f"steady-state speed-up: {steady['transformers'] / steady['vlm_jax']:.2f}x")
     return 0

@@ -204,7 +204,7 @@ def _generate(
     x = model.embed(inputs.input_ids_BL, inputs.vision)
     # all the randomness up front: one number per row and step, the same whatever the mesh
     uniforms = jax.random.uniform(rng, (gen_len, B * num_samples), jnp.float32)
-    rows = functools.partial(
+    sample_rows = functools.partial(
         _sample_rows,
         graphdef,
         gen_len=gen_len,
@@ -219,12 +219,12 @@ def _generate(
         # Rows are independent: each device samples its own prompts in its own decode loop, with
         # no cross-device step (a global loop would all-reduce `done` at every token).
         specs = (P(), P("data"), P(None, "data"), P("data"), P(None, "data"), P())
-        local = functools.partial(rows, mesh=None, row_groups=1)
+        local = functools.partial(sample_rows, mesh=None, row_groups=1)
         # check_vma=False: the loop's zero-initialised state is device-invariant, its updates are not;
         # nothing inside communicates, so there is nothing for the check to protect
         sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P("data"), check_vma=False)
         return sharded(*args)
-    return rows(*args, mesh=mesh, row_groups=row_groups)
+    return sample_rows(*args, mesh=mesh, row_groups=row_groups)
 
 
 def data_parallel(mesh, num_prompts: int) -> bool:

@@ -11,7 +11,7 @@ restricts the JAX side. The report prints the cores every thread of the process 
 Each library uses the cores its own way: torch with intra-op threads, vlm_jax with one JAX CPU
 device per core (`jax_num_cpu_devices`) and the batch split over them on a `data` mesh, as on
 any multi-device machine (`--single_device`: one device, where the sampler runs two independent
-row groups instead, see `sampler.row_groups_for`; ~5-10% slower here).
+row groups instead, see `sampler.row_groups_for`; ~12% slower here in one process).
 Timings are wall-clock: on a machine where other jobs run, a side that uses N threads suffers
 more than one that uses one (torch's OpenMP threads wait for each other), so compare runs made
 while nothing else runs.
@@ -128,14 +128,13 @@ def thread_cpus() -> tuple[int, set[int]]:
     return len(tasks), cpus
 
 
-def use_cpu_devices(n: int) -> int:
-    """Asks JAX for `n` CPU devices (it must be before JAX starts its backend); returns how many
-    devices JAX has."""
+def use_cpu_devices(n: int) -> None:
+    """Asks JAX for `n` CPU devices; only possible before JAX starts its backend (the report prints
+    how many devices there are)."""
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # the backend already started (main() called in a running process)
         pass
-    return len(jax.devices())
 
 
 def vlm_jax_mesh():

@@ -80,9 +80,10 @@ def record_grad_norm() -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=64)
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
-    """Frozen modules' gradients zeroed (their norm recorded for the `grad_norm` metric), then global-norm clipping (so only trainable gradients count
-    in the norm: a frozen tower's large gradient must not shrink the trained modules' update), then
-    the configured optimizer per trainable module (with its lr multiplier); frozen modules get
+    """Frozen modules' gradients zeroed, the remaining (trainable) gradients' norm recorded for the
+    `grad_norm` metric, then global-norm clipping (so only trainable gradients count in the norm: a
+    frozen tower's large gradient must not shrink the trained modules' update), then the configured
+    optimizer per trainable module (with its lr multiplier); frozen modules get
     `set_to_zero` (no optimizer moments).
 
     Cached on its (hashable) arguments: the optimizer is a static argument of the jitted steps, so

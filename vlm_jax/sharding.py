@@ -111,3 +111,133 @@ def to_host(tree):
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-process start-up and failure propagation
+# ------------------------------------------------------------------------------------------------
+
+# JAX's coordination service (started by `jax.distributed.initialize`) already ends the job when a
+# process dies: every process heartbeats to it, and a process silent for `heartbeat_timeout_s` is
+# declared dead; the service then reports the error to every other process, which terminates
+# (exit code 134, "The following tasks are unhealthy (stopped sending heartbeats): <ids>"). When
+# the coordinator process (0) itself dies the others terminate at once ("Failed to send RPC to
+# coordination service ... the leader task was preempted/died").
+#
+# A process that *raises* is still alive: its exit would run JAX's shutdown barrier (waiting up to
+# `shutdown_timeout_s` for peers blocked in a collective) and the peers would only learn that the
+# barrier failed, not why. So `fail_job` publishes the error in the coordination service's
+# key-value store and exits at once, skipping that barrier; `watch_for_failures` (a thread in each
+# process) reads it and ends its process with the same message. The heartbeat stays the backstop.
+
+FAILURE_KEY = "vlm_jax/failure"
+FAILURE_SEEN_KEY = "vlm_jax/failure_seen/"
+HEARTBEAT_TIMEOUT_S = 100  # JAX's defaults; `python -m vlm_jax.train --heartbeat_timeout=...`
+SHUTDOWN_TIMEOUT_S = 300
+INITIALIZATION_TIMEOUT_S = 300
+_ACK_WAIT_S = 5.0  # how long process 0 (which hosts the service) waits for peers to see a failure
+_POLL_MS = 10_000
+_failure_lock = None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+    initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
+) -> None:
+    """`jax.distributed.initialize` with explicit timeouts (all None: TPU auto-detection), then
+    starts `watch_for_failures`. Explicit addresses (CPU/GPU clusters) use gloo CPU collectives."""
+    if coordinator_address is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=int(initialization_timeout_s),
+        heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+        shutdown_timeout_seconds=int(shutdown_timeout_s),
+    )
+    log.info("process %d of %d joined (heartbeat timeout %ds)", jax.process_index(), jax.process_count(),
+             heartbeat_timeout_s)
+    watch_for_failures()
+
+
+def _client():
+    from jax._src import distributed  # the runtime client jax.distributed.initialize created
+
+    return distributed.global_state.client
+
+
+def watch_for_failures() -> None:
+    """A daemon thread that ends this process (exit 1, the failure on stderr) as soon as another
+    process publishes a failure with `fail_job`. Nothing for a single process."""
+    import threading
+
+    global _failure_lock
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    _failure_lock = threading.Lock()
+    me = jax.process_index()
+
+    def watch():
+        while True:
+            try:
+                message = client.blocking_key_value_get(FAILURE_KEY, _POLL_MS)
+            except Exception:  # noqa: BLE001 - timed out (no failure yet) or the service is going away
+                continue
+            _end_process(client, me, message, code=1, publish=False)
+
+    threading.Thread(target=watch, name="vlm_jax-failure-watch", daemon=True).start()
+
+
+def fail_job(exc: BaseException, code: int = 1) -> None:
+    """Ends this process (exit `code`) after telling every other process why, so none of them waits
+    in a collective for it. Single process: returns and the caller reports normally."""
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    import sys
+    import traceback
+
+    traceback.print_exception(exc, file=sys.stderr)
+    me = jax.process_index()
+    message = f"process {me} of {jax.process_count()} failed: {type(exc).__name__}: {exc}"
+    _end_process(client, me, message, code=code, publish=True)
+
+
+def _end_process(client, me: int, message: str, *, code: int, publish: bool) -> None:
+    import os
+    import sys
+    import time
+
+    if _failure_lock is not None and not _failure_lock.acquire(blocking=False):
+        time.sleep(3600)  # another thread of this process is already ending it
+    if publish:
+        try:
+            client.key_value_set(FAILURE_KEY, message)
+        except Exception:  # noqa: BLE001 - another process failed first (key taken) or no service
+            pass
+    what = "stopping the job" if publish else f"stopping process {me} too"
+    print(f"error: {message}; {what}", file=sys.stderr, flush=True)
+    try:
+        client.key_value_set(FAILURE_SEEN_KEY + str(me), "1")
+    except Exception:  # noqa: BLE001 - no service any more
+        pass
+    if me == 0:  # the coordination service lives here: give the others time to read the failure
+        deadline = time.monotonic() + _ACK_WAIT_S
+        for pid in range(1, jax.process_count()):
+            left = int(1000 * (deadline - time.monotonic()))
+            if left <= 0:
+                break
+            try:
+                client.blocking_key_value_get(FAILURE_SEEN_KEY + str(pid), left)
+            except Exception:  # noqa: BLE001 - a dead or failing process never acknowledges
+                pass
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)  # skip JAX's shutdown barrier: the peers are not coming

@@ -6,6 +6,12 @@ finished or when preempted by SIGTERM (after checkpointing), 2 on a bad config o
 Several processes (one per host): `--distributed=auto` on a TPU pod slice (`jax.distributed`
 discovers the slice), or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on
 CPU/GPU clusters. Every process runs the same command.
+
+A process that fails ends the job: one that raises tells the others through JAX's coordination
+service and all exit non-zero at once, naming it; one that dies (SIGKILL, lost host) is declared
+dead by the service after `--heartbeat_timeout` seconds (default 100, JAX's) and the others then
+terminate, naming it. `--shutdown_timeout` and `--initialization_timeout` bound the exit barrier
+and the start-up handshake.
 """
 
 import logging
@@ -16,6 +22,7 @@ from vlm_jax.models import CheckpointError
 
 
 DISTRIBUTED_FLAGS = ("workdir", "distributed", "coordinator_address", "num_processes", "process_id")
+TIMEOUT_FLAGS = ("heartbeat_timeout", "shutdown_timeout", "initialization_timeout")
 
 
 def init_distributed(flags: dict) -> None:
@@ -29,24 +36,33 @@ def init_distributed(flags: dict) -> None:
         )
     if not explicit and "distributed" not in flags:
         return
-    import jax
+    timeouts = {}
+    for name in TIMEOUT_FLAGS:
+        if name in flags:
+            try:
+                timeouts[f"{name}_s"] = int(flags[name])
+            except ValueError:
+                timeouts[f"{name}_s"] = 0
+            if timeouts[f"{name}_s"] < 1:
+                raise config_lib.ConfigError(f"--{name}={flags[name]}: must be a whole number of seconds >= 1")
+    from vlm_jax import sharding
 
     if explicit:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=flags["coordinator_address"],
-            num_processes=int(flags["num_processes"]),
-            process_id=int(flags["process_id"]),
+        sharding.initialize_distributed(
+            flags["coordinator_address"], int(flags["num_processes"]), int(flags["process_id"]), **timeouts
         )
     else:
-        jax.distributed.initialize()
+        sharding.initialize_distributed(**timeouts)
+
+
+EXPECTED_ERRORS = (config_lib.ConfigError, CheckpointError, FileNotFoundError)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         path, overrides, flags = config_lib.parse_flags(
-            sys.argv[1:] if argv is None else argv, known_flags=DISTRIBUTED_FLAGS
+            sys.argv[1:] if argv is None else argv, known_flags=DISTRIBUTED_FLAGS + TIMEOUT_FLAGS
         )
         if path is None or "workdir" not in flags:
             raise config_lib.ConfigError(
@@ -56,8 +72,14 @@ def main(argv=None) -> int:
         init_distributed(flags)
         from vlm_jax import curriculum
 
-        status = curriculum.run(cfg, flags["workdir"])
-    except (config_lib.ConfigError, CheckpointError, FileNotFoundError) as e:
+        try:
+            status = curriculum.run(cfg, flags["workdir"])
+        except BaseException as e:  # noqa: BLE001 - several processes: end the whole job, naming it
+            from vlm_jax import sharding
+
+            sharding.fail_job(e, code=2 if isinstance(e, EXPECTED_ERRORS) else 1)
+            raise
+    except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run {status}: {flags['workdir']}")

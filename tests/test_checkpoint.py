@@ -1,5 +1,6 @@
 """Checkpointer round trips (sharded, bitwise), retention, atomicity, and preemption handling."""
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlm_jax.checkpoint import (BYTES_TAG, Checkpointer, PreemptionGuard, decode_meta, encode_meta,
-                                params_finite)
+from vlm_jax.checkpoint import (BYTES_TAG, CheckpointDamagedError, Checkpointer, CheckpointWriteError,
+                                PreemptionGuard, decode_meta, encode_meta, params_finite)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,3 +347,107 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise(tmp_path):
     out = _finish(_loop(tmp_path, workdir, 0.0, "resume.log"), tmp_path, "resume.log")
     assert out.splitlines()[0] == f"resumed from {stopped}"
     assert _final(out) == reference
+
+
+# --- damaged checkpoints and failing writes
+
+
+def _truncate_largest_array_file(step_dir: Path) -> None:
+    """Halves the largest array data file (orbax merges the per-process OCDBT databases into
+    ``state/d/`` when a save commits; restores read from there)."""
+    victim = max((step_dir / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    with victim.open("r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+
+
+def _half_written(step_dir: Path) -> None:
+    """What a save killed mid-write leaves on a filesystem without atomic renames: the step
+    directory under its final name, its metadata item missing and the array data not yet there."""
+    import shutil
+    shutil.rmtree(step_dir / "meta")
+    for data in (step_dir / "state").glob("ocdbt.process_*"):
+        shutil.rmtree(data)
+    (step_dir / "commit_success.txt").unlink()
+
+
+DAMAGE = {
+    "truncated_array_file": _truncate_largest_array_file,
+    "meta_removed": lambda d: (d / "meta" / "metadata").unlink(),
+    "array_manifest_removed": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "half_written": _half_written,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_restore_newest_skips_a_damaged_latest_step(tmp_path, mesh, damage, caplog):
+    state = make_state(mesh)
+    with Checkpointer(tmp_path, keep=3, async_save=False) as ckpt:
+        for step in (2, 4, 6):
+            ckpt.save(step, scale_params(state, float(step)), {"step": step})
+    DAMAGE[damage](tmp_path / "6")
+    targets = []
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        assert ckpt.all_steps() == [2, 4, 6]  # orbax still lists the damaged step
+        step, restored, meta = ckpt.restore_newest(lambda m: targets.append(m) or abstract(state))
+        assert (step, meta) == (4, {"step": 4})
+        assert host_bytes(restored) == host_bytes(scale_params(state, 4.0))
+        assert "checkpoint step 6" in caplog.text and "does not restore" in caplog.text
+        # the damaged step is set aside (kept for inspection), so step 6 can be written again
+        assert ckpt.all_steps() == [2, 4]
+        assert ckpt.save(6, scale_params(state, 7.0), {"step": 66})
+        ckpt.wait()
+        assert ckpt.restore_meta(6) == {"step": 66}
+    assert (tmp_path / "6.damaged").is_dir()
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        assert ckpt.restore_newest(lambda m: abstract(state))[0] == 6
+
+
+def test_restore_newest_with_every_step_damaged_raises_instead_of_starting_over(tmp_path, mesh):
+    state = make_state(mesh)
+    with Checkpointer(tmp_path, keep=3, async_save=False) as ckpt:
+        assert ckpt.restore_newest(lambda m: abstract(state)) is None  # empty: a fresh run
+        for step in (2, 4):
+            ckpt.save(step, state, {"step": step})
+    _truncate_largest_array_file(tmp_path / "4")
+    (tmp_path / "2" / "meta" / "metadata").unlink()
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        with pytest.raises(CheckpointDamagedError, match=r"no checkpoint in .* restores: step 4: .*; step 2: "):
+            ckpt.restore_newest(lambda m: abstract(state))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]  # nothing renamed or deleted
+
+
+@contextlib.contextmanager
+def disk_full(limit_bytes: int = 4096):
+    """Writes past `limit_bytes` fail with EFBIG ("File too large") in this process, as on a full
+    disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write returns an error instead of killing us)."""
+    import resource
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failing_write_is_reported_and_previous_checkpoint_stays_restorable(tmp_path, mesh, async_save):
+    state = make_state(mesh)
+    big = {**state, "params": jax.tree.map(lambda x: jnp.tile(x, (64,) + (1,) * (x.ndim - 1)),
+                                           state["params"])}
+    target = abstract(big)
+    ckpt = Checkpointer(tmp_path, keep=1, async_save=async_save)
+    ckpt.save(3, big, {"step": 3})
+    ckpt.wait()
+    with pytest.raises(CheckpointWriteError) as err, disk_full():
+        ckpt.save(5, scale_params(big, 2.0), {"step": 5})
+        ckpt.wait()  # an async save fails here (or in the next save)
+    ckpt._manager.close()
+    message = str(err.value)
+    assert f"writing checkpoint step 5 to {tmp_path} failed" in message
+    assert "File too large" in message and "the newest intact checkpoint is step 3" in message
+    with Checkpointer(tmp_path, keep=1) as again:  # keep=1 did not delete step 3 for the failed 5
+        assert again.all_steps() == [3]
+        step, restored, meta = again.restore_newest(lambda m: target)
+        assert (step, meta) == (3, {"step": 3}) and host_bytes(restored) == host_bytes(big)

@@ -118,6 +118,69 @@ def test_resume_at_stage_boundary_is_bitwise(assets, uninterrupted, tmp_path):
     assert_bitwise(final_params(full_wd)[1], final_params(tmp_path)[1])
 
 
+@pytest.fixture(scope="module")
+def preempted_at_2(assets, uninterrupted, tmp_path_factory):
+    """A workdir stopped after step 2 of the GRPO stage, holding checkpoints of steps 1 and 2."""
+    _, cfg, _ = uninterrupted
+    wd = tmp_path_factory.mktemp("preempted")
+    assert curriculum.run(cfg, wd, stop_after=2) == "preempted"
+    assert Checkpointer(wd / "checkpoints").all_steps() == [1, 2]
+    return wd
+
+
+@pytest.mark.parametrize("damage", ["truncated_array_file", "meta_removed", "half_written"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
+        uninterrupted, preempted_at_2, tmp_path, damage, caplog):
+    import shutil
+
+    from test_checkpoint import DAMAGE
+
+    full_wd, cfg, _ = uninterrupted
+    wd = tmp_path / "wd"
+    shutil.copytree(preempted_at_2, wd)
+    DAMAGE[damage](wd / "checkpoints" / "2")
+    assert curriculum.run(cfg, wd) == "finished"
+    assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
+    assert (wd / "checkpoints" / "2.damaged").is_dir()  # set aside, not deleted
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+    rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # step 2 redone once, logged once
+
+
+def test_failing_checkpoint_write_stops_the_run_with_the_previous_checkpoint_intact(
+        assets, uninterrupted, tmp_path, capsys, monkeypatch):
+    """The save of step 2 hits a full disk: `train` exits 1 naming the step and the cause, step 1
+    stays restorable, and rerunning resumes from it and ends bitwise equal."""
+    from test_checkpoint import disk_full
+
+    full_wd, cfg, _ = uninterrupted
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
+    )
+    wd = tmp_path / "wd"
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        if self.directory.name == "checkpoints" and step == 2:
+            with disk_full():
+                return real_save(self, step, *args, **kwargs)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    argv = ["--config", str(cfg_file), "--workdir", str(wd)]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: writing checkpoint step 2 to {wd / 'checkpoints'} failed" in err, err
+    assert "File too large" in err and "the newest intact checkpoint is step 1" in err, err
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    with Checkpointer(wd / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.restore_meta()["global_step"] == 1
+    assert train.main(argv) == 0
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(assets, uninterrupted, tmp_path):
     """A real SIGTERM to `python -m vlm_jax.train` during the GRPO stage: exit 0 after saving at the

@@ -14,16 +14,24 @@ the trainer may donate the state right after) and atomic: orbax writes into
 ``<step>.orbax-checkpoint-tmp*`` and renames on commit, and ignores such directories when listing
 steps, so a crash mid-save leaves the previous checkpoints intact. The last ``keep`` steps are kept.
 
+Damage: :meth:`Checkpointer.restore_newest` resumes from the newest step that restores completely
+(array state and metadata); a newer step that does not (truncated file, removed metadata, a
+half-written directory) is logged, renamed to ``<step>.damaged`` (kept for inspection, no longer a
+step) and skipped. It raises :class:`CheckpointDamagedError` when every step is damaged, rather
+than silently starting from scratch. A save that fails (disk full, permission) raises
+:class:`CheckpointWriteError` naming the step and the newest intact step, which stays restorable.
+
 Preemption: :class:`PreemptionGuard` turns SIGTERM into a flag; the trainer checks it at each step
 boundary, saves and exits 0. See its docstring for multi-host use.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -43,6 +51,16 @@ META_ITEM = "meta"
 BYTES_TAG = "__bytes_b64__"
 NDARRAY_TAG = "__ndarray_b64__"
 _RESERVED_KEYS = (BYTES_TAG, NDARRAY_TAG)
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message names the step, the cause and the newest
+    intact step."""
+
+
+class CheckpointDamagedError(RuntimeError):
+    """Every checkpoint in a directory fails to restore; the message names each step and why."""
 
 
 # --- metadata <-> JSON
@@ -187,6 +205,31 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE_ITEM, META_ITEM))
+        self._in_flight: int | None = None  # step of the last save started (async: maybe unwritten)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int):
+        """Turns an orbax/filesystem failure while writing ``step`` (or the async save before it,
+        whose error surfaces in the next call) into a CheckpointWriteError."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - OSError, tensorstore ValueError, ...
+            previous, self._in_flight = self._in_flight, None
+            intact = self._steps_on_disk()
+            failed = previous if previous is not None and previous not in intact else step
+            newest = (f"the newest intact checkpoint is step {intact[-1]}" if intact
+                      else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"writing checkpoint step {failed} to {self.directory} failed: {type(err).__name__}: "
+                f"{_first_line(err)}; {newest}") from err
+
+    def _steps_on_disk(self) -> list[int]:
+        """Committed steps as orbax lists them from the directory now (not its cached list)."""
+        try:
+            self._manager.reload()
+            return sorted(self._manager.all_steps())
+        except Exception:  # noqa: BLE001 - only used to word an error message
+            return []
 
     def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *,
              force: bool = False) -> bool:
@@ -215,8 +258,13 @@ class Checkpointer:
                 self._manager.delete(step)
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                      META_ITEM: ocp.args.JsonSave(doc)})
-        # Our own checks above decide; orbax's interval policy must not skip the save.
-        return bool(self._manager.save(step, args=args, force=True))
+        # Our own checks above decide; orbax's interval policy must not skip the save. A failure
+        # of the previous async save surfaces here too (orbax waits for it first).
+        with self._write_errors(step):
+            started = bool(self._manager.save(step, args=args, force=True))
+        if started:
+            self._in_flight = step
+        return started
 
     def all_steps(self) -> list[int]:
         """Saved steps, ascending (including a save still in flight)."""
@@ -246,8 +294,59 @@ class Checkpointer:
             **{META_ITEM: ocp.args.JsonRestore()}))
         return decode_meta(restored[META_ITEM])
 
+    def restore_newest(self, target_for: Callable[[Meta], PyTree]) -> tuple[int, PyTree, Meta] | None:
+        """``(step, state, meta)`` of the newest step that restores completely, or None when there
+        is no checkpoint. ``target_for(meta)`` gives the restore target for that step's metadata.
+
+        A newer step that fails to restore is logged and renamed ``<step>.damaged``, so that step
+        can be written again. Raises :class:`CheckpointDamagedError` when every step fails.
+        Multi-host: collective; all processes agree on each step (one failing reader fails it).
+        """
+        self.wait()
+        damaged: list[tuple[int, str]] = []
+        found = None
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.restore_meta(step)
+                state, meta = self.restore(step, target=target_for(meta))
+                error = None
+            except Exception as err:  # noqa: BLE001 - any reader error means "not restorable"
+                error = f"{type(err).__name__}: {_first_line(err)}"
+            error = _agree(error)
+            if error is None:
+                found = (step, state, meta)
+                break
+            log.warning("checkpoint step %d in %s does not restore (%s): skipping it", step, self.directory, error)
+            damaged.append((step, error))
+        if damaged and found is None:
+            raise CheckpointDamagedError(
+                f"no checkpoint in {self.directory} restores: "
+                + "; ".join(f"step {s}: {e}" for s, e in damaged)
+                + ". Move the directory away to start from scratch.")
+        if damaged:
+            self._quarantine([s for s, _ in damaged])
+            log.warning("resuming from step %d of %s instead (damaged steps renamed *%s)",
+                        found[0], self.directory, DAMAGED_SUFFIX)
+        return found
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Renames damaged step directories so orbax no longer lists them (process 0 renames)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                src = self.directory / str(step)
+                dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+                n = 1
+                while dst.exists():
+                    n += 1
+                    dst = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
+                src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("vlm_jax_checkpoint_quarantine")
+        self._manager.reload()
+
     def _resolve_step(self, step: int | None) -> int:
-        self._manager.wait_until_finished()  # a step still in flight is not readable yet
+        self.wait()  # a step still in flight is not readable yet
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -259,19 +358,40 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        """Block until every started save is committed."""
-        self._manager.wait_until_finished()
+        """Block until every started save is committed; CheckpointWriteError if one failed."""
+        with self._write_errors(self._in_flight if self._in_flight is not None else -1):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves and release orbax's resources (CheckpointWriteError if a save
+        failed; the resources are released either way)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:500] if text else repr(err)
+
+
+def _agree(error: str | None) -> str | None:
+    """``error`` of this process, or of the first process that had one (collective when several
+    processes run): a step restores only if it restores everywhere."""
+    if jax.process_count() == 1:
+        return error
+    from jax.experimental import multihost_utils
+    failed = multihost_utils.process_allgather(np.array([error is not None]))
+    if error is None and np.any(failed):
+        return f"failed to restore on process {int(np.argmax(failed))}"
+    return error
 
 
 # --- preemption

@@ -254,16 +254,17 @@ def evaluate_stage(
 
 
 def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
-    """(state, meta, ref_params) from the latest checkpoint, or None for a fresh run."""
-    step = ckpt.latest_step()
-    if step is None:
+    """(state, meta, ref_params) from the newest checkpoint that restores completely (damaged newer
+    ones are reported and set aside), or None for a fresh run."""
+
+    def target_for(meta):
+        opt_stage = env.cfg.stages[meta["opt_stage"]]
+        return init_state(env.base_params, make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable))
+
+    restored = ckpt.restore_newest(target_for)
+    if restored is None:
         return None
-    meta = ckpt.restore_meta(step)
-    opt_stage = env.cfg.stages[meta["opt_stage"]]
-    target = init_state(
-        env.base_params, make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable)
-    )
-    state, meta = ckpt.restore(step, target=target)
+    step, state, meta = restored
     ref = None
     if refs.latest_step() == meta["stage_index"] and meta["stage_step"] > 0:
         ref, _ = refs.restore(meta["stage_index"], target=env.base_params)

@@ -1,7 +1,9 @@
 """python -m vlm_jax.train --config configs/NAME.py [--config.KEY=VALUE ...] --workdir DIR
 
-Runs the staged curriculum of the config; rerunning with the same workdir resumes. Exits 0 when
-finished or when preempted by SIGTERM (after checkpointing), 2 on a bad config or input.
+Runs the staged curriculum of the config; rerunning with the same workdir resumes (from the newest
+checkpoint that restores completely). Exits 0 when finished or when preempted by SIGTERM (after
+checkpointing), 2 on a bad config or input, 1 when a checkpoint cannot be written (the previous one
+stays intact) or none of the existing ones restores.
 
 Several processes (one per host): `--distributed=auto` on a TPU pod slice (`jax.distributed`
 discovers the slice), or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on
@@ -18,6 +20,7 @@ import logging
 import sys
 
 from vlm_jax import config as config_lib
+from vlm_jax.checkpoint import CheckpointDamagedError, CheckpointWriteError
 from vlm_jax.models import CheckpointError
 
 
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, CheckpointDamagedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"run {status}: {flags['workdir']}")
     return 0
 

@@ -234,7 +234,10 @@ class DataConfig(_Node):
     """Data location, length limits and padding buckets, image pixel bounds, strictness.
 
     Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
-    the first unusable row (naming it) instead of skipping and counting it.
+    the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
+    `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
+    dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
+    start when a dataset would skip more than `preflight_max_skip_share` of them.
     """
 
     data_dir: str = "artifacts/data"
@@ -243,9 +246,14 @@ class DataConfig(_Node):
     max_pixels_per_image: int = 1_003_520
     min_pixels_per_image: int = 3_136
     strict: bool = False
+    preflight_rows: int = 256
+    preflight_max_skip_share: float = 0.1
 
     def _check(self) -> None:
         _at_least(self, 1, "max_prompt_len", "min_pixels_per_image")
+        _at_least(self, -1, "preflight_rows")
+        _require(0 <= self.preflight_max_skip_share <= 1, "preflight_max_skip_share",
+                 f"must be in [0, 1], got {self.preflight_max_skip_share}")
         b = self.length_buckets
         _require(len(b) > 0 and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:])), "length_buckets",
                  f"must be positive and strictly increasing, got {b}")

@@ -92,6 +92,9 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
     if not cfg.model.path:
         raise config_lib.ConfigError("model.path: no model directory given", "model.path")
     sources = open_sources(cfg)
+    from vlm_jax.data.check import preflight
+
+    preflight(cfg, sources)  # refuses data that training would mostly skip, before anything compiles
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

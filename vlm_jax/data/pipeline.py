@@ -443,10 +443,10 @@ def make_dataset(
     patch_cap = None
     if max_pixels_per_batch is not None:
         patch_cap = max_pixels_per_batch // (patch * patch) // merge**2 * merge**2
-    spec = RowSpec(prompt_field=prompt_field, target_field=target_field, instruction=instruction,
-                   system_prompt=system_prompt, text_only=text_only, max_prompt_len=max_prompt_len,
-                   max_len=buckets[-1],
-                   max_row_pixels=None if max_pixels_per_batch is None else max_pixels_per_batch // batch_size)
+    spec = row_spec(batch_size=batch_size, prompt_field=prompt_field, target_field=target_field,
+                    length_buckets=buckets, max_prompt_len=max_prompt_len,
+                    max_pixels_per_batch=max_pixels_per_batch, text_only=text_only, instruction=instruction,
+                    system_prompt=system_prompt)
     parts = [_ordered_source(src, k, order=order, order_key=order_key, seed=seed, shard_index=shard_index,
                              shard_count=shard_count, num_epochs=num_epochs) for k, (src, _) in enumerate(sources)]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(w) for _, w in sources])
@@ -461,6 +461,28 @@ def make_dataset(
                         "padding_side": "left" if target_field is None else "right",
                         "patch_cap": patch_cap, "patch_dim": patch_dim},
     )
+
+
+def row_spec(
+    *,
+    batch_size: int,
+    prompt_field: str = "problem",
+    target_field: str | None = None,
+    length_buckets: Sequence[int] = (64, 128, 256, 512),
+    max_prompt_len: int | None = None,
+    max_pixels_per_batch: int | None = None,
+    text_only: bool = False,
+    instruction: str = REASONING_INSTRUCTION,
+    system_prompt: str | None = None,
+) -> RowSpec:
+    """The ``RowSpec`` ``make_dataset`` encodes rows with, for the same arguments (shared with the
+    preflight check, ``vlm_jax.data.check``, so it skips exactly what training would)."""
+    buckets = sorted(int(b) for b in length_buckets)
+    return RowSpec(prompt_field=prompt_field, target_field=target_field, instruction=instruction,
+                   system_prompt=system_prompt, text_only=text_only,
+                   max_prompt_len=buckets[-1] if max_prompt_len is None else int(max_prompt_len),
+                   max_len=buckets[-1],
+                   max_row_pixels=None if max_pixels_per_batch is None else max_pixels_per_batch // batch_size)
 
 
 def _check_args(sources: Sequence[tuple[Any, float]], batch_size: int, shard_index: int, shard_count: int,

@@ -37,10 +37,9 @@ def _init_distributed(process_id: int, port: int) -> None:
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   import jax
   jax.config.update("jax_threefry_partitionable", True)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                             num_processes=NUM_PROCESSES, process_id=process_id,
-                             initialization_timeout=60)
+  from vlm_jax import sharding  # what `python -m vlm_jax.train` uses: gloo, timeouts, failure watch
+  sharding.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id,
+                                  initialization_timeout_s=60)
 
 
 def sharded_forward(ckpt: Path, batch_file: Path):

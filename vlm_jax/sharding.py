@@ -136,7 +136,7 @@ HEARTBEAT_TIMEOUT_S = 100  # JAX's defaults; `python -m vlm_jax.train --heartbea
 SHUTDOWN_TIMEOUT_S = 300
 INITIALIZATION_TIMEOUT_S = 300
 _ACK_WAIT_S = 5.0  # how long process 0 (which hosts the service) waits for peers to see a failure
-_POLL_MS = 10_000
+_POLL_S = 1.0  # how often each process asks the coordination service for a published failure
 _failure_lock = None
 
 
@@ -174,7 +174,10 @@ def _client():
 
 def watch_for_failures() -> None:
     """A daemon thread that ends this process (exit 1, the failure on stderr) as soon as another
-    process publishes a failure with `fail_job`. Nothing for a single process."""
+    process publishes a failure with `fail_job`. Nothing for a single process. It polls the
+    coordination service every `_POLL_S` and is stopped (joined) at interpreter exit, before JAX
+    shuts the distributed runtime down, so no call of it is in flight then."""
+    import atexit
     import threading
 
     global _failure_lock
@@ -183,16 +186,24 @@ def watch_for_failures() -> None:
         return
     _failure_lock = threading.Lock()
     me = jax.process_index()
+    stop = threading.Event()
 
     def watch():
-        while True:
+        while not stop.wait(_POLL_S) and _client() is not None:  # None: jax.distributed.shutdown ran
             try:
-                message = client.blocking_key_value_get(FAILURE_KEY, _POLL_MS)
-            except Exception:  # noqa: BLE001 - timed out (no failure yet) or the service is going away
+                message = client.key_value_try_get(FAILURE_KEY)
+            except Exception:  # noqa: BLE001 - no failure published (NOT_FOUND) or no service now
                 continue
             _end_process(client, me, message, code=1, publish=False)
 
-    threading.Thread(target=watch, name="vlm_jax-failure-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="vlm_jax-failure-watch", daemon=True)
+    thread.start()
+
+    def stop_watching():
+        stop.set()
+        thread.join(timeout=10)
+
+    atexit.register(stop_watching)  # runs before jax's own exit hook (registered earlier)
 
 
 def fail_job(exc: BaseException, code: int = 1) -> None:

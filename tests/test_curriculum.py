@@ -139,6 +139,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
     wd = tmp_path / "wd"
     shutil.copytree(preempted_at_2, wd)
     DAMAGE[damage](wd / "checkpoints" / "2")
+    curriculum.restore_for_export(wd)  # export / evaluate skip the damaged step 2 and rename nothing
+    assert Checkpointer(wd / "checkpoints").all_steps() == [1, 2]
     assert curriculum.run(cfg, wd) == "finished"
     assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
     assert (wd / "checkpoints" / "2.damaged").is_dir()  # set aside, not deleted

@@ -294,12 +294,14 @@ class Checkpointer:
             **{META_ITEM: ocp.args.JsonRestore()}))
         return decode_meta(restored[META_ITEM])
 
-    def restore_newest(self, target_for: Callable[[Meta], PyTree]) -> tuple[int, PyTree, Meta] | None:
+    def restore_newest(self, target_for: Callable[[Meta], PyTree], *,
+                       set_aside: bool = True) -> tuple[int, PyTree, Meta] | None:
         """``(step, state, meta)`` of the newest step that restores completely, or None when there
         is no checkpoint. ``target_for(meta)`` gives the restore target for that step's metadata.
 
-        A newer step that fails to restore is logged and renamed ``<step>.damaged``, so that step
-        can be written again. Raises :class:`CheckpointDamagedError` when every step fails.
+        A newer step that fails to restore is logged and, with ``set_aside`` (for a run that will
+        write that step again), renamed ``<step>.damaged``; read-only users (export, evaluation)
+        pass False. Raises :class:`CheckpointDamagedError` when every step fails.
         Multi-host: collective; all processes agree on each step (one failing reader fails it).
         """
         self.wait()
@@ -323,7 +325,7 @@ class Checkpointer:
                 f"no checkpoint in {self.directory} restores: "
                 + "; ".join(f"step {s}: {e}" for s, e in damaged)
                 + ". Move the directory away to start from scratch.")
-        if damaged:
+        if damaged and set_aside:
             self._quarantine([s for s, _ in damaged])
             log.warning("resuming from step %d of %s instead (damaged steps renamed *%s)",
                         found[0], self.directory, DAMAGED_SUFFIX)

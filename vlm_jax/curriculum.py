@@ -411,7 +411,8 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
 
 
 def restore_for_export(workdir: str | Path):
-    """(model, params, processor) of the latest checkpoint of a training workdir."""
+    """(model, params, processor) of the newest checkpoint of a training workdir that restores
+    completely (a damaged newer one is reported and skipped, and left where it is)."""
     from vlm_jax.data.processor import Processor
 
     workdir = Path(workdir).resolve()
@@ -423,11 +424,13 @@ def restore_for_export(workdir: str | Path):
     cfg = config_lib.config_from_dict(json.loads(cfg_file.read_text()))
     model, base = models.from_pretrained(cfg.model.path, dtype=dtype_of(cfg.model.dtype))
     with Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
-        if ckpt.latest_step() is None:
+        def target_for(meta):
+            st = cfg.stages[meta["opt_stage"]]
+            return init_state(base, make_optimizer(st.optimizer, st.steps, st.trainable))
+
+        restored = ckpt.restore_newest(target_for, set_aside=False)
+        if restored is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-        meta = ckpt.restore_meta()
-        st = cfg.stages[meta["opt_stage"]]
-        target = init_state(base, make_optimizer(st.optimizer, st.steps, st.trainable))
-        state, _ = ckpt.restore(target=target)
+        _, state, _ = restored
     processor = Processor.from_pretrained(cfg.model.path)
     return model, state.params, processor

@@ -7,7 +7,9 @@ distributed runtime, then:
    on the batch in `--batch` (npz), gathering the logits to the host;
 2. saves the loaded parameters with `save_pretrained` to `--save-dir` (process 0 writes);
 3. iterates the grain pipeline over `--num-rows` synthetic perception rows (seed 0) with the default
-   shard_index/shard_count and records the source index of every real row.
+   shard_index/shard_count and records the source index of every real row;
+4. trains the curriculum of `--train-assets`, then truncates its newest checkpoint and reruns it
+   (resume from the step before).
 
 Results go to `--out` (JSON) and `--out`.npz (logits); a failure writes its traceback into the JSON
 so the test can show it.
@@ -91,6 +93,27 @@ def train(assets: Path, workdir: Path) -> str:
   return curriculum.run(config_lib.load_config(str(assets / "config.py"), []), workdir)
 
 
+def resume_past_damage(assets: Path, workdir: Path) -> dict[str, Any]:
+  """Truncates the array data of the newest checkpoint of the finished run (process 0, the
+  processes share the directory), reruns it: both processes must agree to skip that step, resume
+  from the one before and log the same last step again."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  ckpts = workdir / "checkpoints"
+  records = (workdir / "metrics.jsonl").read_text().splitlines()
+  latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  if jax.process_index() == 0:
+    victim = max((ckpts / str(latest) / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    with victim.open("r+b") as f:
+      f.truncate(victim.stat().st_size // 2)
+  multihost_utils.sync_global_devices("damaged")
+  status = train(assets, workdir)
+  return {"status": status, "damaged_step": latest, "last_before": json.loads(records[-1]),
+          "last_after": json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1]),
+          "set_aside": sorted(p.name for p in ckpts.iterdir() if "damaged" in p.name)}
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--process-id", type=int, required=True)
@@ -133,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("data")
     result["train"] = train(args.train_assets, args.train_assets / "workdir")
     lap("train")
+    result["damaged_resume"] = resume_past_damage(args.train_assets, args.train_assets / "workdir")
+    lap("damaged_resume")
     result["ok"] = True
   except BaseException:  # noqa: BLE001 - report everything to the parent test
     result["ok"] = False

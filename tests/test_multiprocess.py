@@ -253,3 +253,15 @@ def test_two_process_training_run_matches_one_process(run):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-4, rtol=0)
     moved = max(moved, float(np.abs(np.asarray(w) - np.asarray(i)).max()))
   assert moved > 2e-3, "the run did not update the parameters"
+
+
+def test_two_processes_resume_past_a_damaged_latest_checkpoint(run):
+  """After the training run, its newest checkpoint (the final step, 4) is truncated and the run
+  repeated: both processes skip step 4, resume from step 3 and log the same step 4 again."""
+  for r in run["results"]:
+    d = r["damaged_resume"]
+    assert d["status"] == "finished" and d["damaged_step"] == 4
+    assert d["set_aside"] == ["4.damaged"]
+    after, before = ({k: v for k, v in rec.items() if k != "time"} for rec in (d["last_after"], d["last_before"]))
+    assert after == before and after["step"] == 4  # the same floats: loss, rewards, grad norm, ...
+    assert "loss" in after and "reward/mean" in after

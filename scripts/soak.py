@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"run at least {2 * WARM_STEP} steps")
 
     import jax
-
     from jax._src import dispatch
+
     from vlm_jax import config as config_lib
     from vlm_jax import curriculum
     from vlm_jax.data import build_synthetic

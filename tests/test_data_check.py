@@ -2,7 +2,6 @@
 refusal from the CLI and at `train` start-up, before any model load or compile."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest

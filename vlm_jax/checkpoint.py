@@ -213,7 +213,7 @@ class Checkpointer:
         whose error surfaces in the next call) into a CheckpointWriteError."""
         try:
             yield
-        except Exception as err:  # noqa: BLE001 - OSError, tensorstore ValueError, ...
+        except Exception as err:  # OSError, tensorstore ValueError, ...
             previous, self._in_flight = self._in_flight, None
             intact = self._steps_on_disk()
             failed = previous if previous is not None and previous not in intact else step

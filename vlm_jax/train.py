@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
         try:
             status = curriculum.run(cfg, flags["workdir"])
-        except BaseException as e:  # noqa: BLE001 - several processes: end the whole job, naming it
+        except BaseException as e:  # several processes: end the whole job, naming the error
             from vlm_jax import sharding
 
             sharding.fail_job(e, code=2 if isinstance(e, EXPECTED_ERRORS) else 1)

@@ -96,15 +96,15 @@ def stage_pipeline_kwargs(cfg, index: int) -> dict[str, Any]:
     st = cfg.stages[index]
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
-    return dict(
-        batch_size=st.batch_size,
-        target_field=target,
-        length_buckets=cfg.data.length_buckets,
-        max_prompt_len=cfg.data.max_prompt_len,
-        max_pixels_per_batch=cfg.data.max_pixels_per_image * st.batch_size,
-        text_only=sft and st.sft.caption_as_input,
-        instruction=CAPTION_INSTRUCTION if target == "caption" else pipeline.REASONING_INSTRUCTION,
-    )
+    return {
+        "batch_size": st.batch_size,
+        "target_field": target,
+        "length_buckets": cfg.data.length_buckets,
+        "max_prompt_len": cfg.data.max_prompt_len,
+        "max_pixels_per_batch": cfg.data.max_pixels_per_image * st.batch_size,
+        "text_only": sft and st.sft.caption_as_input,
+        "instruction": CAPTION_INSTRUCTION if target == "caption" else pipeline.REASONING_INSTRUCTION,
+    }
 
 
 def sample_indices(n: int, rows: int) -> list[int]:
@@ -141,7 +141,7 @@ def check_dataset(source, processor, spec: pipeline.RowSpec, *, data_cfg, rows: 
                 continue
         report.image_tokens.append(int(out.mm_token_type_ids.sum()))
         prompt = out.input_ids if out.loss_mask is None else out.input_ids[out.loss_mask == 0]
-        report.prompt_tokens.append(int(len(prompt)))
+        report.prompt_tokens.append(len(prompt))
     return report
 
 

@@ -101,10 +101,29 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
     )
     processor = Processor.from_pretrained(cfg.model.path)
     configure_processor(processor, cfg.data)
+    return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg))
+
+
+def num_patches_for(cfg: config_lib.Config) -> int:
+    """The fixed vision patch bucket: the largest batch's pixel budget, rounded up to a power of 2."""
     max_batch = max(s.batch_size for s in cfg.stages)
     budget = cfg.data.max_pixels_per_image * max_batch // PATCH
-    num_patches = int(2 ** np.ceil(np.log2(max(budget, 64))))
-    return Env(cfg, workdir, model, params, processor, sources, num_patches)
+    return int(2 ** np.ceil(np.log2(max(budget, 64))))
+
+
+def loss_config(st: config_lib.StageConfig) -> grpo.GRPOLossConfig:
+    """The GRPO loss settings of a stage (a static argument of `grpo_step`)."""
+    g = st.grpo
+    return grpo.GRPOLossConfig(
+        clip_low=g.clip_low,
+        clip_high=g.clip_high,
+        clip_c=g.clip_c,
+        ratio_level=g.ratio_level,
+        kl_coef=g.kl_coef,
+        kl_estimator=g.kl_estimator,
+        loss_agg=g.loss_agg,
+        norm_length=g.max_new_tokens,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,18 +174,8 @@ def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
         iterator.set_state(data_state)
     stage = Stage(index, st, optimizer, iterator)
     if not sft:
-        g = st.grpo
         stage.reward_fn = rewards_lib.build_reward(st.reward)
-        stage.loss_cfg = grpo.GRPOLossConfig(
-            clip_low=g.clip_low,
-            clip_high=g.clip_high,
-            clip_c=g.clip_c,
-            ratio_level=g.ratio_level,
-            kl_coef=g.kl_coef,
-            kl_estimator=g.kl_estimator,
-            loss_agg=g.loss_agg,
-            norm_length=g.max_new_tokens,
-        )
+        stage.loss_cfg = loss_config(st)
     return stage
 
 

@@ -153,8 +153,9 @@ def test_sigterm_checkpoints_and_exits_zero(assets, uninterrupted, tmp_path):
 def test_nonfinite_loss_is_skipped_counted_and_never_checkpointed(assets, tmp_path, monkeypatch):
     cfg = two_stage_config(assets)
     cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[1:2]})  # the SFT stage alone
-    real = sft.token_nll
-    monkeypatch.setattr(sft, "token_nll", lambda logits, ids: real(logits, ids) * np.nan)
+    real = sft.token_logprobs
+    monkeypatch.setattr(sft, "token_logprobs", lambda *a, **k: tuple(
+        None if x is None else x * np.nan for x in real(*a, **k)))
     sft.sft_step.clear_cache()
     try:
         assert curriculum.run(cfg, tmp_path) == "finished"

@@ -223,10 +223,21 @@ class MeshConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Node):
-    """Which Hugging Face directory to load and its compute dtype."""
+    """Which Hugging Face directory to load and how: `dtype` is how parameters (and so optimizer
+    moments and checkpoints) are stored, `compute_dtype` what activations and matmuls use ("" = the
+    stored dtype). On accelerators store fp32 and compute bf16: a recipe update at lr 1e-6 is below
+    bf16 resolution for weights of normal size (bf16 spacing near 0.02 is ~1.2e-4) and would be lost,
+    so training refuses bf16 storage. `attention_chunk` / `logits_chunk` bound the memory of
+    attention and of log-probs / cross-entropy (query / sequence chunks; 0 = one block)."""
 
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["", "float32", "bfloat16"] = ""
+    attention_chunk: int = 512
+    logits_chunk: int = 256
+
+    def _check(self) -> None:
+        _at_least(self, 0, "attention_chunk", "logits_chunk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -311,6 +322,7 @@ class GRPOConfig(_Node):
     batch, so one rollout gives mu * batch_size * G / mini_batch_size updates. `clip_c` is the
     dual-clip constant (None = off). `overlong_buffer` > 0 enables the soft overlong penalty over the
     last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
+    `score_chunk` scores reference log-probs that many completions at a time (0 = all at once).
     """
 
     num_samples: int = 5
@@ -333,11 +345,12 @@ class GRPOConfig(_Node):
     dynamic_sampling: bool = False
     max_extra_draws: int = 4
     overlong_buffer: int = 0
+    score_chunk: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer")
+                  "max_extra_draws", "overlong_buffer", "score_chunk")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
@@ -394,9 +407,21 @@ class StageConfig(_Node):
     sft: SFTConfig = SFTConfig()
     reward: tuple[tuple[str, float], ...] = (("auto", 0.9), ("format", 0.1))
     eval: EvalConfig = EvalConfig()
+    micro_batch_size: int = 0
+    remat: Literal["none", "full", "save_dots"] = "none"
 
     def _check(self) -> None:
         who = f"stage {self.name!r}"
+        _at_least(self, 0, "micro_batch_size", who=f"{who}: ")
+        if self.micro_batch_size:
+            if self.objective == "sft":
+                _require(self.batch_size % self.micro_batch_size == 0, "micro_batch_size",
+                         f"{who}: batch_size {self.batch_size} is not divisible by {self.micro_batch_size}")
+            else:
+                mb = self.grpo.mini_batch_size or self.batch_size * self.grpo.num_samples
+                _require(mb % self.micro_batch_size == 0, "micro_batch_size",
+                         f"{who}: the mini-batch of {mb} completions is not divisible by "
+                         f"{self.micro_batch_size}")
         _require(bool(_STAGE_NAME.fullmatch(self.name)), "name",
                  f"must match {_STAGE_NAME.pattern} (used in paths and metrics), got {self.name!r}")
         _at_least(self, 1, "steps", "batch_size", who=f"{who}: ")
@@ -468,6 +493,10 @@ class Config(_Node):
 def validate(cfg: Config) -> Config:
     """Checks that span several config objects; returns `cfg`. Run by `Config` on construction."""
     _require(len(cfg.stages) > 0, "stages", "at least one stage is required")
+    _require(cfg.model.dtype != "bfloat16", "model.dtype",
+             "bfloat16 parameter storage loses small updates (an lr 1e-6 AdamW step is below bf16 "
+             "resolution for weights of normal size); store float32 and set "
+             "model.compute_dtype=bfloat16 for bf16 compute")
     first: dict[str, int] = {}
     for i, stage in enumerate(cfg.stages):
         _require(stage.name not in first, f"stages.{i}.name",

@@ -97,11 +97,23 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = sharding.make_mesh(cfg.mesh)
     model, params = models.from_pretrained(
-        cfg.model.path, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.logical_axis_rules
+        cfg.model.path,
+        dtype=dtype_of(cfg.model.dtype),
+        mesh=mesh,
+        rules=cfg.logical_axis_rules,
+        options=model_options(cfg),
     )
     processor = Processor.from_pretrained(cfg.model.path)
     configure_processor(processor, cfg.data)
     return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg))
+
+
+def model_options(cfg: config_lib.Config) -> dict:
+    """The model's compute settings from the config (the family's `ModelOptions` fields)."""
+    m = cfg.model
+    return dict(
+        compute_dtype=m.compute_dtype or None, attention_chunk=m.attention_chunk, logits_chunk=m.logits_chunk
+    )
 
 
 def num_patches_for(cfg: config_lib.Config) -> int:
@@ -139,6 +151,7 @@ class Stage:
     cfg: config_lib.StageConfig
     optimizer: Any
     iterator: Any
+    model: Any = None  # the env's model with this stage's remat policy
     reward_fn: Any = None
     loss_cfg: grpo.GRPOLossConfig | None = None
 
@@ -172,7 +185,7 @@ def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
     )
     if data_state is not None:
         iterator.set_state(data_state)
-    stage = Stage(index, st, optimizer, iterator)
+    stage = Stage(index, st, optimizer, iterator, env.model.with_options(remat=st.remat))
     if not sft:
         stage.reward_fn = rewards_lib.build_reward(st.reward)
         stage.loss_cfg = loss_config(st)
@@ -185,13 +198,21 @@ def step_rng(seed: int, stage_index: int, stage_step: int) -> jax.Array:
 
 def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tuple[TrainState, dict]:
     """One step of the stage's objective; returns host metrics."""
-    model, proc, st = env.model, env.processor, stage.cfg
+    model, proc, st = stage.model, env.processor, stage.cfg
     if st.objective == "sft":
         batch = next(stage.iterator)
         inputs = models.place_inputs(model, model.prepare(batch, num_patches=env.num_patches))
-        sft_batch = SFTBatch(inputs, jnp.asarray(batch["loss_mask"], jnp.float32))
+        loss_mask = np.asarray(batch["loss_mask"], np.float32)
+        loss_mask = jnp.asarray(loss_mask) if model.mesh is None else sharding.shard_batch(loss_mask, model.mesh)
+        sft_batch = SFTBatch(inputs, loss_mask)
         state, m = sft_step(
-            state, sft_batch, graphdef=model.graphdef, optimizer=stage.optimizer, normalize=st.sft.normalize
+            state,
+            sft_batch,
+            graphdef=model.graphdef,
+            optimizer=stage.optimizer,
+            normalize=st.sft.normalize,
+            micro_batch=st.micro_batch_size,
+            mesh=model.mesh,
         )
         host = {k: float(v) for k, v in sharding.to_host(m).items()}
     else:
@@ -223,6 +244,8 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             loss_cfg=stage.loss_cfg,
             mu=g.mu,
             minibatch=g.mini_batch_size,
+            micro_batch=st.micro_batch_size,
+            mesh=model.mesh,
         )
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
     host["skipped_nonfinite"] = int(state.skipped)

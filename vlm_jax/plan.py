@@ -8,7 +8,7 @@ topology's mesh and compiles what the trainer runs, through the same functions:
 
   init      `train_state.init_state`'s jitted optimizer init
   sft       `sft.sft_step` on one batch
-  grpo      `rl.policy.grpo_step` on one mini-batch (mu = 1)
+  grpo      `rl.policy.grpo_step` on a rollout batch (its scan runs one mini-batch at a time)
   score     `rl.policy.score_responses` on the stage's completions (reference / old log-probs)
   generate  `rl.sampler._generate` for the stage's prompts x samples and lengths
 
@@ -192,8 +192,9 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     mesh = shd.make_mesh(cfg.mesh, devices=devices)
     hbm = hbm_of(topology)
     dtype = curriculum.dtype_of(cfg.model.dtype)
-    graphdef, abstract = models.abstract_model(family, mcfg, dtype)
-    model = models.Model(family, mcfg, graphdef, raw, dtype, mesh, folder)
+    options = family.ModelOptions(**curriculum.model_options(cfg))
+    graphdef, abstract = models.abstract_model(family, mcfg, dtype, options)
+    base_model = models.Model(family, mcfg, graphdef, raw, dtype, mesh, folder, options)
     params = _abstract(abstract, shd.param_shardings(abstract, mesh, cfg.logical_axis_rules))
     p_bytes = nbytes(params)
     log(f"{topology}: {len(devices)} chips, mesh {dict(mesh.shape)}, HBM {hbm / GiB:.0f} GiB/chip; "
@@ -204,6 +205,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if stages is not None and st.name not in stages:
             continue
         optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
+        model = base_model.with_options(remat=st.remat)  # as `curriculum.build_stage` does
+        graphdef = model.graphdef
         init = init_fn(params, optimizer)
         state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
         s_bytes = nbytes(state)
@@ -223,7 +226,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             B = st.batch_size
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
             run("sft", sft_step, (state, batch),
-                dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize), base_bytes)
+                dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,
+                     micro_batch=st.micro_batch_size, mesh=mesh), base_bytes)
         if st.objective == "grpo":
             g = st.grpo
             B, G, T = st.batch_size, g.num_samples, g.max_new_tokens
@@ -238,10 +242,12 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             if "grpo" in programs:
                 run("grpo", policy.grpo_step, (state, rbatch, key),
                     dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
-                         loss_cfg=curriculum.loss_config(st), mu=1, minibatch=mb),
+                         loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
+                         micro_batch=st.micro_batch_size, mesh=mesh),
                     ref_bytes + base_bytes)
             if "score" in programs:
-                run("score", policy.score_responses, (graphdef, params, prompt, resp), dict(group_size=G),
+                run("score", policy.score_responses, (graphdef, params, prompt, resp),
+                    dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
                     s_bytes + base_bytes)
             if "generate" in programs:
                 sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in

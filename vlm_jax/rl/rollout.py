@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import place_inputs
+from vlm_jax.sharding import shard_batch
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
@@ -323,13 +324,28 @@ def collect_rollout(
             model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches
         ),
     )
-    responses = jnp.asarray(roll.tokens, jnp.int32)
+    # placed already split over the batch axes (each device holds its own rows)
+    place = (lambda x: jnp.asarray(x)) if model.mesh is None else (lambda x: shard_batch(np.asarray(x), model.mesh))
+    responses = place(np.asarray(roll.tokens, np.int32))
     if cfg.kl_coef > 0:
-        ref_logp = score_responses(model.graphdef, ref_params, prompt_inputs, responses, group_size=G)
+        ref_logp = score_responses(
+            model.graphdef,
+            ref_params,
+            prompt_inputs,
+            responses,
+            group_size=G,
+            chunk=cfg.score_chunk,
+            mesh=model.mesh,
+        )
     else:
-        ref_logp = jnp.zeros(roll.tokens.shape, jnp.float32)
+        ref_logp = place(np.zeros(roll.tokens.shape, np.float32))
     batch = RolloutBatch(
-        prompt_inputs, responses, jnp.asarray(mask), jnp.asarray(roll.logprobs), ref_logp, jnp.asarray(adv)
+        prompt_inputs,
+        responses,
+        place(mask),
+        place(np.asarray(roll.logprobs, np.float32)),
+        ref_logp,
+        place(adv),
     )
     groups = graded.rewards.reshape(-1, G)
     metrics = {

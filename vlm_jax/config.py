@@ -322,7 +322,8 @@ class GRPOConfig(_Node):
     batch, so one rollout gives mu * batch_size * G / mini_batch_size updates. `clip_c` is the
     dual-clip constant (None = off). `overlong_buffer` > 0 enables the soft overlong penalty over the
     last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
-    `score_chunk` scores reference log-probs that many completions at a time (0 = all at once).
+    `score_chunk` scores reference log-probs that many completions at a time and `rollout_chunk`
+    samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
     """
 
     num_samples: int = 5
@@ -346,11 +347,12 @@ class GRPOConfig(_Node):
     max_extra_draws: int = 4
     overlong_buffer: int = 0
     score_chunk: int = 0
+    rollout_chunk: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer", "score_chunk")
+                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
@@ -699,3 +701,74 @@ def parse_flags(argv: Sequence[str], known_flags: Sequence[str] = ("workdir",)
         i += 1
     _require(config_path is not None, "", "missing --config PATH")
     return config_path, tuple(overrides), other  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------- derived configs
+
+
+def merged_baseline(staged: Config) -> Config:
+    """The paper's merged baseline of a staged config: one GRPO stage (the first GRPO stage's
+    settings) over all the stages' data, each dataset weighted by the examples the staged run draws
+    from it (stage steps * batch size * its weight within the stage), as many steps as all stages
+    together, every module trained, every stage's evaluation sets."""
+    grpo_stages = [s for s in staged.stages if s.objective == "grpo"]
+    _require(bool(grpo_stages), "stages", "the merged baseline needs a GRPO stage to take settings from")
+    batch_sizes = {s.batch_size for s in staged.stages}
+    _require(len(batch_sizes) == 1, "stages",
+             f"the merged baseline needs one batch size across stages, got {sorted(batch_sizes)}")
+    weights: dict[tuple[str, str], float] = {}
+    for stage in staged.stages:
+        total = sum(d.weight for d in stage.datasets)
+        for d in stage.datasets:
+            share = stage.steps * stage.batch_size * d.weight / total
+            weights[(d.name, d.split)] = weights.get((d.name, d.split), 0.0) + share
+    evals = {(d.name, d.split): d for stage in staged.stages for d in stage.eval.datasets}
+    merged = dataclasses.replace(
+        grpo_stages[0],
+        name="merged",
+        capability="mixed",
+        objective="grpo",
+        datasets=tuple(DatasetSpec(name=n, split=s, weight=w) for (n, s), w in weights.items()),
+        steps=sum(s.steps for s in staged.stages),
+        order="shuffle",
+        trainable=MODULES,
+        eval=dataclasses.replace(grpo_stages[0].eval, datasets=tuple(evals.values())),
+    )
+    return dataclasses.replace(staged, stages=(merged,))
+
+
+def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
+                  data_dir: str = "artifacts/data") -> Config:
+    """A TPU recipe cut to CPU size on the tiny model and the demo's synthetic data: the same
+    objectives, trainable modules, precision policy, remat, micro-batching, chunked scoring and
+    chunked sampling (scaled to 4 prompts x 2 samples), 2 steps per stage, short sequences. It runs
+    the recipe's code path after `bash scripts/demo.sh` (or `python -m vlm_jax.demo_setup`) built
+    the tiny model and data."""
+    synthetic = {"perception": "synthetic_perception", "textual_reasoning": "synthetic_textual_reasoning",
+                 "visual_reasoning": "synthetic_visual_reasoning"}
+    stages = []
+    for s in recipe.stages:
+        names = [synthetic[s.name]] if s.name in synthetic else list(synthetic.values())
+        g = s.grpo
+        stages.append(dataclasses.replace(
+            s,
+            datasets=tuple(DatasetSpec(name=n) for n in names),
+            steps=2,
+            batch_size=4,
+            micro_batch_size=2 if s.micro_batch_size else 0,
+            grpo=dataclasses.replace(g, num_samples=2, max_new_tokens=16, mini_batch_size=4 if g.mini_batch_size else 0,
+                                     score_chunk=4 if g.score_chunk else 0,
+                                     rollout_chunk=2 if g.rollout_chunk else 0),
+            eval=EvalConfig(),
+        ))
+    return dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, path=model_path, compute_dtype="float32",
+                                  attention_chunk=32, logits_chunk=16),
+        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
+        data=DataConfig(data_dir=data_dir, max_prompt_len=256, length_buckets=(64, 128, 256),
+                        min_pixels_per_image=28 * 28 * 4, max_pixels_per_image=112 * 112),
+        stages=tuple(stages),
+        checkpoint=CheckpointConfig(every=100, keep=1),
+        logging=LoggingConfig(every=1, tensorboard=False, progress=False),
+    )

@@ -253,7 +253,9 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                 sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in
                                               (jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
                 gen_len = bucket(T, sampler.GEN_BUCKETS)
-                run("generate", sampler._generate, (graphdef, params, prompt, key, sp),
+                Bg = min(g.rollout_chunk or B, B)  # prompts per sampler call
+                gen_prompt = abstract_inputs(model, mesh, Bg, L, num_patches)
+                run("generate", sampler._generate, (graphdef, params, gen_prompt, key, sp),
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
                          eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
                          row_groups=1),

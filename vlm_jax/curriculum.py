@@ -389,29 +389,38 @@ def stage_summary(stage: Stage, steps_done: int) -> str:
 def evaluate_stage(
     env: Env, stage: Stage, params, *, global_step: int, stage_step: int, when: str, writer: MetricsWriter
 ) -> dict:
+    from vlm_jax.data.pipeline import StopRequested
     from vlm_jax.evaluate import evaluate_source
 
     ev = stage.cfg.eval
     out = {}
     for ds in ev.datasets:
         name = f"{ds.name}[{ds.split}]"
-        result = evaluate_source(
-            env.model,
-            params,
-            env.processor,
-            env.sources[(ds.name, ds.split)],
-            name=name,
-            max_examples=ev.max_examples,
-            batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens,
-            length_buckets=env.cfg.data.length_buckets,
-            max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
-            seed=env.cfg.seed,
-        )
+        try:
+            result = _evaluate_one(env, ev, ds, name, params, evaluate_source)
+        except StopRequested:  # SIGTERM while reading eval data: skip it, the loop stops next
+            log.warning("evaluation of %s interrupted by a stop request; not recorded", name)
+            break
         result["when"] = when
         writer.write_eval(global_step, stage.cfg.name, name, result, stage_step=stage_step)
         out[name] = result
     return out
+
+
+def _evaluate_one(env: Env, ev, ds, name: str, params, evaluate_source) -> dict:
+    return evaluate_source(
+        env.model,
+        params,
+        env.processor,
+        env.sources[(ds.name, ds.split)],
+        name=name,
+        max_examples=ev.max_examples,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        length_buckets=env.cfg.data.length_buckets,
+        max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
+        seed=env.cfg.seed,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,8 +480,10 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     "preempted". On an error the pending checkpoint saves finish (or their partial directories are
     removed) and every writer is closed before the error propagates."""
     workdir = Path(workdir).resolve()  # orbax needs absolute paths
+    from vlm_jax.data.pipeline import interrupt_data_waits
+
     check_workdir(workdir)
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, interrupt_data_waits():
         env = setup(cfg, workdir)
         check_optimizer_carry(env)
         check_first_batches(env, stop_check=lambda: guard.requested)
@@ -581,7 +592,8 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
                     except StopRequested:  # SIGTERM while waiting for data: this step never ran
                         pass
                 if not ran:
-                    ckpt.save(global_step, state, meta_for(index, stage_step, index, data_state), force=True)
+                    if ckpt.latest_step() != global_step:  # else saved already: same state, same data position
+                        ckpt.save(global_step, state, meta_for(index, stage_step, index, data_state), force=True)
                     status = "preempted"
                     break
                 steps_done = stage_step + 1

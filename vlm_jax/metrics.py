@@ -92,7 +92,7 @@ def metric_name(name: str) -> str:
     if name.endswith("]") and "[" in name:
         base, split = name[:-1].split("[", 1)
         name = f"{base}.{split}"
-    return safe_name(name).strip("_") or "_"
+    return re.sub("_+", "_", safe_name(name)).strip("_") or "_"
 
 
 def eval_filename(step: int, stage: str, name: str) -> str:

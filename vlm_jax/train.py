@@ -77,5 +77,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The `vlm-jax-train` / `python -m vlm_jax.train` entry: `main`, then exit without waiting for
+    data-reader threads still blocked in a read (a stop during a stalled read must not hang)."""
+    import os
+    import threading
+
+    code = main()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+             and t.name.startswith("grain")]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -53,9 +53,11 @@ resume at the next unseen row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -104,6 +106,33 @@ class NoUsableRowsError(RuntimeError):
 
 class StopRequested(Exception):
     """``stop_check`` returned True while the iterator was waiting for rows (e.g. SIGTERM)."""
+
+
+_waiting = [0]  # BatchIterator.__next__ calls in progress (main thread)
+
+
+@contextlib.contextmanager
+def interrupt_data_waits(signals: Sequence[int] = (signal.SIGTERM,)):
+    """While active, a signal that arrives while a ``BatchIterator`` waits for rows (a slow read, a
+    source that stalls) raises ``StopRequested`` out of that wait, after the handler installed before
+    (e.g. ``PreemptionGuard``'s, which records the stop) has run. Elsewhere the signal is handled as
+    before. Main thread only."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handler(signum, frame):
+        prev = previous[signal.Signals(signum)]
+        if callable(prev):
+            prev(signum, frame)
+        if _waiting[0] > 0:
+            raise StopRequested(f"{signal.Signals(signum).name} while waiting for data")
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
 
 
 def describe_skips(skipped: Mapping[str, int]) -> str:
@@ -350,6 +379,13 @@ class BatchIterator(grain.DatasetIterator):
         return {**self._counters, "skipped": dict(self._counters["skipped"])}
 
     def __next__(self) -> dict[str, Any]:
+        _waiting[0] += 1
+        try:
+            return self._next()
+        finally:
+            _waiting[0] -= 1
+
+    def _next(self) -> dict[str, Any]:
         examples: list[Example] = []
         while len(examples) < self._batch_size:
             if self._stop_check is not None and self._stop_check():

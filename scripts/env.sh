@@ -19,8 +19,10 @@ _vlm_jax_setup() (
     for r in "${reqs[@]}"; do args+=(-r "$r"); done
     "$VENV/bin/pip" install -q "${args[@]}"
     # the package itself, editable: `python -m vlm_jax.*` and `vlm-jax-*` work from any directory
-    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null \
-      || "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
+    # (compat mode: a plain path entry, so PYTHONPATH below decides which checkout is imported)
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" \
+      --config-settings editable_mode=compat 2>/dev/null \
+      || "$VENV/bin/pip" install -q --no-deps -e "$ROOT" --config-settings editable_mode=compat
     touch "$stamp"
   fi
 )

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from vlm_jax import config as config_lib
-from vlm_jax import curriculum, evaluate, paths, sft, train
+from vlm_jax import curriculum, evaluate, sft, train
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.data import pipeline as pl
 from vlm_jax.data import prepare as prep
@@ -285,6 +285,8 @@ def test_prepare_train_evaluate_share_one_data_dir_from_another_folder(assets, t
 
 
 def test_relative_defaults_do_not_depend_on_the_current_folder(tmp_path, monkeypatch):
+    from vlm_jax import paths
+
     monkeypatch.setenv("VLM_JAX_HOME", str(tmp_path / "h"))
     monkeypatch.delenv("VLM_JAX_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

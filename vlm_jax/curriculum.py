@@ -613,7 +613,8 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
                         when="during",
                         writer=writer,
                     )
-                if (stage_step + 1) % cfg.checkpoint.every == 0 and stage_step + 1 < st.steps:
+                every = cfg.checkpoint.every  # 0: only at stage ends
+                if every and (stage_step + 1) % every == 0 and stage_step + 1 < st.steps:
                     ckpt.save(
                         global_step,
                         state,

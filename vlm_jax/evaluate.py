@@ -101,6 +101,7 @@ def evaluate_source(
                         "correct": bool(correct[i]),
                     }
                 )
+    it.close()
     from vlm_jax.data.pipeline import describe_skips
 
     skipped = dict(file_skipped)

@@ -191,6 +191,22 @@ def test_stage_with_every_row_over_max_prompt_len_fails_at_start_up(assets, tmp_
     assert jit_cache_sizes() == before
 
 
+def test_strict_bad_row_mid_run_is_one_line_naming_the_row(assets, tmp_path, capsys):
+    rows = [{"problem": f"What is {k} + 1?", "answer": str(k + 1), "difficulty": 0} for k in range(6)]
+    rows.append({"problem": "x " * 400, "answer": "1", "difficulty": 1})  # reached at step 4
+    data = tmp_path / "strict.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(assets, [stage("think", "sft", data, steps=5, order="easy_to_hard",
+                                     sft={"target": "answer"})], max_prompt_len=128, strict=True)
+    rc, _, err = run_cli(cfg, tmp_path / "wd", capsys)
+    assert rc == 2
+    assert err == f"error: stages.0.datasets: stage 'think': {data}: row 6: prompt_too_long (" + \
+        err.split(": prompt_too_long (", 1)[1]
+    assert err.count("\n") == 1 and "Traceback" not in err
+    steps = [json.loads(line)["step"] for line in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. SIGTERM while the loader waits for rows: the run stops within seconds (exit 0, checkpointed)
 # ------------------------------------------------------------------------------------------------

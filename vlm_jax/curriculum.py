@@ -53,6 +53,7 @@ class Env:
     processor: Any
     sources: dict  # (name, split) -> random-access source
     num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
+    open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
 
 
 def dtype_of(name: str):
@@ -226,13 +227,13 @@ def check_reward_signatures(cfg: config_lib.Config, sources: dict) -> None:
 def check_first_batches(env: Env, stop_check=None) -> None:
     """Every stage's data iterator produces its first batch (a stage whose rows are all unusable,
     e.g. all over max_prompt_len, fails here with the counts per reason, before any step)."""
-    from vlm_jax.data.pipeline import NoUsableRowsError
+    from vlm_jax.data.pipeline import BadRowError, NoUsableRowsError
 
     for i, st in enumerate(env.cfg.stages):
         it = make_iterator(env, i, stop_check=stop_check)
         try:
             next(it)
-        except NoUsableRowsError as e:
+        except (NoUsableRowsError, BadRowError) as e:  # BadRowError: data.strict and a bad row
             raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.datasets") from None
         except StopIteration:
             raise config_lib.ConfigError(f"stage {st.name!r}: the data gave no batch",
@@ -496,7 +497,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         try:
             status = _loop(env, cfg, ckpt, refs, writer, guard, stop_after)
         except BaseException:
-            _close_quietly(ckpt, refs, writer)
+            _close_quietly(ckpt, refs, writer, env.open_iterators)
             raise
         ckpt.wait()
         ckpt.close()
@@ -511,10 +512,11 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     return status
 
 
-def _close_quietly(ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter) -> None:
-    """After an error: let in-flight saves commit, close orbax (no threads or event loops left to
-    fail at interpreter exit), drop uncommitted save directories; never mask the original error."""
-    for closer in (ckpt.close, refs.close, writer.close):
+def _close_quietly(ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter, iterators=()) -> None:
+    """After an error: stop the data readers, let in-flight saves commit, close orbax (no threads or
+    event loops left to fail at interpreter exit), drop uncommitted save directories; never mask the
+    original error."""
+    for closer in (*(it.close for it in iterators), ckpt.close, refs.close, writer.close):
         try:
             closer()
         except Exception as e:  # noqa: BLE001 - the original error is the one to report
@@ -525,7 +527,7 @@ def _close_quietly(ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter
 
 def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter,
           guard: PreemptionGuard, stop_after: int | None) -> str:
-    from vlm_jax.data.pipeline import StopRequested
+    from vlm_jax.data.pipeline import BadRowError, StopRequested
 
     restored = _restore(env, ckpt, refs)
     if restored is None:
@@ -547,6 +549,7 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
         st = cfg.stages[index]
         resuming = index == meta["stage_index"] and meta["stage_step"] > 0
         stage = build_stage(env, index, meta["data_state"] if resuming else None, stop_check=stop_check)
+        env.open_iterators.append(stage.iterator)
         params = env.base_params if state is None else state.params
         if resuming:
             pass  # state (params, optimizer, counters) comes from the checkpoint
@@ -591,6 +594,8 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
                         ran = True
                     except StopRequested:  # SIGTERM while waiting for data: this step never ran
                         pass
+                    except BadRowError as e:  # data.strict: the row is named; bad input, exit 2
+                        raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{index}.datasets") from None
                 if not ran:
                     if ckpt.latest_step() != global_step:  # else saved already: same state, same data position
                         ckpt.save(global_step, state, meta_for(index, stage_step, index, data_state), force=True)

@@ -71,11 +71,12 @@ def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("userdata")
     build_tiny_model(d / "model", seed=0)
     parquet = write_hf_parquet(d / "mydata")
-    # a JSONL in the same layout, text only, easy_to_hard by difficulty: 2 rows over any prompt limit
+    # a JSONL in the same layout, text only, easy_to_hard by difficulty: 2 rows over any prompt limit,
+    # and a last line that is not JSON (dropped on reading, reported)
     rows = [{"problem": "x " * 400 + "?", "answer": "1", "difficulty": 0} for _ in range(2)]
     rows += [{"problem": f"What is {k} + 1?", "answer": str(k + 1), "difficulty": 1} for k in range(6)]
     jsonl = d / "text.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{a broken line\n")
     (d / "rewards.py").write_text(
         "def compute_score(predict, ground_truth):\n"
         "    return {'overall': float(ground_truth in predict), 'format': 1.0}\n"
@@ -391,6 +392,7 @@ def test_run_counts_reward_errors_and_skipped_rows_in_metrics_and_summary(assets
     assert curriculum.run(cfg, wd) == "finished"
     out = capsys.readouterr().out
     assert "resumed from step 1: stage 0 (see), stage step 1" in out
+    assert f"warning: {assets['jsonl']}: kept 8 rows, skipped 1\n  skipped 1 x invalid_json (rows 8)" in out
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "see"]
     assert [r["reward/errors"] for r in grpo] == [2 * 2, 2 * 2]  # batch 2 x 2 samples, every one failed

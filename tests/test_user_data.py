@@ -462,6 +462,43 @@ def test_error_mid_run_shuts_down_cleanly(assets, tmp_path, capsys, monkeypatch)
     ckpt.close()
 
 
+FAIL_SCRIPT = r"""
+import sys
+from vlm_jax import curriculum, train
+real, calls = curriculum.train_step, []
+def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("boom in step 3")
+    return real(*args, **kwargs)
+curriculum.train_step = failing
+train.main = (lambda main: lambda: main(sys.argv[1:]))(train.main)
+getattr(train, "cli", lambda: sys.exit(train.main()))()
+"""
+
+
+@pytest.mark.slow
+def test_error_mid_run_in_a_real_process_exits_without_cascades(assets, tmp_path):
+    """The same error in `python -m vlm_jax.train`'s process: what the interpreter prints on its way
+    out (async checkpoint threads, event loops, reader threads) is checked too."""
+    cfg = make_config(assets, [stage("think", "sft", assets["jsonl"], steps=5, sft={"target": "answer"})])
+    cfg = config_lib.config_from_dict({**config_lib.config_to_dict(cfg),
+                                       "checkpoint": {"every": 1, "async_save": True}})
+    wd = tmp_path / "wd"
+    cmd = [sys.executable, "-c", FAIL_SCRIPT, "--config", str(write_config_file(tmp_path / "c.py", cfg)),
+           "--workdir", str(wd)]
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: RuntimeError: boom in step 3"]
+    assert r.stderr.count("Traceback (most recent call last)") == 1, r.stderr[-3000:]
+    for cascade in ("Event loop is closed", "cannot schedule new futures", "Exception ignored"):
+        assert cascade not in r.stderr, r.stderr[-3000:]
+    assert not list((wd / "checkpoints").glob("*tmp*"))
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. getting in: the package, its commands, an environment script that leaves the shell alone
 # ------------------------------------------------------------------------------------------------

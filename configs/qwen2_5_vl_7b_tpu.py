@@ -97,7 +97,7 @@ def get_config() -> Config:
         # fp32 parameters and AdamW moments, bf16 compute (an lr 1e-6 update is lost in bf16 storage)
         model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="float32", compute_dtype="bfloat16"),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        data=DataConfig(data_dir="artifacts/data", max_prompt_len=_MAX_LEN,
+        data=DataConfig(max_prompt_len=_MAX_LEN,
                         length_buckets=(256, 512, 1024, 2048), min_pixels_per_image=262_144,
                         max_pixels_per_image=4_194_304, strict=False),
         stages=(
@@ -114,5 +114,4 @@ def get_config() -> Config:
         seed=0,
         checkpoint=CheckpointConfig(every=50, keep=3, async_save=True),
         logging=LoggingConfig(every=1, tensorboard=True, progress=True),
-        compilation_cache_dir="artifacts/jax_cache",
     )

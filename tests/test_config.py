@@ -48,7 +48,7 @@ def _error(fn, *args) -> ConfigError:
 # ------------------------------------------------------------------------------------- defaults
 def test_defaults_match_the_schema(cfg_file):
     cfg = load_config(cfg_file)
-    assert cfg.seed == 0 and cfg.compilation_cache_dir == "artifacts/jax_cache"
+    assert cfg.seed == 0 and cfg.compilation_cache_dir == "default" and cfg.data.data_dir == ""
     assert cfg.mesh == MeshConfig(data=-1, fsdp=1, tensor=1)
     assert cfg.data.length_buckets == (64, 128, 256, 512) and cfg.data.strict is False
     stage = cfg.stages[0]

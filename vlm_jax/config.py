@@ -244,11 +244,12 @@ class ModelConfig(_Node):
 class DataConfig(_Node):
     """Data location, length limits and padding buckets, image pixel bounds, strictness.
 
-    Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
+    `data_dir=""` uses the one default data directory of every command (`$VLM_JAX_DATA_DIR`, else
+    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
     the first unusable row (naming it) instead of skipping and counting it.
     """
 
-    data_dir: str = "artifacts/data"
+    data_dir: str = ""
     max_prompt_len: int = 512
     length_buckets: tuple[int, ...] = (64, 128, 256, 512)
     max_pixels_per_image: int = 1_003_520
@@ -476,7 +477,8 @@ class LoggingConfig(_Node):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(_Node):
     """A whole run: model, mesh, data, the ordered stages, and run-wide settings.
-    `compilation_cache_dir=""` turns the persistent compilation cache off."""
+    `compilation_cache_dir=""` turns the persistent compilation cache off; "default" is
+    `$VLM_JAX_HOME/jax_cache` (see `vlm_jax.paths`), the same from any directory."""
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -486,7 +488,7 @@ class Config(_Node):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     logical_axis_rules: tuple[AxisRule, ...] = LOGICAL_AXIS_RULES
-    compilation_cache_dir: str = "artifacts/jax_cache"
+    compilation_cache_dir: str = "default"
 
     def _check(self) -> None:
         validate(self)
@@ -738,7 +740,7 @@ def merged_baseline(staged: Config) -> Config:
 
 
 def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
-                  data_dir: str = "artifacts/data") -> Config:
+                  data_dir: str = "") -> Config:
     """A TPU recipe cut to CPU size on the tiny model and the demo's synthetic data: the same
     objectives, trainable modules, precision policy, remat, micro-batching, chunked scoring and
     chunked sampling (scaled to 4 prompts x 2 samples), 2 steps per stage, short sequences. It runs

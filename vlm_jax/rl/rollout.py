@@ -378,6 +378,7 @@ def collect_rollout(
     if cfg.dynamic_sampling:
         metrics["dynamic/extra_draws"] = draws - 1
         metrics["dynamic/filled_equal_reward_groups"] = filled
+    names = getattr(reward_fn, "metric_names", {})
     for k, v in graded.components.items():
-        metrics[f"reward/{k}"] = float(v.mean())
+        metrics[f"reward/{names.get(k, k)}"] = float(v.mean())
     return batch, graded, metrics

@@ -11,47 +11,13 @@ Run:
   python -m vlm_jax.train --config configs/merged_cpu.py --workdir workdirs/demo_merged
 """
 
-import dataclasses
 import os
 
-from vlm_jax.config import Config, DatasetSpec, EvalConfig, StageConfig, load_config
+from vlm_jax.config import Config, load_config, merged_baseline
 
 _STAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_cpu.py")
 
 
-def _mixed_datasets(stages: tuple[StageConfig, ...]) -> tuple[DatasetSpec, ...]:
-    """One spec per (name, split), weighted by the examples the staged run takes from it."""
-    weights: dict[tuple[str, str], float] = {}
-    for stage in stages:
-        total = sum(d.weight for d in stage.datasets)
-        for d in stage.datasets:
-            share = stage.steps * stage.batch_size * d.weight / total
-            weights[(d.name, d.split)] = weights.get((d.name, d.split), 0.0) + share
-    return tuple(DatasetSpec(name=n, split=s, weight=w) for (n, s), w in weights.items())
-
-
-def _merged_eval(stages: tuple[StageConfig, ...]) -> EvalConfig:
-    """All the staged run's evaluation sets, once each, with the first stage's cadence and sizes."""
-    specs = {(d.name, d.split): d for stage in stages for d in stage.eval.datasets}
-    return dataclasses.replace(stages[0].eval, datasets=tuple(specs.values()))
-
-
 def get_config() -> Config:
     """One mixed stage over the demo's data, as many steps as the three demo stages together."""
-    staged = load_config(_STAGED)
-    template = next(s for s in staged.stages if s.objective == "grpo")
-    batch_sizes = {s.batch_size for s in staged.stages}
-    if len(batch_sizes) != 1:
-        raise ValueError(f"merged baseline needs one batch size across demo stages, got {batch_sizes}")
-    merged = dataclasses.replace(
-        template,
-        name="merged",
-        capability="mixed",
-        objective="grpo",
-        datasets=_mixed_datasets(staged.stages),
-        steps=sum(s.steps for s in staged.stages),
-        order="shuffle",
-        trainable=("vision", "merger", "language_model"),
-        eval=_merged_eval(staged.stages),
-    )
-    return dataclasses.replace(staged, stages=(merged,))
+    return merged_baseline(load_config(_STAGED))

@@ -11,6 +11,12 @@ Nothing is downloaded at run time: put the Hugging Face checkpoint at `model.pat
 in place first (the dataset file names below are placeholders for your local copies; override them
 with `--config.stages.N.datasets='[{"name": "PATH"}]'`). Parameters are sharded FSDP over every chip.
 
+Memory (checked by the TPU compiler on a CPU machine, see docs/scale.md):
+  python scripts/plan_memory.py --config configs/qwen2_5_vl_7b_tpu.py --topology v5p:4x4x4 \
+      --model_config configs/hf/Qwen2.5-VL-7B-Instruct
+fp32 parameters and moments with bf16 compute, decoder/vision remat, gradients accumulated over
+micro-batches of 64 completions (one per chip of a v5p-64), reference log-probs scored 640 at a time.
+
 Run (every host of the slice runs the same command):
   python -m vlm_jax.train --config configs/qwen2_5_vl_7b_tpu.py --workdir gs://BUCKET/runs/staged_7b \\
       --distributed=auto
@@ -26,6 +32,7 @@ _PROMPTS_PER_STEP = 512
 _GROUP = 5
 _MINI_BATCH_PROMPTS = 128
 _MAX_LEN = 2048
+_MICRO = 64  # completions per micro-batch: one per chip of a v5p-64
 
 # Benchmarks of the paper's evaluation (greedy), as local files.
 _EVAL = EvalConfig(
@@ -55,6 +62,7 @@ _GRPO = GRPOConfig(
     loss_agg="token_mean",
     mu=1,
     mini_batch_size=_MINI_BATCH_PROMPTS * _GROUP,
+    score_chunk=_MINI_BATCH_PROMPTS * _GROUP,
 )
 
 _OPTIMIZER = OptimizerConfig(name="adamw", lr=1e-6, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
@@ -78,15 +86,18 @@ def _stage(name: str, datasets: tuple[DatasetSpec, ...], steps: int,
         grpo=_GRPO,
         reward=(("auto", 0.9), ("format", 0.1)),
         eval=_EVAL,
+        remat="full",
+        micro_batch_size=_MICRO,
     )
 
 
 def get_config() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     return Config(
-        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"),
+        # fp32 parameters and AdamW moments, bf16 compute (an lr 1e-6 update is lost in bf16 storage)
+        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="float32", compute_dtype="bfloat16"),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        data=DataConfig(data_dir="artifacts/data", max_prompt_len=_MAX_LEN,
+        data=DataConfig(max_prompt_len=_MAX_LEN,
                         length_buckets=(256, 512, 1024, 2048), min_pixels_per_image=262_144,
                         max_pixels_per_image=4_194_304, strict=False),
         stages=(
@@ -103,5 +114,4 @@ def get_config() -> Config:
         seed=0,
         checkpoint=CheckpointConfig(every=50, keep=3, async_save=True),
         logging=LoggingConfig(every=1, tensorboard=True, progress=True),
-        compilation_cache_dir="artifacts/jax_cache",
     )

@@ -6,7 +6,7 @@
   order_213     textual -> perception -> visual
   easy_to_hard  staged, each stage's data ordered easy -> hard (difficulty)
 
-    bash scripts/demo.sh            # once: builds artifacts/data and artifacts/tiny_base
+    bash scripts/demo.sh            # once: builds the synthetic data (default data dir) and artifacts/tiny_base
     python scripts/compare_curricula.py [--runs staged,merged,...] [--workdir workdirs/compare]
         [--steps_scale 1.0]
 

@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 export JAX_PLATFORMS=cpu
 start=$(date +%s)
-python -m vlm_jax.demo_setup --data_dir artifacts/data --out artifacts/tiny_base
+python -m vlm_jax.demo_setup --out artifacts/tiny_base   # data: the default data directory
 python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo "$@"
 echo "demo finished in $(( $(date +%s) - start )) s; report: workdirs/demo/report.md, plots: workdirs/demo/plots/"

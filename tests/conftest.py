@@ -1,7 +1,11 @@
-"""Test setup: 8 fake CPU devices and fp32-exact matmuls, before JAX is imported anywhere."""
+"""Test setup: 8 fake CPU devices and fp32-exact matmuls, before JAX is imported anywhere; a
+session-private VLM_JAX_HOME (default data directory and compilation cache)."""
 
 import os
+import tempfile
 
+# The one default data directory / compilation cache (vlm_jax.paths) of this test session, never ~.
+os.environ.setdefault("VLM_JAX_HOME", tempfile.mkdtemp(prefix="vlm_jax_home_"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -48,7 +48,7 @@ def _error(fn, *args) -> ConfigError:
 # ------------------------------------------------------------------------------------- defaults
 def test_defaults_match_the_schema(cfg_file):
     cfg = load_config(cfg_file)
-    assert cfg.seed == 0 and cfg.compilation_cache_dir == "artifacts/jax_cache"
+    assert cfg.seed == 0 and cfg.compilation_cache_dir == "default" and cfg.data.data_dir == ""
     assert cfg.mesh == MeshConfig(data=-1, fsdp=1, tensor=1)
     assert cfg.data.length_buckets == (64, 128, 256, 512) and cfg.data.strict is False
     stage = cfg.stages[0]
@@ -120,7 +120,7 @@ def test_overrides_of_each_kind(cfg_file):
         "--config.stages.0.grpo.clip_c=none",               # Optional -> None
         "--config.data.length_buckets=(32, 64)",            # tuple of scalars
         "--config.stages.1.trainable=language_model",       # one-item tuple
-        "--config.model.dtype=bfloat16",                    # Literal
+        "--config.model.compute_dtype=bfloat16",            # Literal
         "--config.stages.1.grpo.kl_coef=0",                 # int text into a float field
         "--config.stages.0.reward=math=0.8,format=0.2",     # reward, NAME=VALUE form
         '--config.stages.1.reward={"tools/r.py:score": 1}',  # reward, JSON form, user reward
@@ -132,7 +132,7 @@ def test_overrides_of_each_kind(cfg_file):
     assert cfg.stages[0].grpo.clip_c is None and cfg.stages[1].grpo.clip_c == 3.0
     assert cfg.data.length_buckets == (32, 64)
     assert cfg.stages[1].trainable == ("language_model",)
-    assert cfg.model.dtype == "bfloat16"
+    assert cfg.model.compute_dtype == "bfloat16"
     assert cfg.stages[1].grpo.kl_coef == 0.0 and isinstance(cfg.stages[1].grpo.kl_coef, float)
     assert cfg.stages[0].reward == (("math", 0.8), ("format", 0.2))
     assert cfg.stages[1].reward == (("tools/r.py:score", 1.0),)

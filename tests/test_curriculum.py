@@ -218,8 +218,9 @@ def test_sigterm_checkpoints_and_exits_zero(assets, uninterrupted, tmp_path):
 def test_nonfinite_loss_is_skipped_counted_and_never_checkpointed(assets, tmp_path, monkeypatch):
     cfg = two_stage_config(assets)
     cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[1:2]})  # the SFT stage alone
-    real = sft.token_nll
-    monkeypatch.setattr(sft, "token_nll", lambda logits, ids: real(logits, ids) * np.nan)
+    real = sft.token_logprobs
+    monkeypatch.setattr(sft, "token_logprobs", lambda *a, **k: tuple(
+        None if x is None else x * np.nan for x in real(*a, **k)))
     sft.sft_step.clear_cache()
     try:
         assert curriculum.run(cfg, tmp_path) == "finished"
@@ -355,3 +356,19 @@ def test_distributed_flags_are_checked(tmp_path, capsys, flags, message):
     argv = ["--config", str(ROOT / "configs/demo_cpu.py"), "--workdir", str(tmp_path), *flags]
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
+    """The 3B recipe's CPU smoke variant (remat, micro-batches, chunked scoring and sampling, fp32
+    storage) trains its text-only GRPO stage through the trainer."""
+    cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_smoke_cpu.py"), [
+        f"model.path={assets / 'model'}", f"data.data_dir={assets / 'data'}", "compilation_cache_dir=",
+        "stages.1.steps=2"])
+    st = cfg.stages[1]
+    assert (st.remat, st.micro_batch_size, st.grpo.score_chunk, st.grpo.rollout_chunk) == ("full", 2, 4, 2)
+    cfg = cfg.__class__(**{**cfg.__dict__, "stages": (st,)})
+    assert curriculum.run(cfg, tmp_path) == "finished"
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["stage_step"] for r in rows] == [1, 2]
+    assert all(r["update_ok"] == 1.0 and np.isfinite(r["loss"]) for r in rows)

@@ -25,7 +25,7 @@ def crafted(tmp_path_factory):
     from vlm_jax.models.tiny import build_tiny_model
 
     d = tmp_path_factory.mktemp("crafted")
-    model = build_tiny_model(d / "model", weights=False)
+    model = build_tiny_model(d / "model")  # with weights: train checks the model directory first
     return _crafted_module().write(d / "set", model)
 
 
@@ -69,24 +69,19 @@ def _processor(cfg):
     return processor
 
 
-def test_check_uses_the_arguments_the_curriculum_builds_each_stage_with(monkeypatch, crafted):
+def test_check_uses_the_arguments_the_curriculum_reads_each_stage_with(monkeypatch, crafted):
     cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"),
                                  ["stages.1.sft.target=caption", "stages.2.sft.caption_as_input=true"])
     assert check.CAPTION_INSTRUCTION == curriculum.CAPTION_INSTRUCTION
     seen = []
-    monkeypatch.setattr(pipeline, "make_dataset", lambda sources, processor, **kw: seen.append(kw) or _Stub())
+    monkeypatch.setattr(pipeline, "make_dataset", lambda sources, processor, **kw: seen.append(kw))
     env = curriculum.Env(cfg, Path("."), None, None, _processor(config_lib.load_config(str(crafted), [])),
                          {(d.name, d.split): None for s in cfg.stages for d in s.datasets}, 64)
     for i in range(len(cfg.stages)):
-        curriculum.build_stage(env, i, None)
+        curriculum.make_iterator(env, i)
         want = check.stage_pipeline_kwargs(cfg, i)
         assert {k: seen[-1][k] for k in want} == want
         assert pipeline.row_spec(**want) == pipeline.row_spec(**{k: seen[-1][k] for k in want})
-
-
-class _Stub:
-    def set_state(self, state):
-        pass
 
 
 def test_cli_prints_the_table_and_refuses_above_the_share(crafted, capsys):

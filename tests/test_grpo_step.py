@@ -130,7 +130,7 @@ def test_minibatch_rows_are_scored_against_their_own_prompts(env, first_update):
   @jax.jit
   def subset_logprobs(params, prompt, tokens, rows_n):
     model = nnx.merge(env.model.graphdef, params)
-    return response_logprobs(model, prompt, tokens, rows_n, G)[0]
+    return response_logprobs(model, prompt, tokens[rows_n], rows_n // G)[0]
 
   got = np.asarray(subset_logprobs(env.params, env.prompt, jnp.asarray(roll.tokens),
                                    jnp.asarray(rows)))

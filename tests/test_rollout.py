@@ -226,3 +226,19 @@ def test_exhausted_data_fills_or_fails_clearly(env):
     collect(env, [("flat0", "varied1")], batch_size=3)
   with pytest.raises(RuntimeError, match="only 0 of 2 prompts"):
     collect(env, [])
+
+
+def test_chunked_sampling_and_scoring_keep_rows_with_their_prompts(env):
+  """One prompt per sampler call (`rollout_chunk=1`) and reference scoring G completions at a
+  time (`score_chunk`): the reference log-probs (same weights) equal the sampler's on every row."""
+  cfg = GRPOConfig(num_samples=G, max_new_tokens=NEW, kl_coef=0.01, dynamic_sampling=False,
+                   rollout_chunk=1, score_chunk=G)
+  batch, graded, _ = collect_rollout(
+      env.model, env.params, env.params, prompt_stream(env, STREAM), cfg=cfg,
+      tokenizer=env.proc.tokenizer, reward_fn=GroupReward(), rng=jax.random.key(1),
+      eos_token_ids=env.proc.eos_token_ids, pad_token_id=env.proc.pad_token_id,
+      image_token_id=env.proc.image_token_id, batch_size=2)
+  mask = np.asarray(batch.mask_NT) > 0
+  assert mask.sum() > 0 and batch.responses_NT.shape == (2 * G, NEW)
+  np.testing.assert_allclose(np.asarray(batch.ref_logp_NT)[mask], np.asarray(batch.old_logp_NT)[mask],
+                             atol=1e-4, rtol=0)

@@ -223,24 +223,36 @@ class MeshConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Node):
-    """Which Hugging Face directory to load and its compute dtype."""
+    """Which Hugging Face directory to load and how: `dtype` is how parameters (and so optimizer
+    moments and checkpoints) are stored, `compute_dtype` what activations and matmuls use ("" = the
+    stored dtype). On accelerators store fp32 and compute bf16: a recipe update at lr 1e-6 is below
+    bf16 resolution for weights of normal size (bf16 spacing near 0.02 is ~1.2e-4) and would be lost,
+    so training refuses bf16 storage. `attention_chunk` / `logits_chunk` bound the memory of
+    attention and of log-probs / cross-entropy (query / sequence chunks; 0 = one block)."""
 
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["", "float32", "bfloat16"] = ""
+    attention_chunk: int = 512
+    logits_chunk: int = 256
+
+    def _check(self) -> None:
+        _at_least(self, 0, "attention_chunk", "logits_chunk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(_Node):
     """Data location, length limits and padding buckets, image pixel bounds, strictness.
 
-    Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
+    `data_dir=""` uses the one default data directory of every command (`$VLM_JAX_DATA_DIR`, else
+    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
     the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
     `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
     dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
     start when a dataset would skip more than `preflight_max_skip_share` of them.
     """
 
-    data_dir: str = "artifacts/data"
+    data_dir: str = ""
     max_prompt_len: int = 512
     length_buckets: tuple[int, ...] = (64, 128, 256, 512)
     max_pixels_per_image: int = 1_003_520
@@ -319,6 +331,8 @@ class GRPOConfig(_Node):
     batch, so one rollout gives mu * batch_size * G / mini_batch_size updates. `clip_c` is the
     dual-clip constant (None = off). `overlong_buffer` > 0 enables the soft overlong penalty over the
     last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
+    `score_chunk` scores reference log-probs that many completions at a time and `rollout_chunk`
+    samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
     """
 
     num_samples: int = 5
@@ -341,11 +355,13 @@ class GRPOConfig(_Node):
     dynamic_sampling: bool = False
     max_extra_draws: int = 4
     overlong_buffer: int = 0
+    score_chunk: int = 0
+    rollout_chunk: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer")
+                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
@@ -402,9 +418,21 @@ class StageConfig(_Node):
     sft: SFTConfig = SFTConfig()
     reward: tuple[tuple[str, float], ...] = (("auto", 0.9), ("format", 0.1))
     eval: EvalConfig = EvalConfig()
+    micro_batch_size: int = 0
+    remat: Literal["none", "full", "save_dots"] = "none"
 
     def _check(self) -> None:
         who = f"stage {self.name!r}"
+        _at_least(self, 0, "micro_batch_size", who=f"{who}: ")
+        if self.micro_batch_size:
+            if self.objective == "sft":
+                _require(self.batch_size % self.micro_batch_size == 0, "micro_batch_size",
+                         f"{who}: batch_size {self.batch_size} is not divisible by {self.micro_batch_size}")
+            else:
+                mb = self.grpo.mini_batch_size or self.batch_size * self.grpo.num_samples
+                _require(mb % self.micro_batch_size == 0, "micro_batch_size",
+                         f"{who}: the mini-batch of {mb} completions is not divisible by "
+                         f"{self.micro_batch_size}")
         _require(bool(_STAGE_NAME.fullmatch(self.name)), "name",
                  f"must match {_STAGE_NAME.pattern} (used in paths and metrics), got {self.name!r}")
         _at_least(self, 1, "steps", "batch_size", who=f"{who}: ")
@@ -457,7 +485,8 @@ class LoggingConfig(_Node):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(_Node):
     """A whole run: model, mesh, data, the ordered stages, and run-wide settings.
-    `compilation_cache_dir=""` turns the persistent compilation cache off."""
+    `compilation_cache_dir=""` turns the persistent compilation cache off; "default" is
+    `$VLM_JAX_HOME/jax_cache` (see `vlm_jax.paths`), the same from any directory."""
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -467,7 +496,7 @@ class Config(_Node):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     logical_axis_rules: tuple[AxisRule, ...] = LOGICAL_AXIS_RULES
-    compilation_cache_dir: str = "artifacts/jax_cache"
+    compilation_cache_dir: str = "default"
 
     def _check(self) -> None:
         validate(self)
@@ -476,6 +505,10 @@ class Config(_Node):
 def validate(cfg: Config) -> Config:
     """Checks that span several config objects; returns `cfg`. Run by `Config` on construction."""
     _require(len(cfg.stages) > 0, "stages", "at least one stage is required")
+    _require(cfg.model.dtype != "bfloat16", "model.dtype",
+             "bfloat16 parameter storage loses small updates (an lr 1e-6 AdamW step is below bf16 "
+             "resolution for weights of normal size); store float32 and set "
+             "model.compute_dtype=bfloat16 for bf16 compute")
     first: dict[str, int] = {}
     for i, stage in enumerate(cfg.stages):
         _require(stage.name not in first, f"stages.{i}.name",
@@ -678,3 +711,74 @@ def parse_flags(argv: Sequence[str], known_flags: Sequence[str] = ("workdir",)
         i += 1
     _require(config_path is not None, "", "missing --config PATH")
     return config_path, tuple(overrides), other  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------- derived configs
+
+
+def merged_baseline(staged: Config) -> Config:
+    """The paper's merged baseline of a staged config: one GRPO stage (the first GRPO stage's
+    settings) over all the stages' data, each dataset weighted by the examples the staged run draws
+    from it (stage steps * batch size * its weight within the stage), as many steps as all stages
+    together, every module trained, every stage's evaluation sets."""
+    grpo_stages = [s for s in staged.stages if s.objective == "grpo"]
+    _require(bool(grpo_stages), "stages", "the merged baseline needs a GRPO stage to take settings from")
+    batch_sizes = {s.batch_size for s in staged.stages}
+    _require(len(batch_sizes) == 1, "stages",
+             f"the merged baseline needs one batch size across stages, got {sorted(batch_sizes)}")
+    weights: dict[tuple[str, str], float] = {}
+    for stage in staged.stages:
+        total = sum(d.weight for d in stage.datasets)
+        for d in stage.datasets:
+            share = stage.steps * stage.batch_size * d.weight / total
+            weights[(d.name, d.split)] = weights.get((d.name, d.split), 0.0) + share
+    evals = {(d.name, d.split): d for stage in staged.stages for d in stage.eval.datasets}
+    merged = dataclasses.replace(
+        grpo_stages[0],
+        name="merged",
+        capability="mixed",
+        objective="grpo",
+        datasets=tuple(DatasetSpec(name=n, split=s, weight=w) for (n, s), w in weights.items()),
+        steps=sum(s.steps for s in staged.stages),
+        order="shuffle",
+        trainable=MODULES,
+        eval=dataclasses.replace(grpo_stages[0].eval, datasets=tuple(evals.values())),
+    )
+    return dataclasses.replace(staged, stages=(merged,))
+
+
+def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
+                  data_dir: str = "") -> Config:
+    """A TPU recipe cut to CPU size on the tiny model and the demo's synthetic data: the same
+    objectives, trainable modules, precision policy, remat, micro-batching, chunked scoring and
+    chunked sampling (scaled to 4 prompts x 2 samples), 2 steps per stage, short sequences. It runs
+    the recipe's code path after `bash scripts/demo.sh` (or `python -m vlm_jax.demo_setup`) built
+    the tiny model and data."""
+    synthetic = {"perception": "synthetic_perception", "textual_reasoning": "synthetic_textual_reasoning",
+                 "visual_reasoning": "synthetic_visual_reasoning"}
+    stages = []
+    for s in recipe.stages:
+        names = [synthetic[s.name]] if s.name in synthetic else list(synthetic.values())
+        g = s.grpo
+        stages.append(dataclasses.replace(
+            s,
+            datasets=tuple(DatasetSpec(name=n) for n in names),
+            steps=2,
+            batch_size=4,
+            micro_batch_size=2 if s.micro_batch_size else 0,
+            grpo=dataclasses.replace(g, num_samples=2, max_new_tokens=16, mini_batch_size=4 if g.mini_batch_size else 0,
+                                     score_chunk=4 if g.score_chunk else 0,
+                                     rollout_chunk=2 if g.rollout_chunk else 0),
+            eval=EvalConfig(),
+        ))
+    return dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, path=model_path, compute_dtype="float32",
+                                  attention_chunk=32, logits_chunk=16),
+        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
+        data=DataConfig(data_dir=data_dir, max_prompt_len=256, length_buckets=(64, 128, 256),
+                        min_pixels_per_image=28 * 28 * 4, max_pixels_per_image=112 * 112),
+        stages=tuple(stages),
+        checkpoint=CheckpointConfig(every=100, keep=1),
+        logging=LoggingConfig(every=1, tensorboard=False, progress=False),
+    )

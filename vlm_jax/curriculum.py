@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import config as config_lib
-from vlm_jax import models, sharding
+from vlm_jax import models, paths, sharding
 from vlm_jax.checkpoint import Checkpointer, PreemptionGuard
 from vlm_jax.metrics import MetricsWriter
 from vlm_jax.rl import grpo
@@ -52,6 +53,7 @@ class Env:
     processor: Any
     sources: dict  # (name, split) -> random-access source
     num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
+    open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
 
 
 def dtype_of(name: str):
@@ -59,9 +61,14 @@ def dtype_of(name: str):
 
 
 def open_sources(cfg: config_lib.Config) -> dict:
-    """Loads every training and evaluation dataset of every stage (a missing one fails here)."""
+    """Loads every training and evaluation dataset of every stage (a missing one fails here).
+
+    Data files (.jsonl / .json / .parquet) are read whole; their unusable rows are reported here
+    (per reason, with the first rows and the image path tried), and a file with none usable fails."""
     from vlm_jax import data
 
+    data_dir = paths.data_dir(cfg.data.data_dir)
+    print(paths.describe_data_dir(cfg.data.data_dir), flush=True)
     out = {}
     for i, stage in enumerate(cfg.stages):
         for kind, specs in (("datasets", stage.datasets), ("eval.datasets", stage.eval.datasets)):
@@ -69,13 +76,51 @@ def open_sources(cfg: config_lib.Config) -> dict:
                 key = (ds.name, ds.split)
                 if key in out:
                     continue
+                where = f"stages.{i}.{kind}.{j}.name"
                 try:
-                    out[key] = data.load(ds.name, split=ds.split, data_dir=cfg.data.data_dir)
+                    out[key] = data.load(ds.name, split=ds.split, data_dir=data_dir)
                 except (ValueError, FileNotFoundError) as e:
-                    raise config_lib.ConfigError(
-                        f"stages.{i}.{kind}.{j}.name: {e}", f"stages.{i}.{kind}.{j}.name"
-                    ) from e
+                    raise config_lib.ConfigError(str(e), where) from e
+                report = getattr(out[key], "report", None)
+                if report is not None and report.num_skipped:
+                    print(f"warning: {report.summary()}", flush=True)
+                if len(out[key]) == 0:
+                    raise config_lib.ConfigError(f"{ds.name}[{ds.split}] has no usable rows", where)
     return out
+
+
+def check_workdir(workdir: Path) -> None:
+    """The workdir exists (created) and is writable, or a ConfigError naming it."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".vlm_jax_write_check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise config_lib.ConfigError(f"{workdir} is not writable ({e.strerror or e})", "workdir") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_model_dir(path: str) -> None:
+    """The model directory has its config, weights and tokenizer files, or a ConfigError saying
+    which is missing."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise config_lib.ConfigError(f"model directory {str(d)!r} does not exist", "model.path")
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (d / f).is_file()]
+    if not any(d.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise config_lib.ConfigError(
+            f"{str(d)!r} lacks {', '.join(missing)}; a model directory needs the weights, config, image "
+            f"processor and tokenizer files (copy the tokenizer and preprocessor files of the base model "
+            f"into it, or export a workdir with python -m vlm_jax.export)",
+            "model.path",
+        )
 
 
 def configure_processor(processor, data_cfg) -> None:
@@ -91,23 +136,144 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
 
     if not cfg.model.path:
         raise config_lib.ConfigError("model.path: no model directory given", "model.path")
+    check_model_dir(cfg.model.path)
+    check_rewards(cfg)
     sources = open_sources(cfg)
+    check_sft_targets(cfg, sources)
+    check_reward_signatures(cfg, sources)
+    try:
+        processor = Processor.from_pretrained(cfg.model.path)
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"{cfg.model.path}: cannot load the tokenizer / image processor: {e}",
+                                     "model.path") from e
+    configure_processor(processor, cfg.data)
     from vlm_jax.data.check import preflight
 
-    preflight(cfg, sources)  # refuses data that training would mostly skip, before anything compiles
-    if cfg.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).resolve()))
+    preflight(cfg, sources, processor)  # refuses data training would mostly skip, before the model loads
+    cache = paths.cache_dir(cfg.compilation_cache_dir)
+    if cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = sharding.make_mesh(cfg.mesh)
     model, params = models.from_pretrained(
-        cfg.model.path, dtype=dtype_of(cfg.model.dtype), mesh=mesh, rules=cfg.logical_axis_rules
+        cfg.model.path,
+        dtype=dtype_of(cfg.model.dtype),
+        mesh=mesh,
+        rules=cfg.logical_axis_rules,
+        options=model_options(cfg),
     )
-    processor = Processor.from_pretrained(cfg.model.path)
-    configure_processor(processor, cfg.data)
+    return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg))
+
+
+def model_options(cfg: config_lib.Config) -> dict:
+    """The model's compute settings from the config (the family's `ModelOptions` fields)."""
+    m = cfg.model
+    return dict(
+        compute_dtype=m.compute_dtype or None, attention_chunk=m.attention_chunk, logits_chunk=m.logits_chunk
+    )
+
+
+def num_patches_for(cfg: config_lib.Config) -> int:
+    """The fixed vision patch bucket: the largest batch's pixel budget, rounded up to a power of 2."""
     max_batch = max(s.batch_size for s in cfg.stages)
     budget = cfg.data.max_pixels_per_image * max_batch // PATCH
-    num_patches = int(2 ** np.ceil(np.log2(max(budget, 64))))
-    return Env(cfg, workdir, model, params, processor, sources, num_patches)
+    return int(2 ** np.ceil(np.log2(max(budget, 64))))
+
+
+def loss_config(st: config_lib.StageConfig) -> grpo.GRPOLossConfig:
+    """The GRPO loss settings of a stage (a static argument of `grpo_step`)."""
+    g = st.grpo
+    return grpo.GRPOLossConfig(
+        clip_low=g.clip_low,
+        clip_high=g.clip_high,
+        clip_c=g.clip_c,
+        ratio_level=g.ratio_level,
+        kl_coef=g.kl_coef,
+        kl_estimator=g.kl_estimator,
+        loss_agg=g.loss_agg,
+        norm_length=g.max_new_tokens,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# checks before the first step (config and data problems of any stage fail here, not mid-run)
+# ------------------------------------------------------------------------------------------------
+
+TARGET_SCAN_ROWS = 256  # rows per dataset looked at for an SFT stage's target field
+
+
+def check_rewards(cfg: config_lib.Config) -> None:
+    """Every stage's reward names resolve (builtins, user files and functions), SFT stages included."""
+    for i, st in enumerate(cfg.stages):
+        try:
+            rewards_lib.build_reward(st.reward)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.reward") from e
+
+
+def _first_rows(source, n: int) -> list[dict]:
+    return [source[k] for k in range(min(n, len(source)))]
+
+
+def check_sft_targets(cfg: config_lib.Config, sources: dict) -> None:
+    """Each SFT stage's data has its target field (`sft.target`) in some row; else a ConfigError
+    naming the field, the fields the rows do have, and the fix."""
+    for i, st in enumerate(cfg.stages):
+        if st.objective != "sft":
+            continue
+        target = st.sft.target
+        present: set[str] = set()
+        for ds in st.datasets:
+            rows = _first_rows(sources[(ds.name, ds.split)], TARGET_SCAN_ROWS)
+            if any(str(r.get(target, "")).strip() for r in rows):
+                break
+            present |= {k for r in rows for k, v in r.items() if k != "images" and str(v).strip()
+                        and not (isinstance(v, float) and v < 0)}
+        else:
+            names = ", ".join(f"{d.name}[{d.split}]" for d in st.datasets)
+            others = [f for f in ("solution", "answer", "caption") if f in present and f != target]
+            fix = (f"set --config.stages.{i}.sft.target={others[0]}" if others else
+                   f"add a {target!r} field to the rows")
+            raise config_lib.ConfigError(
+                f"SFT stage {st.name!r} trains on the field {target!r}, but no row of {names} has it "
+                f"(first {TARGET_SCAN_ROWS} rows of each checked); the rows have: "
+                f"{', '.join(sorted(present)) or 'no non-empty fields'}, images; fix: {fix}",
+                f"stages.{i}.sft.target",
+            )
+
+
+def check_reward_signatures(cfg: config_lib.Config, sources: dict) -> None:
+    """Calls each user reward of each GRPO stage once on a row of the stage's data (unguarded), so a
+    wrong signature stops the run now, with its traceback, instead of scoring 0 all run."""
+    for i, st in enumerate(cfg.stages):
+        if st.objective != "grpo":
+            continue
+        row = _first_rows(sources[(st.datasets[0].name, st.datasets[0].split)], 1)[0]
+        for j, (name, _) in enumerate(st.reward):
+            try:
+                rewards_lib.check_reward(name, row)
+            except ValueError as e:
+                err = config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.reward.{j}.0")
+                err.details = getattr(e, "details", "")
+                raise err from e
+
+
+def check_first_batches(env: Env, stop_check=None) -> None:
+    """Every stage's data iterator produces its first batch (a stage whose rows are all unusable,
+    e.g. all over max_prompt_len, fails here with the counts per reason, before any step)."""
+    from vlm_jax.data.pipeline import BadRowError, NoUsableRowsError
+
+    for i, st in enumerate(env.cfg.stages):
+        it = make_iterator(env, i, stop_check=stop_check)
+        try:
+            next(it)
+        except (NoUsableRowsError, BadRowError) as e:  # BadRowError: data.strict and a bad row
+            raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.datasets") from None
+        except StopIteration:
+            raise config_lib.ConfigError(f"stage {st.name!r}: the data gave no batch",
+                                         f"stages.{i}.datasets") from None
+        finally:
+            it.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,15 +289,16 @@ class Stage:
     cfg: config_lib.StageConfig
     optimizer: Any
     iterator: Any
+    model: Any = None  # the env's model with this stage's remat policy
     reward_fn: Any = None
     loss_cfg: grpo.GRPOLossConfig | None = None
 
 
-def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
+def make_iterator(env: Env, index: int, stop_check=None):
+    """The data iterator of stage `index` (from its start)."""
     from vlm_jax.data.pipeline import REASONING_INSTRUCTION, make_dataset
 
     st = env.cfg.stages[index]
-    optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
     # Every process reads the same global batch (shard 0 of 1) and supplies its own devices' slices
@@ -153,23 +320,22 @@ def build_stage(env: Env, index: int, data_state: dict | None) -> Stage:
         strict=env.cfg.data.strict,
         text_only=sft and st.sft.caption_as_input,
         instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
+        stop_check=stop_check,
     )
+    return iterator
+
+
+def build_stage(env: Env, index: int, data_state: dict | None, stop_check=None) -> Stage:
+    st = env.cfg.stages[index]
+    optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
+    sft = st.objective == "sft"
+    iterator = make_iterator(env, index, stop_check=stop_check)
     if data_state is not None:
         iterator.set_state(data_state)
-    stage = Stage(index, st, optimizer, iterator)
+    stage = Stage(index, st, optimizer, iterator, env.model.with_options(remat=st.remat))
     if not sft:
-        g = st.grpo
         stage.reward_fn = rewards_lib.build_reward(st.reward)
-        stage.loss_cfg = grpo.GRPOLossConfig(
-            clip_low=g.clip_low,
-            clip_high=g.clip_high,
-            clip_c=g.clip_c,
-            ratio_level=g.ratio_level,
-            kl_coef=g.kl_coef,
-            kl_estimator=g.kl_estimator,
-            loss_agg=g.loss_agg,
-            norm_length=g.max_new_tokens,
-        )
+        stage.loss_cfg = loss_config(st)
     return stage
 
 
@@ -179,17 +345,26 @@ def step_rng(seed: int, stage_index: int, stage_step: int) -> jax.Array:
 
 def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tuple[TrainState, dict]:
     """One step of the stage's objective; returns host metrics."""
-    model, proc, st = env.model, env.processor, stage.cfg
+    model, proc, st = stage.model, env.processor, stage.cfg
     if st.objective == "sft":
         batch = next(stage.iterator)
         inputs = models.place_inputs(model, model.prepare(batch, num_patches=env.num_patches))
-        sft_batch = SFTBatch(inputs, jnp.asarray(batch["loss_mask"], jnp.float32))
+        loss_mask = np.asarray(batch["loss_mask"], np.float32)
+        loss_mask = jnp.asarray(loss_mask) if model.mesh is None else sharding.shard_batch(loss_mask, model.mesh)
+        sft_batch = SFTBatch(inputs, loss_mask)
         state, m = sft_step(
-            state, sft_batch, graphdef=model.graphdef, optimizer=stage.optimizer, normalize=st.sft.normalize
+            state,
+            sft_batch,
+            graphdef=model.graphdef,
+            optimizer=stage.optimizer,
+            normalize=st.sft.normalize,
+            micro_batch=st.micro_batch_size,
+            mesh=model.mesh,
         )
         host = {k: float(v) for k, v in sharding.to_host(m).items()}
     else:
         g = st.grpo
+        errors_before = sum(rewards_lib.reward_errors().values())
         roll_rng, upd_rng = jax.random.split(rng)
         rbatch, _, host = collect_rollout(
             model,
@@ -217,38 +392,71 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             loss_cfg=stage.loss_cfg,
             mu=g.mu,
             minibatch=g.mini_batch_size,
+            micro_batch=st.micro_batch_size,
+            mesh=model.mesh,
         )
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
+        host["reward/errors"] = sum(rewards_lib.reward_errors().values()) - errors_before
     host["skipped_nonfinite"] = int(state.skipped)
+    host.update(data_metrics(stage.iterator))
     return state, host
+
+
+def data_metrics(iterator) -> dict:
+    """The stage's data counters so far: `data/rows` used, `data/skipped` and `data/skipped/<reason>`
+    for each reason that occurred."""
+    stats = iterator.stats
+    skipped = {r: n for r, n in stats["skipped"].items() if n}
+    out = {"data/rows": stats["rows"], "data/skipped": sum(skipped.values())}
+    out.update({f"data/skipped/{r}": n for r, n in skipped.items()})
+    return out
+
+
+def stage_summary(stage: Stage, steps_done: int) -> str:
+    """The line printed when a stage ends: steps, rows used, rows skipped per reason."""
+    from vlm_jax.data.pipeline import describe_skips
+
+    stats = stage.iterator.stats
+    n_skipped = sum(stats["skipped"].values())
+    return (f"stage {stage.cfg.name}: {steps_done}/{stage.cfg.steps} steps; data rows used "
+            f"{stats['rows']}, skipped {n_skipped} ({describe_skips(stats['skipped'])})")
 
 
 def evaluate_stage(
     env: Env, stage: Stage, params, *, global_step: int, stage_step: int, when: str, writer: MetricsWriter
 ) -> dict:
+    from vlm_jax.data.pipeline import StopRequested
     from vlm_jax.evaluate import evaluate_source
 
     ev = stage.cfg.eval
     out = {}
     for ds in ev.datasets:
         name = f"{ds.name}[{ds.split}]"
-        result = evaluate_source(
-            env.model,
-            params,
-            env.processor,
-            env.sources[(ds.name, ds.split)],
-            name=name,
-            max_examples=ev.max_examples,
-            batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens,
-            length_buckets=env.cfg.data.length_buckets,
-            max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
-            seed=env.cfg.seed,
-        )
+        try:
+            result = _evaluate_one(env, ev, ds, name, params, evaluate_source)
+        except StopRequested:  # SIGTERM while reading eval data: skip it, the loop stops next
+            log.warning("evaluation of %s interrupted by a stop request; not recorded", name)
+            break
         result["when"] = when
         writer.write_eval(global_step, stage.cfg.name, name, result, stage_step=stage_step)
         out[name] = result
     return out
+
+
+def _evaluate_one(env: Env, ev, ds, name: str, params, evaluate_source) -> dict:
+    return evaluate_source(
+        env.model,
+        params,
+        env.processor,
+        env.sources[(ds.name, ds.split)],
+        name=name,
+        max_examples=ev.max_examples,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        length_buckets=env.cfg.data.length_buckets,
+        max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size,
+        seed=env.cfg.seed,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,24 +479,92 @@ def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
     ref = None
     if refs.latest_step() == meta["stage_index"] and meta["stage_step"] > 0:
         ref, _ = refs.restore(meta["stage_index"], target=env.base_params)
-    log.info("resuming from step %d: stage %d, stage step %d", step, meta["stage_index"], meta["stage_step"])
+    print(f"resumed from step {step}: stage {meta['stage_index']} "
+          f"({env.cfg.stages[meta['stage_index']].name if meta['stage_index'] < len(env.cfg.stages) else 'end'}), "
+          f"stage step {meta['stage_step']}", flush=True)
     return state, meta, ref
+
+
+def check_optimizer_carry(env: Env) -> None:
+    """A stage with reset_optimizer=False can take over the previous stage's optimizer state (same
+    state structure), checked on abstract shapes before anything runs."""
+    cfg = env.cfg
+    shape = lambda st: jax.tree.structure(
+        jax.eval_shape(make_optimizer(st.optimizer, st.steps, st.trainable).init, env.base_params))
+    for index in range(1, len(cfg.stages)):
+        st = cfg.stages[index]
+        if not st.reset_optimizer and shape(st) != shape(cfg.stages[index - 1]):
+            raise config_lib.ConfigError(
+                f"stages.{index}.reset_optimizer=False needs the same optimizer and trainable "
+                f"modules as the previous stage",
+                f"stages.{index}.reset_optimizer",
+            )
+
+
+def remove_partial_checkpoints(directory: Path) -> None:
+    """Deletes orbax's temporary directories of saves that never committed (a crash mid-save), so
+    the newest entry in the checkpoint directory is always a complete checkpoint."""
+    for tmp in Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None) -> str:
     """Runs (or resumes) the curriculum; returns "finished" or "preempted".
 
-    `stop_after` requests a stop (exactly like SIGTERM) once the global step reaches it, e.g. for a
-    time-boxed job; the run checkpoints and returns "preempted"."""
+    Everything that can fail on the config or the data of any stage is checked before the first
+    step (see `setup`, `check_first_batches`). `stop_after` requests a stop (exactly like SIGTERM)
+    once the global step reaches it, e.g. for a time-boxed job; the run checkpoints and returns
+    "preempted". On an error the pending checkpoint saves finish (or their partial directories are
+    removed) and every writer is closed before the error propagates."""
     workdir = Path(workdir).resolve()  # orbax needs absolute paths
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = setup(cfg, workdir)
-    (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
-    ckpt = Checkpointer(
-        workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-    )
-    refs = Checkpointer(workdir / "reference", keep=1, async_save=False)
-    writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    from vlm_jax.data.pipeline import interrupt_data_waits
+
+    check_workdir(workdir)
+    with PreemptionGuard() as guard, interrupt_data_waits():
+        env = setup(cfg, workdir)
+        check_optimizer_carry(env)
+        check_first_batches(env, stop_check=lambda: guard.requested)
+        (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
+        ckpt = Checkpointer(
+            workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
+        refs = Checkpointer(workdir / "reference", keep=1, async_save=False)
+        writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+        try:
+            status = _loop(env, cfg, ckpt, refs, writer, guard, stop_after)
+        except BaseException:
+            _close_quietly(ckpt, refs, writer, env.open_iterators)
+            raise
+        ckpt.wait()
+        ckpt.close()
+        refs.close()
+        writer.close()
+    if status == "finished":
+        from vlm_jax import report
+
+        text = report.write_report(workdir, [s.name for s in cfg.stages])
+        report.plot(workdir)
+        print(text)
+    return status
+
+
+def _close_quietly(ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter, iterators=()) -> None:
+    """After an error: stop the data readers, let in-flight saves commit, close orbax (no threads or
+    event loops left to fail at interpreter exit), drop uncommitted save directories; never mask the
+    original error."""
+    for closer in (*(it.close for it in iterators), ckpt.close, refs.close, writer.close):
+        try:
+            closer()
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log.warning("while closing after an error: %s: %s", type(e).__name__, e)
+    for c in (ckpt, refs):
+        remove_partial_checkpoints(Path(str(c.directory)))
+
+
+def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter,
+          guard: PreemptionGuard, stop_after: int | None) -> str:
+    from vlm_jax.data.pipeline import BadRowError, StopRequested
+
     restored = _restore(env, ckpt, refs)
     if restored is None:
         state, meta, ref_params = (
@@ -299,114 +575,111 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     else:
         state, meta, ref_params = restored
         writer.truncate_after(meta["global_step"] + 1)
+        if meta["stage_step"] == 0 and meta["stage_index"] < len(cfg.stages):
+            # the stage-start evaluation of this stage runs again: drop a record of it already logged
+            writer.drop_records(meta["global_step"], cfg.stages[meta["stage_index"]].name)
     global_step = meta["global_step"]
     status = "finished"
-    with PreemptionGuard() as guard:
-        for index in range(meta["stage_index"], len(cfg.stages)):
-            st = cfg.stages[index]
-            resuming = index == meta["stage_index"] and meta["stage_step"] > 0
-            stage = build_stage(env, index, meta["data_state"] if resuming else None)
-            params = env.base_params if state is None else state.params
-            if resuming:
-                pass  # state (params, optimizer, counters) comes from the checkpoint
-            elif state is None or st.reset_optimizer:
-                state = init_state(params, stage.optimizer)
-            else:
-                fresh = init_state(params, stage.optimizer)
-                if jax.tree.structure(fresh.opt_state) != jax.tree.structure(state.opt_state):
-                    raise config_lib.ConfigError(
-                        f"stages.{index}.reset_optimizer=False needs the same optimizer and trainable "
-                        f"modules as the previous stage",
-                        f"stages.{index}.reset_optimizer",
-                    )
-                state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
-            start = meta["stage_step"] if resuming else 0
-            if st.objective != "grpo" or st.grpo.kl_coef == 0:
-                ref_params = None  # no reference model kept in memory
-            elif not resuming:  # the reference is the policy at the start of this stage
-                ref_params = jax.tree.map(jnp.copy, state.params)
-                refs.save(index, ref_params, {"stage_index": index}, force=True)
-            if start == 0 and st.eval.datasets:
-                evaluate_stage(
-                    env,
-                    stage,
-                    state.params,
-                    global_step=global_step,
-                    stage_step=0,
-                    when="before",
-                    writer=writer,
-                )
-            meta_for = lambda s_idx, s_step, opt_idx, data_state: dict(
-                stage_index=s_idx,
-                stage_step=s_step,
+    stop_check = lambda: guard.requested
+    for index in range(meta["stage_index"], len(cfg.stages)):
+        st = cfg.stages[index]
+        resuming = index == meta["stage_index"] and meta["stage_step"] > 0
+        stage = build_stage(env, index, meta["data_state"] if resuming else None, stop_check=stop_check)
+        env.open_iterators.append(stage.iterator)
+        params = env.base_params if state is None else state.params
+        if resuming:
+            pass  # state (params, optimizer, counters) comes from the checkpoint
+        elif state is None or st.reset_optimizer:
+            state = init_state(params, stage.optimizer)
+        else:
+            state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
+        start = meta["stage_step"] if resuming else 0
+        if st.objective != "grpo" or st.grpo.kl_coef == 0:
+            ref_params = None  # no reference model kept in memory
+        elif not resuming:  # the reference is the policy at the start of this stage
+            ref_params = jax.tree.map(jnp.copy, state.params)
+            refs.save(index, ref_params, {"stage_index": index}, force=True)
+        if start == 0 and st.eval.datasets:
+            evaluate_stage(
+                env,
+                stage,
+                state.params,
                 global_step=global_step,
-                opt_stage=opt_idx,
-                data_state=data_state,
-                seed=cfg.seed,
+                stage_step=0,
+                when="before",
+                writer=writer,
             )
-            with writer.stage_progress(st.name, st.steps, initial=start) as bar:
-                for stage_step in range(start, st.steps):
-                    if guard.requested:
-                        ckpt.save(
-                            global_step,
-                            state,
-                            meta_for(index, stage_step, index, stage.iterator.get_state()),
-                            force=True,
+        meta_for = lambda s_idx, s_step, opt_idx, data_state: dict(
+            stage_index=s_idx,
+            stage_step=s_step,
+            global_step=global_step,
+            opt_stage=opt_idx,
+            data_state=data_state,
+            seed=cfg.seed,
+        )
+        steps_done = start
+        with writer.stage_progress(st.name, st.steps, initial=start) as bar:
+            for stage_step in range(start, st.steps):
+                data_state = stage.iterator.get_state()
+                ran = False
+                if not guard.requested:
+                    try:
+                        state, host = train_step(
+                            env, stage, state, ref_params, step_rng(cfg.seed, index, stage_step)
                         )
-                        status = "preempted"
-                        break
-                    state, host = train_step(
-                        env, stage, state, ref_params, step_rng(cfg.seed, index, stage_step)
+                        ran = True
+                    except StopRequested:  # SIGTERM while waiting for data: this step never ran
+                        pass
+                    except BadRowError as e:  # data.strict: the row is named; bad input, exit 2
+                        raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{index}.datasets") from None
+                if not ran:
+                    if ckpt.latest_step() != global_step:  # else saved already: same state, same data position
+                        ckpt.save(global_step, state, meta_for(index, stage_step, index, data_state), force=True)
+                    status = "preempted"
+                    break
+                steps_done = stage_step + 1
+                global_step += 1
+                if stop_after is not None and global_step >= stop_after:
+                    guard.request()
+                if (stage_step + 1) % cfg.logging.every == 0 or stage_step + 1 == st.steps:
+                    writer.write(global_step, st.name, stage_step + 1, host)
+                bar.update(host)
+                if st.eval.every and (stage_step + 1) % st.eval.every == 0 and stage_step + 1 < st.steps:
+                    evaluate_stage(
+                        env,
+                        stage,
+                        state.params,
+                        global_step=global_step,
+                        stage_step=stage_step + 1,
+                        when="during",
+                        writer=writer,
                     )
-                    global_step += 1
-                    if stop_after is not None and global_step >= stop_after:
-                        guard.request()
-                    if (stage_step + 1) % cfg.logging.every == 0 or stage_step + 1 == st.steps:
-                        writer.write(global_step, st.name, stage_step + 1, host)
-                    bar.update(host)
-                    if st.eval.every and (stage_step + 1) % st.eval.every == 0 and stage_step + 1 < st.steps:
-                        evaluate_stage(
-                            env,
-                            stage,
-                            state.params,
-                            global_step=global_step,
-                            stage_step=stage_step + 1,
-                            when="during",
-                            writer=writer,
-                        )
-                    if (stage_step + 1) % cfg.checkpoint.every == 0 and stage_step + 1 < st.steps:
-                        ckpt.save(
-                            global_step,
-                            state,
-                            meta_for(index, stage_step + 1, index, stage.iterator.get_state()),
-                        )
-            if status == "preempted":
-                break
-            if st.eval.datasets:
-                evaluate_stage(
-                    env,
-                    stage,
-                    state.params,
-                    global_step=global_step,
-                    stage_step=st.steps,
-                    when="after",
-                    writer=writer,
-                )
-            # boundary checkpoint: the next stage starts from here
-            ckpt.save(global_step, state, meta_for(index + 1, 0, index, None), force=True)
-            if guard.requested and index + 1 < len(cfg.stages):
-                status = "preempted"
-                break
-    ckpt.wait()
-    ckpt.close()
-    refs.close()
-    writer.close()
-    if status == "finished":
-        from vlm_jax import report
-
-        text = report.write_report(workdir, [s.name for s in cfg.stages])
-        report.plot(workdir)
-        print(text)
+                every = cfg.checkpoint.every  # 0: only at stage ends
+                if every and (stage_step + 1) % every == 0 and stage_step + 1 < st.steps:
+                    ckpt.save(
+                        global_step,
+                        state,
+                        meta_for(index, stage_step + 1, index, stage.iterator.get_state()),
+                    )
+        print(stage_summary(stage, steps_done), flush=True)
+        stage.iterator.close()
+        if status == "preempted":
+            break
+        if st.eval.datasets:
+            evaluate_stage(
+                env,
+                stage,
+                state.params,
+                global_step=global_step,
+                stage_step=st.steps,
+                when="after",
+                writer=writer,
+            )
+        # boundary checkpoint: the next stage starts from here
+        ckpt.save(global_step, state, meta_for(index + 1, 0, index, None), force=True)
+        if guard.requested and index + 1 < len(cfg.stages):
+            status = "preempted"
+            break
     return status
 
 

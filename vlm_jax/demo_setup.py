@@ -87,12 +87,16 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--data_dir", default="artifacts/data")
+    ap.add_argument("--data_dir", default=None, help="default: $VLM_JAX_DATA_DIR, else ~/vlm_jax/data")
     ap.add_argument("--out", default="artifacts/tiny_base")
     ap.add_argument("--workdir", default="workdirs/pretrain_tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides for the pre-training, KEY=VALUE")
     args = ap.parse_args(argv)
+    from vlm_jax import paths
+
+    print(paths.describe_data_dir(args.data_dir))
+    args.data_dir = str(paths.data_dir(args.data_dir))
     out = Path(args.out)
     build_data(args.data_dir, seed=args.seed)
     init = build_init_model(out.with_name(out.name + "_init"), args.seed)

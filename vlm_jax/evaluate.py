@@ -4,8 +4,12 @@
         [--data_dir DIR] [--max_examples N] [--batch_size B] [--max_new_tokens T]
 
 PATH is a Hugging Face model directory or a training workdir (its latest checkpoint). SPEC is a
-dataset name, `name[split]` (default split `test`) or a `.jsonl` / `.json` / `.parquet` file in the
-`problem` / `answer` / `images` layout (see the README, "Evaluation sets").
+dataset name (its only split; with several, name one), `name[split]`, or a `.jsonl` / `.json` /
+`.parquet` file in the `problem` / `answer` / `images` layout (see the README, "Evaluation sets").
+`--data_dir` defaults to the one data directory of every command (`$VLM_JAX_DATA_DIR`, else
+`~/vlm_jax/data`). Each result says how many rows the data has (`rows`), how many were graded (`n`,
+the denominator of the accuracy) and the skipped rows per reason; when they differ the console
+says so too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.rollout import generate_and_grade
 
 CORRECT_THRESHOLD = 0.5  # a graded score >= this counts as correct (IoU >= 0.5 for boxes)
+NO_TASK = "(no task)"  # per-task key of rows without a `task`
 
 
 def evaluate_source(
@@ -43,9 +48,13 @@ def evaluate_source(
     """Accuracy and mean response length (tokens) on `source`, overall and per task."""
     from vlm_jax.data.pipeline import make_dataset
 
+    report = getattr(source, "report", None)  # a data file read whole: its rows skipped on reading
+    file_skipped = {r: len(v) for r, v in report.skipped.items()} if report is not None else {}
+    n_rows = len(source) + sum(file_skipped.values())
     n_total = len(source) if not max_examples else min(len(source), max_examples)
     if n_total == 0:
-        raise ValueError(f"evaluation set {name!r} is empty")
+        raise ValueError(f"evaluation set {name!r} has no usable rows"
+                         + (f" (skipped {file_skipped})" if file_skipped else ""))
     subset = _Head(source, n_total)
     it = make_dataset(
         [(subset, 1.0)],
@@ -81,7 +90,7 @@ def evaluate_source(
         )
         correct = g.components["auto"] >= CORRECT_THRESHOLD
         for i, text in enumerate(g.texts):
-            task = g.prompts.get("task", ["all"] * len(g.texts))[i] or "all"
+            task = g.prompts.get("task", [""] * len(g.texts))[i] or NO_TASK
             per_task[task].append((bool(correct[i]), int(g.rollout.lengths[i])))
             if len(samples) < 8:
                 samples.append(
@@ -92,19 +101,35 @@ def evaluate_source(
                         "correct": bool(correct[i]),
                     }
                 )
+    it.close()
+    from vlm_jax.data.pipeline import describe_skips
+
+    skipped = dict(file_skipped)
+    for reason, k in it.stats["skipped"].items():
+        if k:
+            skipped[reason] = skipped.get(reason, 0) + k
     rows = [r for v in per_task.values() for r in v]
+    if not rows:
+        raise ValueError(f"evaluation set {name!r}: every row was skipped ({describe_skips(skipped)})")
     summary = lambda rs: {
         "accuracy": float(np.mean([c for c, _ in rs])),
         "mean_response_length": float(np.mean([n for _, n in rs])),
         "n": len(rs),
     }
-    return {
+    out = {
         "name": name,
         **summary(rows),
+        "rows": n_rows,
+        "max_examples": max_examples,
         "per_task": {t: summary(v) for t, v in sorted(per_task.items())},
-        "skipped": dict(getattr(it, "stats", {}).get("skipped", {})),
+        "skipped": skipped,
         "samples": samples,
     }
+    if len(rows) != n_rows:
+        limit = f"max_examples={max_examples}; " if max_examples and max_examples < len(source) else ""
+        out["note"] = (f"accuracy is over n={len(rows)} of the data's {n_rows} rows "
+                       f"({limit}skipped: {describe_skips(skipped)})")
+    return out
 
 
 class _Head:
@@ -137,18 +162,39 @@ def load_for_eval(path: str | Path, dtype=None):
     return restore_for_export(path)
 
 
-def parse_specs(spec: str) -> list[tuple[str, str]]:
-    """'a,b[validation],c.jsonl' -> [(name, split)] (default split 'test')."""
+def parse_specs(spec: str) -> list[tuple[str, str | None]]:
+    """'a,b[validation],c.jsonl' -> [(name, split)] (split None when not given)."""
     out = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         if part.endswith("]") and "[" in part:
             name, split = part[:-1].split("[", 1)
             out.append((name, split))
         else:
-            out.append((part, "test"))
+            out.append((part, None))
     if not out:
         raise ValueError(f"--data {spec!r} names no dataset")
     return out
+
+
+def pick_split(name: str, data_dir) -> str:
+    """The only split of a prepared dataset; ValueError listing them when there are several."""
+    from vlm_jax.data import tfds_builders
+
+    splits = sorted(tfds_builders.dataset_splits(name, data_dir))
+    if len(splits) != 1:
+        raise ValueError(f"dataset {name!r} has the splits {splits}; name one, e.g. --data {name}[{splits[0]}]")
+    return splits[0]
+
+
+def check_writable(out: Path) -> None:
+    """Creates the folder of `out` and checks a file can be written there (before any evaluation)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.write_check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {str(out)!r} cannot be written ({e.strerror or e})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,47 +206,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--data_dir", default="artifacts/data")
+    ap.add_argument("--data_dir", default=None, help="default: $VLM_JAX_DATA_DIR, else ~/vlm_jax/data")
     ap.add_argument("--image_dir", default=None)
     ap.add_argument("--max_examples", type=int, default=0)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=128)
     args = ap.parse_args(argv)
     try:
-        from vlm_jax import data
+        from vlm_jax import data, paths
+        from vlm_jax.data.prepare import SUFFIXES as FILE_SUFFIXES
 
-        specs = parse_specs(args.data)
-        sources = [
-            (f"{n}[{s}]", data.load(n, split=s, data_dir=args.data_dir, image_dir=args.image_dir))
-            for n, s in specs
-        ]
+        check_writable(Path(args.out))
+        data_dir = paths.data_dir(args.data_dir)
+        print(paths.describe_data_dir(args.data_dir))
+        sources = []
+        for n, s in parse_specs(args.data):
+            if Path(n).suffix.lower() in FILE_SUFFIXES:
+                src = data.load(n, data_dir=data_dir, image_dir=args.image_dir)
+                sources.append((n, src))
+                if src.report is not None and src.report.num_skipped:
+                    print(f"warning: {src.report.summary()}")
+                continue
+            s = s if s is not None else pick_split(n, data_dir)
+            sources.append((f"{n}[{s}]", data.load(n, split=s, data_dir=data_dir)))
         model, params, processor = load_for_eval(args.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = {}
     for name, source in sources:
-        results[name] = evaluate_source(
-            model,
-            params,
-            processor,
-            source,
-            name=name,
-            max_examples=args.max_examples,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-        )
-        r = results[name]
+        try:
+            results[name] = r = evaluate_source(
+                model,
+                params,
+                processor,
+                source,
+                name=name,
+                max_examples=args.max_examples,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+            )
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(
             f"{name}: accuracy {r['accuracy']:.3f}  mean response length {r['mean_response_length']:.1f}"
-            f"  (n={r['n']})"
+            f"  (n={r['n']} of {r['rows']} rows)"
         )
+        if "note" in r:
+            print(f"warning: {name}: {r['note']}")
     rows = [(r["accuracy"], r["mean_response_length"], r["n"]) for r in results.values()]
     n = sum(k for _, _, k in rows)
     overall = {
         "accuracy": sum(a * k for a, _, k in rows) / n,
         "mean_response_length": sum(m * k for _, m, k in rows) / n,
         "n": n,
+        "rows": sum(r["rows"] for r in results.values()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"overall": overall, "datasets": results}, indent=2))

@@ -5,7 +5,9 @@ config.json, tokenizer, image processor, chat template) that transformers loads.
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from vlm_jax import models
 
@@ -14,7 +16,19 @@ def export(workdir, out_dir):
     from vlm_jax.curriculum import restore_for_export
 
     model, params, _ = restore_for_export(workdir)
-    return models.save_pretrained(model, params, out_dir)
+    out = models.save_pretrained(model, params, out_dir)
+    share_files(out)
+    return out
+
+
+def share_files(directory) -> None:
+    """Gives the exported files the usual permissions (0644 under the default umask) instead of the
+    0600 of the temporary files they were written through, so other users and jobs can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(directory).iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def main(argv=None) -> int:

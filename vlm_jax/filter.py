@@ -302,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--data", required=True, help="NAME, NAME[SPLIT] (default split train) or a data file")
   ap.add_argument("--out", required=True, help="name of the dataset to write")
   ap.add_argument("--out_split", default=None, help="split to write (default: the input's split)")
-  ap.add_argument("--data_dir", default="artifacts/data")
+  ap.add_argument("--data_dir", default=None, help="default: $VLM_JAX_DATA_DIR, else ~/vlm_jax/data")
   ap.add_argument("--mode", required=True, choices=MODES)
   ap.add_argument("--image_wrong", choices=QUANTIFIERS, default=None, help="perception rule (default all)")
   ap.add_argument("--caption_right", choices=QUANTIFIERS, default=None, help="perception rule (default all)")
@@ -386,6 +386,9 @@ def _load_inputs(args: argparse.Namespace):
   args.out_split = args.out_split or split_of(args.data)
   if not re.fullmatch(r"\w+", args.out_split):
     raise ValueError(f"--out_split {args.out_split!r} must be letters, digits and underscores")
+  from vlm_jax import paths
+  print(paths.describe_data_dir(args.data_dir))
+  args.data_dir = str(paths.data_dir(args.data_dir))
   source = data.load(args.data, split="train", data_dir=args.data_dir)
   if len(source) == 0:
     raise ValueError(f"--data {args.data!r} has no rows")

@@ -10,7 +10,7 @@ One `MetricsWriter` per run, owned by the curriculum loop. Layout under the work
 - `eval/{step:07d}_{stage}_{name}.json`: one file per evaluation (`write_eval`).
 - `tensorboard/`: event files. Tags are the metric keys themselves (`loss`, `reward/mean`,
   `eval/<name>/accuracy`) against the *global* step, so one curve runs continuously across stages
-  (TensorBoard groups tags by their prefix before `/`); the stage of a step is in the JSONL.
+  (TensorBoard groups tags by their prefix before `/`; `<name>` is `NAME.SPLIT` for `NAME[SPLIT]`); the stage of a step is in the JSONL.
 
 Only the main process (JAX process 0) writes; on the others every method is a no-op, so the loop
 can call them unconditionally.
@@ -84,6 +84,15 @@ def safe_name(name: str) -> str:
     if not name:
         raise ValueError("eval name must be non-empty")
     return _UNSAFE_FILENAME_CHARS.sub("_", name)
+
+
+def metric_name(name: str) -> str:
+    """Readable metric-key form of an eval name: `dots[validation]` -> `dots.validation`,
+    `data/geo.jsonl` -> `data_geo.jsonl` (other unsafe characters -> `_`)."""
+    if name.endswith("]") and "[" in name:
+        base, split = name[:-1].split("[", 1)
+        name = f"{base}.{split}"
+    return re.sub("_+", "_", safe_name(name)).strip("_") or "_"
 
 
 def eval_filename(step: int, stage: str, name: str) -> str:
@@ -244,7 +253,7 @@ class MetricsWriter:
         self.eval_dir.mkdir(parents=True, exist_ok=True)
         path = self.eval_dir / eval_filename(step, stage, name)
         _atomic_write_text(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
-        tag = f"eval/{safe_name(name)}"
+        tag = f"eval/{metric_name(name)}"
         self._append(step, stage, stage_step, {
             f"{tag}/accuracy": result["accuracy"],
             f"{tag}/response_length": result["mean_response_length"],
@@ -277,6 +286,26 @@ class MetricsWriter:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError(f"{self.metrics_path}:{i + 1}: no integer 'step': {line[:80]!r}")
             if record["step"] < step:
+                kept.append(line)
+        _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        return len(lines) - len(kept)
+
+    def drop_records(self, step: int, stage: str) -> int:
+        """Drop the JSONL lines of `stage` at global `step` (a stage-start evaluation that a resume at
+        that stage's start logs again). Returns the number of lines dropped."""
+        if not self.is_main or not self.metrics_path.exists():
+            return 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (record.get("step") == step and record.get("stage") == stage):
                 kept.append(line)
         _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
         return len(lines) - len(kept)

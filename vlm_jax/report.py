@@ -24,6 +24,7 @@ Series = tuple[list[float], list[float]]
 EVAL_REQUIRED_KEYS: tuple[str, ...] = ("step", "stage", "name", "when", "accuracy",
                                        "mean_response_length")
 ALL_TASKS = "(all)"
+NO_TASK_KEYS = ("(no task)", "all")  # per-task key of rows without a `task` (now / before)
 MISSING = "—"
 _WHEN_RANK = {when: i for i, when in enumerate(EVAL_WHEN)}  # before < during < after
 _PLOT_DPI = 100
@@ -156,6 +157,8 @@ def stage_table(evals: Sequence[Record], stages: Sequence[str]) -> str:
             before = _last(evals, stage=stage, name=name, when="before")
             after = _last(evals, stage=stage, name=name, when="after")
             tasks = sorted({*(before or {}).get("per_task", {}), *(after or {}).get("per_task", {})})
+            if len(tasks) == 1 and tasks[0] in NO_TASK_KEYS:
+                tasks = []  # rows without a task: the overall row says it all
             for task in [ALL_TASKS, *tasks]:
                 acc_b, len_b, n_b = _task_view(before, task)
                 acc_a, len_a, n_a = _task_view(after, task)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm_jax import sharding as shd
+from vlm_jax.logprobs import batch_shards, token_logprobs
 from vlm_jax.train_state import TrainState, apply_gradients
 
 
@@ -31,30 +33,97 @@ def token_nll(logits_BLV, input_ids_BL):
 def sft_loss_value(nll_BT, mask_BT, normalize: Literal["token", "sequence"] = "token"):
     """Token-normalised: sum(nll * m) / sum(m). Sequence-normalised: mean over rows with targets of
     each row's token mean. Returns (loss, number of target tokens)."""
+    return jnp.sum(nll_BT * sft_loss_weights(mask_BT, normalize)), mask_BT.astype(jnp.float32).sum()
+
+
+def sft_loss_weights(mask_BT, normalize: Literal["token", "sequence"] = "token"):
+    """Per-token weights with loss = sum(nll * weights): token-normalised m / sum(m); sequence-
+    normalised m / (row's target count) / (rows with targets). Computed over the whole batch, so
+    micro-batches' weighted sums add up to the batch's loss."""
     mask = mask_BT.astype(jnp.float32)
-    n_tok = mask.sum()
     if normalize == "token":
-        return jnp.sum(nll_BT * mask) / jnp.maximum(n_tok, 1.0), n_tok
-    per_row_n = mask.sum(-1)
-    per_row = jnp.sum(nll_BT * mask, -1) / jnp.maximum(per_row_n, 1.0)
-    has = (per_row_n > 0).astype(jnp.float32)
-    return jnp.sum(per_row * has) / jnp.maximum(has.sum(), 1.0), n_tok
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    per_row_n = mask.sum(-1, keepdims=True)
+    has = (per_row_n > 0).astype(jnp.float32).sum()
+    return mask / jnp.maximum(per_row_n, 1.0) / jnp.maximum(has, 1.0)
 
 
-def sft_loss(params, graphdef, batch: SFTBatch, normalize: str):
+def sft_loss(params, graphdef, inputs, weights_BT, x_BLD=None, mesh=None):
+    """sum(-log p(target) * weights) over a (micro-)batch; `x_BLD`: its embeddings when already
+    computed (images encoded for the whole batch)."""
     model = nnx.merge(graphdef, params)
-    x = batch.inputs
-    logits = model(x.input_ids_BL, x.attention_mask_BL, x.positions_3BL, x.vision)
-    nll = token_nll(logits, x.input_ids_BL)
-    loss, n_tok = sft_loss_value(nll, batch.loss_mask_BL[:, 1:], normalize)
-    return loss, {"loss": loss, "target_tokens": n_tok}
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "normalize"), donate_argnums=(0,))
-def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normalize="token"):
-    """One guarded optimizer update on the SFT loss."""
-    (loss, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(
-        state.params, graphdef, batch, normalize
+    constrain = shd.batch_constraint(mesh)
+    x = model.embed(inputs.input_ids_BL, inputs.vision) if x_BLD is None else x_BLD
+    h, _ = model.decode(
+        x, inputs.positions_3BL, None, key_valid_BS=inputs.attention_mask_BL > 0, constrain=constrain
     )
+    logp, _ = token_logprobs(model.logits, h[:, :-1], inputs.input_ids_BL[:, 1:], chunk=model.options.logits_chunk)
+    return -jnp.sum(logp * weights_BT)
+
+
+def _micro(x, shards: int, n_micro: int, axis: int = 0):
+    """[.., B, ..] -> [n_micro, .., B / n_micro, ..]: micro-batch u takes rows u*r .. u*r + r - 1 of
+    each of the `shards` contiguous batch shards (r = B / shards / n_micro), so no row changes device."""
+    x = jnp.moveaxis(x, axis, 0)
+    B = x.shape[0]
+    x = x.reshape(shards, n_micro, B // shards // n_micro, *x.shape[1:])
+    x = jnp.moveaxis(x, 1, 0).reshape(n_micro, B // n_micro, *x.shape[3:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "optimizer", "normalize", "micro_batch", "mesh"),
+    donate_argnums=(0,),
+)
+def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normalize="token", micro_batch=0,
+             mesh=None):
+    """One guarded optimizer update on the SFT loss, its gradient accumulated over micro-batches of
+    `micro_batch` rows (0 = the whole batch; the result is the same, the memory that of one
+    micro-batch)."""
+    inputs = batch.inputs
+    B = inputs.input_ids_BL.shape[0]
+    mask = batch.loss_mask_BL[:, 1:]
+    weights = sft_loss_weights(mask, normalize)
+    n_tok = mask.astype(jnp.float32).sum()
+    micro = B if micro_batch in (0, None) else micro_batch
+    if B % micro:
+        raise ValueError(f"a batch of {B} rows does not split into micro-batches of {micro}")
+    n_micro = B // micro
+    grad_fn = jax.value_and_grad(sft_loss)
+    if n_micro == 1:
+        loss, grads = grad_fn(state.params, graphdef, inputs, weights, None, mesh)
+    else:
+        shards = batch_shards(mesh, B, micro)
+        split = functools.partial(_micro, shards=shards, n_micro=n_micro)
+        text = inputs._replace(vision=None)
+        xs = (
+            text._replace(
+                input_ids_BL=split(inputs.input_ids_BL),
+                attention_mask_BL=split(inputs.attention_mask_BL),
+                positions_3BL=split(inputs.positions_3BL, axis=1),
+            ),
+            split(weights),
+            jnp.arange(n_micro),
+        )
+
+        def micro_step(acc, x):
+            inputs_u, w_u, u = x
+            if inputs.vision is None:
+                loss_u, g = grad_fn(state.params, graphdef, inputs_u, w_u, None, mesh)
+            else:  # images are laid out for the whole batch: encode them all, take this micro's rows
+
+                def f(p):
+                    m = nnx.merge(graphdef, p)
+                    return sft_loss(p, graphdef, inputs_u, w_u, split(m.embed(inputs.input_ids_BL, inputs.vision))[u],
+                                    mesh)
+
+                loss_u, g = jax.value_and_grad(f)(state.params)
+            g_acc, l_acc = acc
+            return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + loss_u), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros((), jnp.float32)), xs)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     state, upd = apply_gradients(state, grads, loss, optimizer)
-    return state, {**metrics, **upd}
+    return state, {"loss": loss, "target_tokens": n_tok, **upd}

@@ -12,3 +12,10 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
         if n <= b:
             return b
     return -(-n // buckets[-1]) * buckets[-1]
+
+
+def chunk_size(n: int, chunk: int) -> int:
+    """The largest divisor of `n` that is <= `chunk` (`n` itself when chunk is 0 or >= n)."""
+    if chunk <= 0 or chunk >= n:
+        return n
+    return next(c for c in range(chunk, 0, -1) if n % c == 0)

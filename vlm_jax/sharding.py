@@ -81,6 +81,21 @@ def batch_spec(ndim: int, batch_axis: int = 0) -> P:
     return P(*spec)
 
 
+def batch_constraint(mesh: Mesh | None):
+    """A function that pins an array's leading (batch) dim to the batch axes (data, fsdp) inside a
+    jit, the rest replicated; identity without a mesh or when the axes do not divide the batch."""
+    if mesh is None or mesh.shape["data"] * mesh.shape["fsdp"] == 1:
+        return lambda x: x
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def constrain(x):
+        if x.ndim == 0 or x.shape[0] % n:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim)))
+
+    return constrain
+
+
 def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0):
     """Places numpy arrays on the mesh, batch dim over (data, fsdp) when it divides, else replicated.
 
@@ -206,7 +221,7 @@ def watch_for_failures() -> None:
     atexit.register(stop_watching)  # runs before jax's own exit hook (registered earlier)
 
 
-def fail_job(exc: BaseException, code: int = 1) -> None:
+def fail_job(exc: BaseException, code: int = 1, *, show_traceback: bool = True) -> None:
     """Ends this process (exit `code`) after telling every other process why, so none of them waits
     in a collective for it. Single process: returns and the caller reports normally."""
     client = _client()
@@ -215,7 +230,8 @@ def fail_job(exc: BaseException, code: int = 1) -> None:
     import sys
     import traceback
 
-    traceback.print_exception(exc, file=sys.stderr)
+    if show_traceback:
+        traceback.print_exception(exc, file=sys.stderr)
     me = jax.process_index()
     message = f"process {me} of {jax.process_count()} failed: {type(exc).__name__}: {exc}"
     _end_process(client, me, message, code=code, publish=True)

@@ -2,8 +2,10 @@
 
 Runs the staged curriculum of the config; rerunning with the same workdir resumes (from the newest
 checkpoint that restores completely). Exits 0 when finished or when preempted by SIGTERM (after
-checkpointing), 2 on a bad config or input, 1 when a checkpoint cannot be written (the previous one
-stays intact) or none of the existing ones restores.
+checkpointing), 2 on a bad config or input (one line `error: ...`, checked for every stage before the
+first step), 1 when a checkpoint cannot be written (the previous one stays intact) or none of the
+existing ones restores (one line), and 1 on any other error (one line `error: ...`, then its
+traceback once).
 
 Several processes (one per host): `--distributed=auto` on a TPU pod slice (`jax.distributed`
 discovers the slice), or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on
@@ -18,6 +20,7 @@ and the start-up handshake.
 
 import logging
 import sys
+import traceback
 
 from vlm_jax import config as config_lib
 from vlm_jax.checkpoint import CheckpointDamagedError, CheckpointWriteError
@@ -80,17 +83,44 @@ def main(argv=None) -> int:
         except BaseException as e:  # several processes: end the whole job, naming the error
             from vlm_jax import sharding
 
-            sharding.fail_job(e, code=2 if isinstance(e, EXPECTED_ERRORS) else 1)
+            expected = isinstance(e, EXPECTED_ERRORS)
+            sharding.fail_job(e, code=2 if expected else 1, show_traceback=not expected)
             raise
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        details = getattr(e, "details", "")
+        if details:
+            print(details, file=sys.stderr, end="" if details.endswith("\n") else "\n")
         return 2
     except (CheckpointWriteError, CheckpointDamagedError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one readable line, then the traceback once
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
         return 1
     print(f"run {status}: {flags['workdir']}")
     return 0
 
 
+def cli() -> None:
+    """The `vlm-jax-train` / `python -m vlm_jax.train` entry: `main`, then exit without waiting for
+    data-reader threads still blocked in a read (a stop during a stalled read must not hang)."""
+    import os
+    import threading
+
+    code = main()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+             and t.name.startswith("grain")]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

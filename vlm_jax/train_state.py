@@ -109,18 +109,81 @@ def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> opt
     return optax.chain(*chain, optax.multi_transform(transforms, module_labels))
 
 
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def state_shardings(state_abstract: TrainState, params) -> TrainState | None:
+    """Shardings for a `TrainState` whose arrays mirror `params`: the parameters' own shardings for
+    the parameters and for every optimizer leaf that is a parameter-shaped moment (its tree path
+    ends with a parameter's path and the shapes agree), the parameters' mesh replicated for the rest
+    (counters, scalars). None when the parameters are not placed with `NamedSharding`s."""
+    by_path = {}
+    mesh = None
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        sh = getattr(x, "sharding", None)
+        if not isinstance(sh, jax.sharding.NamedSharding):
+            return None
+        mesh = sh.mesh
+        spec = list(sh.spec)
+        while spec and spec[-1] is None:  # the form the steps' outputs come back in (no recompile)
+            spec.pop()
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        by_path[tuple(_key(k) for k in path)] = (tuple(x.shape), sh)
+    if mesh is None:
+        return None
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(path, x):
+        keys = tuple(_key(k) for k in path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(place, state_abstract)
+
+
 @functools.lru_cache(maxsize=64)
-def _init_fn(optimizer: optax.GradientTransformation):
+def _init_fn(optimizer: optax.GradientTransformation, out_shardings=None):
     # Copy the parameters: the steps donate the state, which must not delete the caller's arrays.
     return jax.jit(
-        lambda p: TrainState(jax.tree.map(jnp.copy, p), optimizer.init(p), jnp.int32(0), jnp.int32(0))
+        lambda p: TrainState(jax.tree.map(jnp.copy, p), optimizer.init(p), jnp.int32(0), jnp.int32(0)),
+        out_shardings=None if out_shardings is None else out_shardings.unflatten(),
     )
 
 
+def init_fn(params, optimizer: optax.GradientTransformation):
+    """The jitted optimizer init for `params` (arrays or abstract arrays with shardings): its
+    outputs are placed explicitly, moments sharded like their parameters (left to the compiler,
+    AdamW moments came out replicated, and the first step then compiled a second time when it
+    returned them sharded)."""
+    abstract = jax.eval_shape(
+        lambda p: TrainState(p, optimizer.init(p), jnp.int32(0), jnp.int32(0)), params
+    )
+    shardings = state_shardings(abstract, params)
+    if shardings is None:
+        return _init_fn(optimizer)
+    leaves, treedef = jax.tree.flatten(shardings)
+    return _init_fn(optimizer, _Hashable(treedef, tuple(leaves)))
+
+
+class _Hashable(NamedTuple):
+    """A sharding tree as a hashable cache key (jit accepts it back via `unflatten`)."""
+
+    treedef: Any
+    leaves: tuple
+
+    def unflatten(self):
+        return jax.tree.unflatten(self.treedef, list(self.leaves))
+
+
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Fresh optimizer state, built in one jit so every leaf lives on the parameters' mesh (the step
-    functions then see the same shardings on every call and compile once)."""
-    return _init_fn(optimizer)(params)
+    """Fresh optimizer state, built in one jit with every leaf placed on the parameters' mesh
+    (moments like their parameters), so the step functions see the same shardings on every call
+    and compile once."""
+    return init_fn(params, optimizer)(params)
 
 
 def all_finite(tree) -> jax.Array:

@@ -197,14 +197,16 @@ def check_config(cfg, *, sources: Mapping | None = None, processor=None, rows: i
 def _open_sources(cfg) -> dict:
     """The stages' training datasets, as `curriculum.open_sources` loads them."""
     from vlm_jax import config as config_lib
+    from vlm_jax import paths
     from vlm_jax.data import load
 
+    data_dir = paths.data_dir(cfg.data.data_dir)
     out = {}
     for i, st in enumerate(cfg.stages):
         for j, ds in enumerate(st.datasets):
             if (ds.name, ds.split) not in out:
                 try:
-                    out[(ds.name, ds.split)] = load(ds.name, split=ds.split, data_dir=cfg.data.data_dir)
+                    out[(ds.name, ds.split)] = load(ds.name, split=ds.split, data_dir=data_dir)
                 except (ValueError, FileNotFoundError) as e:
                     raise config_lib.ConfigError(f"stages.{i}.datasets.{j}.name: {e}") from e
     return out

@@ -44,15 +44,21 @@ Unusable rows (prompt over ``max_prompt_len``, SFT sequence over the largest buc
 over the per-row pixel budget ``max_pixels_per_batch // batch_size``, undecodable image,
 placeholder / image-token mismatch, missing caption or target) are skipped and counted by
 reason in ``iterator.stats``, or raise ``BadRowError`` naming the source and row when
-``strict``. ``get_state()`` / ``set_state()`` (JSON-serialisable, counters included)
+``strict``. No wait is endless: when a whole pass over the data (every row of every source,
+by weight) yields no usable row, ``next`` raises ``NoUsableRowsError`` with the counts per
+reason; ``stop_check`` (e.g. "SIGTERM received") is polled between rows and raises
+``StopRequested``. ``get_state()`` / ``set_state()`` (JSON-serialisable, counters included)
 resume at the next unseen row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-from collections.abc import Mapping, Sequence
+import math
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import grain
@@ -82,6 +88,57 @@ HOST_KEYS: tuple[str, ...] = (
     "index", "source", "problem", "answer", "task", "answer_type", "capability", "caption", "solution",
 )
 TARGET_FIELDS: tuple[str, ...] = ("solution", "answer", "caption")
+# What to change when every row is skipped for one reason.
+SKIP_HINTS: Mapping[str, str] = {
+    PROMPT_TOO_LONG: "raise data.max_prompt_len (and data.length_buckets) or shorten the prompts",
+    SEQUENCE_TOO_LONG: "raise the largest data.length_buckets entry or shorten the targets",
+    TOO_MANY_PIXELS: "raise data.max_pixels_per_image or use smaller images",
+    MISSING_TARGET: "set sft.target to a field the rows have (solution, answer or caption)",
+    MISSING_CAPTION: "give the rows a caption or turn sft.caption_as_input off",
+    MISSING_PROMPT: "give the rows a non-empty problem",
+    schema.UNREADABLE_IMAGE: "check the image paths (--image_dir) and files",
+}
+
+
+class NoUsableRowsError(RuntimeError):
+    """A whole pass over the data gave no usable row: the iterator can never fill a batch."""
+
+
+class StopRequested(Exception):
+    """``stop_check`` returned True while the iterator was waiting for rows (e.g. SIGTERM)."""
+
+
+_waiting = [0]  # BatchIterator.__next__ calls in progress (main thread)
+
+
+@contextlib.contextmanager
+def interrupt_data_waits(signals: Sequence[int] = (signal.SIGTERM,)):
+    """While active, a signal that arrives while a ``BatchIterator`` waits for rows (a slow read, a
+    source that stalls) raises ``StopRequested`` out of that wait, after the handler installed before
+    (e.g. ``PreemptionGuard``'s, which records the stop) has run. Elsewhere the signal is handled as
+    before. Main thread only."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handler(signum, frame):
+        prev = previous[signal.Signals(signum)]
+        if callable(prev):
+            prev(signum, frame)
+        if _waiting[0] > 0:
+            raise StopRequested(f"{signal.Signals(signum).name} while waiting for data")
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+
+
+def describe_skips(skipped: Mapping[str, int]) -> str:
+    """'prompt_too_long 12, missing_target 3' for the non-zero counts, most frequent first ('none')."""
+    items = sorted(((n, r) for r, n in skipped.items() if n), key=lambda t: (-t[0], t[1]))
+    return ", ".join(f"{r} {n}" for n, r in items) or "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +358,8 @@ class BatchIterator(grain.DatasetIterator):
     """
 
     def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, strict: bool, drop_remainder: bool,
-                 source_names: Sequence[str], collate_kwargs: Mapping[str, Any]):
+                 source_names: Sequence[str], collate_kwargs: Mapping[str, Any],
+                 pass_rows: int | None = None, stop_check: Callable[[], bool] | None = None):
         super().__init__(parent)
         self._batch_size = batch_size
         self._strict = strict
@@ -309,6 +367,11 @@ class BatchIterator(grain.DatasetIterator):
         self._source_names = list(source_names)
         self._collate_kwargs = dict(collate_kwargs)
         self._counters = _new_stats()
+        # Consecutive skipped rows after which no usable row can come (a whole pass, see make_dataset).
+        self._pass_rows = pass_rows
+        self._stop_check = stop_check
+        self._run_of_skips = 0
+        self._last_skip: Skipped | None = None
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -316,8 +379,17 @@ class BatchIterator(grain.DatasetIterator):
         return {**self._counters, "skipped": dict(self._counters["skipped"])}
 
     def __next__(self) -> dict[str, Any]:
+        _waiting[0] += 1
+        try:
+            return self._next()
+        finally:
+            _waiting[0] -= 1
+
+    def _next(self) -> dict[str, Any]:
         examples: list[Example] = []
         while len(examples) < self._batch_size:
+            if self._stop_check is not None and self._stop_check():
+                raise StopRequested("stop requested while waiting for data")
             try:
                 item = next(self._parent)
             except StopIteration:
@@ -326,7 +398,12 @@ class BatchIterator(grain.DatasetIterator):
                 raise
             if isinstance(item, Skipped):
                 self._skip(item)
+                self._run_of_skips += 1
+                self._last_skip = item
+                if self._pass_rows is not None and self._run_of_skips >= self._pass_rows:
+                    raise NoUsableRowsError(self._no_rows_message())
             else:
+                self._run_of_skips = 0
                 examples.append(item)
         self._counters["rows"] += len(examples)
         self._counters["batches"] += 1
@@ -337,6 +414,25 @@ class BatchIterator(grain.DatasetIterator):
             detail = f" ({item.detail})" if item.detail else ""
             raise BadRowError(f"{self._source_names[item.source]}: row {item.index}: {item.reason}{detail}")
         self._counters["skipped"][item.reason] = self._counters["skipped"].get(item.reason, 0) + 1
+
+    def close(self) -> None:
+        """Stops the prefetch threads (a closed iterator cannot be used again)."""
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()
+
+    def _no_rows_message(self) -> str:
+        names = ", ".join(self._source_names)
+        skipped = self._counters["skipped"]
+        top = max(skipped, key=lambda r: skipped[r])
+        last = self._last_skip
+        example = ""
+        if last is not None:
+            detail = f" ({last.detail})" if last.detail else ""
+            example = f"; e.g. {self._source_names[last.source]} row {last.index}: {last.reason}{detail}"
+        hint = f"; fix: {SKIP_HINTS[top]}" if top in SKIP_HINTS else ""
+        return (f"{names}: no usable row in {self._run_of_skips} consecutive rows (a whole pass over the "
+                f"data), so no batch can be made; skipped so far: {describe_skips(skipped)}{example}{hint}")
 
     def get_state(self) -> dict[str, Any]:
         return {"elements": self._parent.get_state(), "stats": self.stats}
@@ -421,13 +517,15 @@ def make_dataset(
     drop_remainder: bool = False,
     num_threads: int = 2,
     prefetch_buffer_size: int = 16,
+    stop_check: Callable[[], bool] | None = None,
 ) -> BatchIterator:
     """Batches from weighted ``sources`` (each ``len`` + ``[i]`` -> schema dict); see the module doc.
 
     ``shard_index`` / ``shard_count`` default to ``jax.process_index()`` /
     ``jax.process_count()``. ``num_epochs=None`` repeats forever. ``max_prompt_len``
     defaults to the largest length bucket. A final partial batch (finite epochs) is
-    padded to ``batch_size`` with ``row_mask`` 0 unless ``drop_remainder``.
+    padded to ``batch_size`` with ``row_mask`` 0 unless ``drop_remainder``. ``stop_check``
+    is called between rows; when it returns True ``next`` raises ``StopRequested``.
     """
     if shard_index is None or shard_count is None:
         import jax  # noqa: PLC0415 - only for the defaults
@@ -449,6 +547,13 @@ def make_dataset(
                     system_prompt=system_prompt)
     parts = [_ordered_source(src, k, order=order, order_key=order_key, seed=seed, shard_index=shard_index,
                              shard_count=shard_count, num_epochs=num_epochs) for k, (src, _) in enumerate(sources)]
+    # A whole pass: enough consecutive draws that every row of every source came at least once (twice
+    # the longest source's share of the mixture, so a window spanning two shuffled epochs is covered).
+    # Finite epochs end with StopIteration on their own.
+    total_weight = sum(float(w) for _, w in sources)
+    epoch_rows = [len(range(shard_index, len(src), shard_count)) for src, _ in sources]
+    pass_rows = None if num_epochs is not None else 2 * max(
+        math.ceil(n * total_weight / float(w)) for n, (_, w) in zip(epoch_rows, sources)) + 1
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(w) for _, w in sources])
     encoded = mixed.map(lambda item: encode_row(item[2], processor, spec, source=item[0], index=item[1]))
     elements = encoded.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
@@ -460,6 +565,7 @@ def make_dataset(
         collate_kwargs={"length_buckets": buckets, "pad_token_id": int(processor.pad_token_id),
                         "padding_side": "left" if target_field is None else "right",
                         "patch_cap": patch_cap, "patch_dim": patch_dim},
+        pass_rows=pass_rows, stop_check=stop_check,
     )
 
 

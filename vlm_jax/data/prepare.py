@@ -5,12 +5,18 @@ Command line::
     python -m vlm_jax.data.prepare --input FILE --name NAME [--image_dir DIR]
         [--data_dir DIR] [--split train] [--strict]
 
+``--data_dir`` defaults to the one data directory every command uses (``vlm_jax.paths``:
+``$VLM_JAX_DATA_DIR``, else ``~/vlm_jax/data``); the command prints it.
+
 Input rows (the layout PyTorch VLM-RL users already have): ``problem`` (text with one
-``<image>`` placeholder per image), ``answer``, ``images`` (a list of paths relative to
-``--image_dir`` (default: the input file's folder), absolute paths, raw bytes, or
-``{"bytes": ..., "path": ...}`` dicts as Hugging Face datasets write to Parquet), or a
-single ``image`` field instead of ``images``; optional schema fields (see
-``vlm_jax.data.schema``) are kept. Images are stored as their original encoded bytes.
+``<image>`` placeholder per image), ``answer``, ``images`` (a list of absolute paths, paths
+relative to ``--image_dir``, raw bytes, or ``{"bytes": ..., "path": ...}`` dicts as Hugging
+Face datasets write to Parquet), or a single ``image`` field instead of ``images``; optional
+schema fields (see ``vlm_jax.data.schema``) are kept. Images are stored as their original
+encoded bytes. A relative path is looked up under ``--image_dir`` when given; without it, under
+the input file's folder, then under that folder's parents (a path written relative to the
+folder the dataset was made from, e.g. ``mydata/images/1.png`` beside ``mydata/train.parquet``);
+an unreadable image's reason names the path(s) tried.
 
 A row that cannot be used -- invalid JSON line, missing/blank ``problem`` or
 ``answer``, a placeholder count different from its image count, an image that is missing
@@ -61,13 +67,16 @@ class PrepareReport:
     source: str
     written: int = 0
     skipped: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    first_detail: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> first row's detail
 
     @property
     def num_skipped(self) -> int:
         return sum(len(rows) for rows in self.skipped.values())
 
-    def skip(self, row: int, reason: str) -> None:
+    def skip(self, row: int, reason: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, []).append(row)
+        if detail and reason not in self.first_detail:
+            self.first_detail[reason] = f"row {row}: {detail}"
 
     def summary(self) -> str:
         """Human-readable lines: written count, then one line per skip reason."""
@@ -76,6 +85,8 @@ class PrepareReport:
             shown = ", ".join(str(r) for r in rows[:REPORT_ROWS])
             more = ", ..." if len(rows) > REPORT_ROWS else ""
             lines.append(f"  skipped {len(rows)} x {reason} (rows {shown}{more})")
+            if reason in self.first_detail:
+                lines.append(f"    first: {self.first_detail[reason]}")
         return "\n".join(lines)
 
 
@@ -141,7 +152,34 @@ def _image_entries(row: Mapping[str, Any]) -> list[Any] | None:
     return None
 
 
-def _read_image(entry: Any, image_dir: Path) -> bytes:
+PARENT_LOOKUPS = 2  # parents of the data file's folder also tried for a relative image path
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRoots:
+    """Where relative image paths are looked up: ``--image_dir`` only when given, else the data
+    file's folder and then up to ``PARENT_LOOKUPS`` of its parents."""
+
+    dirs: tuple[Path, ...]
+
+    @classmethod
+    def for_file(cls, data_file: str | Path, image_dir: str | Path | None) -> ImageRoots:
+        if image_dir is not None:
+            return cls((Path(image_dir).expanduser().resolve(),))
+        folder = Path(data_file).expanduser().resolve().parent
+        return cls((folder, *list(folder.parents)[:PARENT_LOOKUPS]))
+
+    def find(self, relative: Path) -> Path:
+        """The first existing ``root / relative``; FileNotFoundError naming every path tried."""
+        tried = [d / relative for d in self.dirs]
+        for path in tried:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"no file {str(relative)!r}; tried {', '.join(map(str, tried))}"
+                                + ("" if len(self.dirs) > 1 else " (--image_dir)"))
+
+
+def _read_image(entry: Any, image_dir: Path | ImageRoots) -> bytes:
     """Encoded bytes of one image entry; raises ``OSError`` / ``TypeError`` when impossible."""
     if isinstance(entry, dict):
         if entry.get("bytes") is not None:
@@ -153,12 +191,17 @@ def _read_image(entry: Any, image_dir: Path) -> bytes:
     if isinstance(entry, (bytes, bytearray)):
         return bytes(entry)
     if isinstance(entry, str):
-        path = Path(entry)
-        return (path if path.is_absolute() else image_dir / path).read_bytes()
+        path = Path(entry).expanduser()
+        if path.is_absolute():
+            if not path.is_file():
+                raise FileNotFoundError(f"no file {str(path)!r}")
+            return path.read_bytes()
+        roots = image_dir if isinstance(image_dir, ImageRoots) else ImageRoots((Path(image_dir),))
+        return roots.find(path).read_bytes()
     raise TypeError(f"image entry of type {type(entry).__name__}")
 
 
-def check_raw_row(raw: Any, image_dir: Path) -> tuple[dict[str, Any] | None, str | None, str]:
+def check_raw_row(raw: Any, image_dir: Path | ImageRoots) -> tuple[dict[str, Any] | None, str | None, str]:
     """Turn one raw input row into a schema row: ``(row, None, "")`` or ``(None, reason, detail)``."""
     if isinstance(raw, _InvalidJson):
         return None, INVALID_JSON, raw.error
@@ -176,6 +219,8 @@ def check_raw_row(raw: Any, image_dir: Path) -> tuple[dict[str, Any] | None, str
     for k, entry in enumerate(entries):
         try:
             data = _read_image(entry, image_dir)
+        except FileNotFoundError as err:
+            return None, schema.UNREADABLE_IMAGE, f"image {k}: {err.args[0] if err.args else err}"
         except (OSError, TypeError) as err:
             return None, schema.UNREADABLE_IMAGE, f"image {k}: {err}"
         if not schema.image_is_readable(data):
@@ -200,13 +245,13 @@ def iter_good_rows(
     strict: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield the usable schema rows of ``path``; record bad ones in ``report`` (or raise if strict)."""
-    image_root = Path(image_dir) if image_dir is not None else Path(path).parent
+    image_root = ImageRoots.for_file(path, image_dir)
     for i, raw in iter_raw_rows(path):
         row, reason, detail = check_raw_row(raw, image_root)
         if reason is not None:
             if strict:
                 raise BadRowError(f"{path}: row {i}: {reason}" + (f" ({detail})" if detail else ""))
-            report.skip(i, reason)
+            report.skip(i, reason, detail)
             continue
         report.written += 1
         yield row
@@ -227,7 +272,7 @@ def prepare(
 ) -> PrepareReport:
     """Validate ``input_path`` and write its usable rows as split ``split`` of dataset ``name``.
 
-    ``data_dir`` defaults to TFDS's data dir. Raises ``BadRowError`` on the first bad row
+    ``data_dir`` defaults to the data directory of every command (``vlm_jax.paths.data_dir``). Raises ``BadRowError`` on the first bad row
     when ``strict``, ``ValueError`` when no row is usable.
     """
     tfds_builders.check_dataset_name(name)
@@ -247,11 +292,9 @@ def prepare(
 
 
 def _data_dir(data_dir: str | Path | None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    from vlm_jax import paths  # noqa: PLC0415
 
-    return Path(tfds.core.constants.DATA_DIR).expanduser()
+    return paths.data_dir(data_dir)
 
 
 # --------------------------------------------------------------------------- loading
@@ -287,7 +330,7 @@ def load(
     """A random-access source (``len``, ``[i]`` -> schema dict of python types) for ``spec``.
 
     ``spec`` is ``NAME``, ``NAME[SPLIT]`` (overrides ``split``) for a prepared dataset in
-    ``data_dir`` (default: TFDS's data dir), or a path to a ``.jsonl``/``.json``/``.parquet``
+    ``data_dir`` (default: ``vlm_jax.paths.data_dir()``), or a path to a ``.jsonl``/``.json``/``.parquet``
     file, read into memory with bad rows skipped (``source.report``) or, when ``strict``,
     raising ``BadRowError``. Unknown names and missing directories raise ``ValueError``
     naming them and listing the available datasets.
@@ -313,11 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="JSON (list of rows), JSONL or Parquet file")
     parser.add_argument("--name", required=True, help="dataset name (snake_case)")
     parser.add_argument("--image_dir", default=None, help="folder image paths are relative to (default: the input's)")
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: ~/tensorflow_datasets)")
+    parser.add_argument("--data_dir", default=None,
+                        help="data directory (default: $VLM_JAX_DATA_DIR, else ~/vlm_jax/data)")
     parser.add_argument("--split", default="train", help="split to write (other splits are kept)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     parser.add_argument("--verbose", action="store_true", help="show TFDS progress output")
     args = parser.parse_args(argv)
+    from vlm_jax import paths  # noqa: PLC0415
+
+    print(paths.describe_data_dir(args.data_dir))
     try:
         report = prepare(
             args.input,
@@ -333,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(report.summary())
     print(f"dataset {args.name}[{args.split}] in {_data_dir(args.data_dir)}")
+    if report.num_skipped:
+        print(f"warning: {report.num_skipped} of {report.num_skipped + report.written} rows were skipped "
+              f"(see above; --strict stops at the first one)", file=sys.stderr)
     return 0
 
 

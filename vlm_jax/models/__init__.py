@@ -73,6 +73,7 @@ class Model:
     dtype: Any
     mesh: Mesh | None = None
     source_dir: Path | None = None
+    options: Any = None  # the family's ModelOptions (compute dtype, remat, chunk sizes)
 
     def prepare(self, batch: Mapping[str, Any], **kw):
         """Host-side inputs (`ModelInputs`) for a processor-style numpy batch."""
@@ -81,10 +82,20 @@ class Model:
     def merge(self, params):
         return nnx.merge(self.graphdef, params)
 
+    def with_options(self, **changes) -> "Model":
+        """The same model (same parameters) computing with other `ModelOptions` (e.g. a stage's
+        remat policy): a new graphdef, so the jitted functions compile for it separately."""
+        options = dataclasses.replace(self.options or self.family.ModelOptions(), **changes)
+        if options == self.options:
+            return self
+        graphdef, _ = abstract_model(self.family, self.config, self.dtype, options)
+        return dataclasses.replace(self, graphdef=graphdef, options=options)
 
-def abstract_model(family: ModuleType, cfg, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+
+def abstract_model(family: ModuleType, cfg, dtype, options=None) -> tuple[nnx.GraphDef, nnx.State]:
+    options = family.ModelOptions() if options is None else options
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: family.build(cfg, dtype, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: family.build(cfg, dtype, nnx.Rngs(0), options))
     graphdef, state = nnx.split(abstract, nnx.Param)
     return graphdef, state
 
@@ -94,10 +105,12 @@ def _path(key_path) -> str:
 
 
 def from_pretrained(
-    path, *, dtype=jnp.float32, mesh: Mesh | None = None, rules=None
+    path, *, dtype=jnp.float32, mesh: Mesh | None = None, rules=None, options=None
 ) -> tuple[Model, nnx.State]:
     """Loads an HF directory (config.json + *.safetensors) into (model, params), each parameter read
-    slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device)."""
+    slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device).
+    `dtype` is how the parameters are stored; `options` (the family's `ModelOptions`, or a dict of
+    its fields) how the model computes (e.g. `compute_dtype="bfloat16"` over fp32 parameters)."""
     path = Path(path)
     raw = hf_io.read_config(path)
     source = str(path / "config.json")
@@ -106,8 +119,10 @@ def from_pretrained(
         cfg = family.parse_config(raw, source)
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{source}: cannot parse config ({e})") from e
-    graphdef, abstract = abstract_model(family, cfg, dtype)
-    model = Model(family, cfg, graphdef, raw, dtype, mesh, path)
+    if options is None or isinstance(options, Mapping):
+        options = family.ModelOptions(**(options or {}))
+    graphdef, abstract = abstract_model(family, cfg, dtype, options)
+    model = Model(family, cfg, graphdef, raw, dtype, mesh, path, options)
     flat = nnx.to_flat_state(abstract)
     specs = family.tensor_map([_path(p) for p, _ in flat], cfg)
     if mesh is not None:

@@ -332,6 +332,25 @@ def aggregate_loss(
     return (masked_BT.sum(axis=1) / norm_length).mean()
 
 
+def aggregate_weights(
+    mask_BT: jax.Array, *, mode: LossAgg = "token_mean", norm_length: int | None = None
+) -> jax.Array:
+    """Per-token weights [B, T] with ``aggregate_loss(l, mask, mode) == sum(l * weights)``: what
+    lets a batch's loss be summed over micro-batches (each takes its rows' weights, computed once
+    over the whole batch) and equal the one-batch loss."""
+    _check_choice("mode", mode, LOSS_AGGS)
+    mask_f_BT = (jnp.asarray(mask_BT) != 0).astype(jnp.float32)
+    if mode == "token_mean":
+        return _safe_div(mask_f_BT, mask_f_BT.sum())
+    if mode == "seq_mean_token_mean":
+        n_tokens_B = mask_f_BT.sum(axis=1, keepdims=True)
+        has_tokens = (n_tokens_B > 0).astype(jnp.float32).sum()
+        return _safe_div(_safe_div(mask_f_BT, n_tokens_B), has_tokens)
+    if norm_length is None or norm_length <= 0:
+        raise ValueError(f"mode='seq_mean_token_sum_norm' needs norm_length > 0, got {norm_length}")
+    return mask_f_BT / (norm_length * mask_f_BT.shape[0])
+
+
 def masked_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """Mean of ``x`` over valid positions; 0 when none is valid."""
     return aggregate_loss(x_BT, mask_BT, mode="token_mean")
@@ -393,6 +412,9 @@ class GRPOLossConfig:
             )
 
 
+LOSS_METRICS = ("loss", "pg_loss", "kl", "clip_frac", "ratio/mean", "ratio/max", "ratio/min")
+
+
 def grpo_loss(
     logp_BT: jax.Array,
     old_logp_BT: jax.Array,
@@ -400,6 +422,9 @@ def grpo_loss(
     adv_B: jax.Array,
     mask_BT: jax.Array,
     cfg: GRPOLossConfig,
+    *,
+    weights_BT: jax.Array | None = None,
+    token_weights_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO objective: ``agg(policy_loss) + kl_coef * agg(kl)``, plus metrics.
 
@@ -411,6 +436,11 @@ def grpo_loss(
     Metrics (scalars): ``loss``, ``pg_loss``, ``kl`` (aggregated like the loss; 0 without a
     reference), ``clip_frac`` (masked mean of clipped tokens), ``ratio/mean|max|min`` over valid
     tokens (1 when no token is valid).
+
+    For a micro-batch of a larger batch, ``weights_BT`` (``aggregate_weights`` of the whole batch,
+    these rows) and ``token_weights_BT`` (the same for ``token_mean``) replace the aggregation over
+    these rows alone: the loss and the mean metrics are then this micro-batch's share, and their sums
+    over the micro-batches equal the one-batch values.
     """
     if ref_logp_BT is None and cfg.kl_coef > 0:
         raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logp_BT")
@@ -418,15 +448,20 @@ def grpo_loss(
     pg_BT, clipped_BT = policy_loss_BT(
         log_ratio_BT, adv_B, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c
     )
-    pg_loss = aggregate_loss(pg_BT, mask_BT, mode=cfg.loss_agg, norm_length=cfg.norm_length)
+    valid_BT = jnp.asarray(mask_BT) != 0
+    if weights_BT is None:
+        agg = lambda l: aggregate_loss(l, mask_BT, mode=cfg.loss_agg, norm_length=cfg.norm_length)  # noqa: E731
+        mean = lambda x: masked_mean(x, valid_BT)  # noqa: E731
+    else:
+        agg = lambda l: jnp.sum(jnp.where(valid_BT, l.astype(jnp.float32), 0.0) * weights_BT)  # noqa: E731
+        mean = lambda x: jnp.sum(jnp.where(valid_BT, x, 0.0) * token_weights_BT)  # noqa: E731
+    pg_loss = agg(pg_BT)
     if ref_logp_BT is None:
         kl = jnp.zeros((), jnp.float32)
     else:
-        kl_BT = kl_penalty(logp_BT, ref_logp_BT, estimator=cfg.kl_estimator)
-        kl = aggregate_loss(kl_BT, mask_BT, mode=cfg.loss_agg, norm_length=cfg.norm_length)
+        kl = agg(kl_penalty(logp_BT, ref_logp_BT, estimator=cfg.kl_estimator))
     loss = pg_loss + cfg.kl_coef * kl if cfg.kl_coef > 0 else pg_loss
 
-    valid_BT = jnp.asarray(mask_BT) != 0
     any_valid = valid_BT.any()
     ratio_BT = jax.lax.stop_gradient(
         jnp.exp(jnp.clip(log_ratio_BT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -435,8 +470,8 @@ def grpo_loss(
         "loss": loss,
         "pg_loss": pg_loss,
         "kl": jax.lax.stop_gradient(kl),
-        "clip_frac": masked_mean(clipped_BT.astype(jnp.float32), valid_BT),
-        "ratio/mean": jnp.where(any_valid, masked_mean(ratio_BT, valid_BT), 1.0),
+        "clip_frac": mean(clipped_BT.astype(jnp.float32)),
+        "ratio/mean": jnp.where(any_valid, mean(ratio_BT), 1.0 if weights_BT is None else 0.0),
         "ratio/max": jnp.where(any_valid, jnp.max(jnp.where(valid_BT, ratio_BT, -jnp.inf)), 1.0),
         "ratio/min": jnp.where(any_valid, jnp.min(jnp.where(valid_BT, ratio_BT, jnp.inf)), 1.0),
     }

@@ -2,7 +2,8 @@
 
 A `RolloutBatch` holds B prompts (model inputs, images once per prompt) and N = B * G responses. The
 prompt embedding (vision tower included) is computed once per prompt and gathered for its G
-responses, so images are never encoded G times.
+responses, so images are never encoded G times. Under a mesh, rows stay on the batch shard they
+were placed on: mini- and micro-batches take the same number of rows from every shard.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm_jax import sharding as shd
+from vlm_jax.logprobs import batch_shards, token_logprobs
 from vlm_jax.rl import grpo
+from vlm_jax.shapes import chunk_size
 from vlm_jax.train_state import TrainState, apply_gradients
 
 
@@ -27,55 +31,113 @@ class RolloutBatch(NamedTuple):
     advantages_N: jax.Array  # float32
 
 
-def response_logprobs(model, prompt, responses_NT, rows_n, group_size: int, *, entropy=False):
-    """log p(response token) [n, T] for completions `rows_n` (indices into N) under `model`."""
+def response_logprobs(model, prompt, responses_nT, prompt_of_n, *, entropy=False, constrain=None,
+                      x_prompt=None):
+    """log p(response token) [n, T] (and the entropy) of completions `responses_nT` whose prompts are
+    rows `prompt_of_n` of `prompt`, under `model`. Attention is causal over prompt + response with
+    the prompt's padding masked (no [S, S] mask); log-probs are computed per sequence chunk.
+    `x_prompt` [n, L, D]: the prompts' embeddings when already computed (images encoded)."""
+    constrain = constrain or (lambda a: a)
     L = prompt.input_ids_BL.shape[1]
-    T = responses_NT.shape[1]
-    prompt_of = rows_n // group_size
-    x_prompt = model.embed(prompt.input_ids_BL, prompt.vision)[prompt_of]  # [n, L, D]
-    resp = responses_NT[rows_n]
-    x = jnp.concatenate([x_prompt, model.embed(resp, None)], axis=1)
-    pos_prompt = prompt.positions_3BL[:, prompt_of]  # [3, n, L]
+    n, T = responses_nT.shape
+    if x_prompt is None:
+        if prompt.vision is None:  # text only: embed just these rows
+            x_prompt = model.embed(prompt.input_ids_BL[prompt_of_n], None)
+        else:  # the vision inputs are laid out for the whole batch: encode, then take the rows
+            x_prompt = model.embed(prompt.input_ids_BL, prompt.vision)[prompt_of_n]
+    x = constrain(jnp.concatenate([x_prompt, model.embed(responses_nT, None)], axis=1))
+    pos_prompt = prompt.positions_3BL[:, prompt_of_n]  # [3, n, L]
     start = pos_prompt.max(axis=(0, 2)) + 1
-    pos_resp = jnp.broadcast_to((start[:, None] + jnp.arange(T))[None], (3, len(rows_n), T))
+    pos_resp = jnp.broadcast_to((start[:, None] + jnp.arange(T))[None], (3, n, T))
     positions = jnp.concatenate([pos_prompt, pos_resp], axis=2)
-    valid = jnp.concatenate(
-        [prompt.attention_mask_BL[prompt_of] > 0, jnp.ones((len(rows_n), T), bool)], axis=1
+    valid = jnp.concatenate([prompt.attention_mask_BL[prompt_of_n] > 0, jnp.ones((n, T), bool)], axis=1)
+    h, _ = model.decode(x, positions, None, key_valid_BS=valid, constrain=constrain)
+    # position L - 1 + t predicts response token t
+    return token_logprobs(
+        model.logits, h[:, L - 1 : L + T - 1], responses_nT, chunk=model.options.logits_chunk, entropy=entropy
     )
-    S = L + T
-    mask = jnp.tril(jnp.ones((S, S), bool))[None] & valid[:, None, :]
-    h, _ = model.decode(x, positions, mask)
-    logits = model.logits(h[:, L - 1 : S - 1]).astype(jnp.float32)  # predicts resp tokens
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, resp[..., None], axis=-1)[..., 0]
-    if not entropy:
-        return logp, None
-    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group_size"))
-def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int):
-    """Log-probs of all N responses (e.g. under the frozen reference model)."""
+def _take_rows(x, shards: int, idx_sk, axis: int = 0):
+    """Rows `idx_sk` [shards, k] (indices within each contiguous row shard) of `x` along `axis`:
+    a gather that stays on each shard's devices. Returns [shards * k] rows along `axis`."""
+    x = jnp.moveaxis(x, axis, 0)
+    R = x.shape[0]
+    xs = x.reshape(shards, R // shards, *x.shape[1:])
+    idx = idx_sk.reshape(idx_sk.shape + (1,) * (xs.ndim - 2))
+    out = jnp.take_along_axis(xs, idx, axis=1)
+    return jnp.moveaxis(out.reshape(-1, *x.shape[1:]), 0, axis)
+
+
+def _select(batch: "RolloutBatch", idx_sk, shards: int, group_size: int):
+    """The completions `idx_sk` (local rows per shard) of a rollout batch, with their prompts
+    (prompt rows gathered the same way; per shard, local prompt = local row // group size)."""
+    take = functools.partial(_take_rows, shards=shards, idx_sk=idx_sk)
+    B = batch.prompt.input_ids_BL.shape[0]
+    prompt_local = idx_sk // group_size  # [shards, k]
+    prompt_global = (jnp.arange(shards)[:, None] * (B // shards) + prompt_local).reshape(-1)
+    fields = dict(
+        responses=take(batch.responses_NT),
+        mask=take(batch.mask_NT),
+        old=take(batch.old_logp_NT),
+        ref=take(batch.ref_logp_NT),
+        adv=take(batch.advantages_N),
+    )
+    return fields, prompt_global
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "chunk", "mesh"))
+def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, chunk: int = 0, mesh=None):
+    """Log-probs of all N responses (e.g. under the frozen reference model), `chunk` completions
+    at a time (0 = all at once): memory set by the chunk, not by N."""
     model = nnx.merge(graphdef, params)
-    rows = jnp.arange(responses_NT.shape[0])
-    return response_logprobs(model, prompt, responses_NT, rows, group_size)[0]
+    constrain = shd.batch_constraint(mesh)
+    N = responses_NT.shape[0]
+    B = prompt.input_ids_BL.shape[0]
+    shards = batch_shards(mesh, N, B)
+    C = chunk_size(N // shards, chunk // shards if chunk else 0)
+    n_chunks = N // shards // C
+    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision)
+
+    def one(idx_sk):
+        resp = _take_rows(responses_NT, shards, idx_sk)
+        prompt_global = (jnp.arange(shards)[:, None] * (B // shards) + idx_sk // group_size).reshape(-1)
+        x_prompt = None if x_all is None else x_all[prompt_global]
+        return response_logprobs(model, prompt, resp, prompt_global, constrain=constrain, x_prompt=x_prompt)[0]
+
+    local = jnp.arange(N // shards).reshape(n_chunks, 1, C)
+    idx = jnp.broadcast_to(local, (n_chunks, shards, C))
+    if n_chunks == 1:
+        return one(idx[0])
+    out = jax.lax.map(one, idx)  # [n_chunks, shards * C, T]: chunk c holds local rows c*C.. of every shard
+    T = responses_NT.shape[1]
+    out = out.reshape(n_chunks, shards, C, T).transpose(1, 0, 2, 3)
+    return out.reshape(N, T)
 
 
-def _grpo_minibatch_loss(params, graphdef, batch: RolloutBatch, rows, group_size, loss_cfg):
+def _grpo_micro_loss(params, graphdef, batch: RolloutBatch, idx_sk, weights, token_weights, shards,
+                     group_size, loss_cfg, mesh):
     model = nnx.merge(graphdef, params)
-    logp, ent = response_logprobs(model, batch.prompt, batch.responses_NT, rows, group_size, entropy=True)
-    mask = batch.mask_NT[rows]
-    ref = batch.ref_logp_NT[rows] if loss_cfg.kl_coef > 0 else None
+    f, prompt_rows = _select(batch, idx_sk, shards, group_size)
+    logp, ent = response_logprobs(
+        model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=shd.batch_constraint(mesh)
+    )
+    ref = f["ref"] if loss_cfg.kl_coef > 0 else None
     loss, metrics = grpo.grpo_loss(
-        logp, batch.old_logp_NT[rows], ref, batch.advantages_N[rows], mask, loss_cfg
+        logp, f["old"], ref, f["adv"], f["mask"], loss_cfg, weights_BT=weights, token_weights_BT=token_weights
     )
-    metrics["entropy"] = grpo.masked_mean(ent, mask)
+    metrics["entropy"] = jnp.sum(jnp.where(f["mask"] != 0, ent, 0.0) * token_weights)
     return loss, metrics
+
+
+# metrics summed over micro-batches (weighted shares) and those reduced by max / min
+_MAX_METRICS, _MIN_METRICS = ("ratio/max",), ("ratio/min",)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "optimizer", "group_size", "loss_cfg", "mu", "minibatch"),
+    static_argnames=("graphdef", "optimizer", "group_size", "loss_cfg", "mu", "minibatch", "micro_batch",
+                     "mesh"),
     donate_argnums=(0,),
 )
 def grpo_step(
@@ -89,28 +151,80 @@ def grpo_step(
     loss_cfg: grpo.GRPOLossConfig,
     mu: int = 1,
     minibatch: int = 0,
+    micro_batch: int = 0,
+    mesh=None,
 ):
     """`mu` passes over the rollout batch, each split into shuffled mini-batches of `minibatch`
-    completions (0 = all), one guarded optimizer update per mini-batch. Returns the new state and
-    the metrics averaged over updates."""
+    completions (0 = all), one guarded optimizer update per mini-batch; each mini-batch's gradient is
+    accumulated over micro-batches of `micro_batch` completions (0 = the mini-batch), which changes
+    memory, not the result. On a mesh, rows are shuffled within each batch shard and every mini- and
+    micro-batch takes the same number of rows from every shard, so no row moves between devices.
+    Returns the new state and the metrics averaged over updates."""
     N = batch.responses_NT.shape[0]
+    B = batch.prompt.input_ids_BL.shape[0]
     mb = N if minibatch in (0, None) else minibatch
     if N % mb:
         raise ValueError(f"{N} completions do not split into mini-batches of {mb}")
-    n_mb = N // mb
-    perms = jnp.stack(
-        [
-            jax.random.permutation(jax.random.fold_in(rng, e), N) if n_mb > 1 else jnp.arange(N)
-            for e in range(mu)
-        ]
-    )
-    rows_all = perms.reshape(mu * n_mb, mb)
-    grad_fn = jax.value_and_grad(_grpo_minibatch_loss, has_aux=True)
+    micro = mb if micro_batch in (0, None) else micro_batch
+    if mb % micro:
+        raise ValueError(f"mini-batches of {mb} completions do not split into micro-batches of {micro}")
+    n_mb, n_micro = N // mb, mb // micro
+    shards = batch_shards(mesh, N, B, mb, micro)
+    per = N // shards  # rows per shard
+    if n_mb > 1:
+        # one shuffle per pass; on several shards, one per shard (within its own rows)
+        keys = [jax.random.fold_in(rng, e) for e in range(mu)]
+        if shards == 1:
+            perms = jnp.stack([jax.random.permutation(k, N) for k in keys])[:, None]
+        else:
+            perms = jnp.stack(
+                [jax.vmap(lambda kk: jax.random.permutation(kk, per))(jax.random.split(k, shards)) for k in keys]
+            )
+    else:
+        perms = jnp.broadcast_to(jnp.arange(per), (mu, shards, per))
+    # [updates, micro-batches, shards, rows per shard in a micro-batch]
+    idx_all = perms.reshape(mu, shards, n_mb, n_micro, micro // shards)
+    idx_all = idx_all.transpose(0, 2, 3, 1, 4).reshape(mu * n_mb, n_micro, shards, micro // shards)
+    grad_fn = jax.value_and_grad(_grpo_micro_loss, has_aux=True)
 
-    def update(state, rows):
-        (loss, metrics), grads = grad_fn(state.params, graphdef, batch, rows, group_size, loss_cfg)
+    def update(state, idx_u):  # idx_u: [n_micro, shards, k] one mini-batch
+        idx_mb = jnp.moveaxis(idx_u, 0, 1).reshape(shards, -1)  # the mini-batch's rows per shard
+        mask_mb = _take_rows(batch.mask_NT, shards, idx_mb)
+        # weights over the whole mini-batch, then split the way the micro-batches take rows
+        w = grpo.aggregate_weights(mask_mb, mode=loss_cfg.loss_agg, norm_length=loss_cfg.norm_length)
+        tw = grpo.aggregate_weights(mask_mb, mode="token_mean")
+        split = lambda a: jnp.moveaxis(a.reshape(shards, n_micro, -1, a.shape[-1]), 1, 0).reshape(  # noqa: E731
+            n_micro, -1, a.shape[-1]
+        )
+
+        def micro_step(acc, xs):
+            idx_sk, w_u, tw_u = xs
+            (loss, metrics), grads = grad_fn(
+                state.params, graphdef, batch, idx_sk, w_u, tw_u, shards, group_size, loss_cfg, mesh
+            )
+            g_acc, m_acc = acc
+            g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), g_acc, grads)
+            metrics = {**metrics, "loss": loss}
+            m_acc = {
+                k: (jnp.maximum(m_acc[k], v) if k in _MAX_METRICS else
+                    jnp.minimum(m_acc[k], v) if k in _MIN_METRICS else m_acc[k] + v)
+                for k, v in metrics.items()
+            }
+            return (g_acc, m_acc), None
+
+        if n_micro == 1:
+            (loss, metrics), grads = grad_fn(
+                state.params, graphdef, batch, idx_u[0], w, tw, shards, group_size, loss_cfg, mesh
+            )
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            m0 = {k: jnp.full((), -jnp.inf if k in _MAX_METRICS else jnp.inf if k in _MIN_METRICS else 0.0)
+                  for k in grpo.LOSS_METRICS + ("entropy",)}
+            (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, m0), (idx_u, split(w), split(tw)))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            loss = metrics["loss"]
         state, upd = apply_gradients(state, grads, loss, optimizer)
         return state, {**metrics, **upd}
 
-    state, metrics = jax.lax.scan(update, state, rows_all)
+    state, metrics = jax.lax.scan(update, state, idx_all)
     return state, jax.tree.map(jnp.mean, metrics)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import place_inputs
+from vlm_jax.sharding import shard_batch
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
@@ -143,24 +144,38 @@ def generate_and_grade(
     overlong_buffer: int = 0,
     prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
     num_patches: int | None = None,
+    prompt_chunk: int = 0,
 ) -> Graded:
-    """Samples `num_samples` responses per real prompt row, decodes and scores them."""
+    """Samples `num_samples` responses per real prompt row, decodes and scores them. With
+    `prompt_chunk` > 0 the sampler runs on that many prompts at a time (its KV cache sized for a
+    chunk, not for the batch; chunk c draws with `fold_in(rng, c)`)."""
     prompts = select_rows(batch, real_rows(batch), image_token_id)
-    roll = sampler.generate(
+    sample = functools.partial(
+        sampler.generate,
         model,
         params,
-        prompts,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         num_samples=num_samples,
-        rng=rng,
         eos_token_ids=eos_token_ids,
         pad_token_id=pad_token_id,
         prompt_buckets=prompt_buckets,
         num_patches=num_patches,
     )
+    n = len(prompts["input_ids"])
+    if prompt_chunk <= 0 or n <= prompt_chunk:
+        roll = sample(prompts, rng=rng)
+    else:
+        parts = [
+            sample(select_rows(prompts, list(range(a, min(a + prompt_chunk, n))), image_token_id),
+                   rng=jax.random.fold_in(rng, c))
+            for c, a in enumerate(range(0, n, prompt_chunk))
+        ]
+        cat = lambda f: np.concatenate([f(r) for r in parts])  # noqa: E731
+        roll = sampler.Rollout(cat(lambda r: r.tokens), cat(lambda r: r.lengths), cat(lambda r: r.logprobs),
+                               cat(lambda r: r.truncated))
     texts = tokenizer.batch_decode(
         [t[:n] for t, n in zip(roll.tokens, roll.lengths)], skip_special_tokens=True
     )
@@ -256,6 +271,7 @@ def collect_rollout(
         overlong_buffer=cfg.overlong_buffer,
         prompt_buckets=prompt_buckets,
         num_patches=num_patches,
+        prompt_chunk=cfg.rollout_chunk,
     )
     kept: list[Graded] = []
     dropped: list[Graded] = []
@@ -323,13 +339,28 @@ def collect_rollout(
             model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches
         ),
     )
-    responses = jnp.asarray(roll.tokens, jnp.int32)
+    # placed already split over the batch axes (each device holds its own rows)
+    place = (lambda x: jnp.asarray(x)) if model.mesh is None else (lambda x: shard_batch(np.asarray(x), model.mesh))
+    responses = place(np.asarray(roll.tokens, np.int32))
     if cfg.kl_coef > 0:
-        ref_logp = score_responses(model.graphdef, ref_params, prompt_inputs, responses, group_size=G)
+        ref_logp = score_responses(
+            model.graphdef,
+            ref_params,
+            prompt_inputs,
+            responses,
+            group_size=G,
+            chunk=cfg.score_chunk,
+            mesh=model.mesh,
+        )
     else:
-        ref_logp = jnp.zeros(roll.tokens.shape, jnp.float32)
+        ref_logp = place(np.zeros(roll.tokens.shape, np.float32))
     batch = RolloutBatch(
-        prompt_inputs, responses, jnp.asarray(mask), jnp.asarray(roll.logprobs), ref_logp, jnp.asarray(adv)
+        prompt_inputs,
+        responses,
+        place(mask),
+        place(np.asarray(roll.logprobs, np.float32)),
+        ref_logp,
+        place(adv),
     )
     groups = graded.rewards.reshape(-1, G)
     metrics = {
@@ -347,6 +378,7 @@ def collect_rollout(
     if cfg.dynamic_sampling:
         metrics["dynamic/extra_draws"] = draws - 1
         metrics["dynamic/filled_equal_reward_groups"] = filled
+    names = getattr(reward_fn, "metric_names", {})
     for k, v in graded.components.items():
-        metrics[f"reward/{k}"] = float(v.mean())
+        metrics[f"reward/{names.get(k, k)}"] = float(v.mean())
     return batch, graded, metrics

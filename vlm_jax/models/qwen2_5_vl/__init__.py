@@ -6,7 +6,7 @@ A family module exposes `MODEL_TYPES`, `parse_config(raw, source)`, `build(cfg, 
 
 from vlm_jax.models.qwen2_5_vl.config import ConfigParseError, Qwen25VLConfig, from_hf_dict
 from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, prepare_inputs, rope_index
-from vlm_jax.models.qwen2_5_vl.model import KVCache, Qwen25VL
+from vlm_jax.models.qwen2_5_vl.model import KVCache, ModelOptions, Qwen25VL
 from vlm_jax.models.qwen2_5_vl.params import tensor_map
 
 MODEL_TYPES = ("qwen2_5_vl",)
@@ -16,8 +16,8 @@ def parse_config(raw: dict, source: str = "config.json") -> Qwen25VLConfig:
     return from_hf_dict(raw, source)
 
 
-def build(cfg: Qwen25VLConfig, dtype, rngs) -> Qwen25VL:
-    return Qwen25VL(cfg, dtype=dtype, rngs=rngs)
+def build(cfg: Qwen25VLConfig, dtype, rngs, options: ModelOptions = ModelOptions()) -> Qwen25VL:
+    return Qwen25VL(cfg, dtype=dtype, rngs=rngs, options=options)
 
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ModelInputs",
     "VisionInputs",
     "KVCache",
+    "ModelOptions",
     "Qwen25VL",
     "Qwen25VLConfig",
     "ConfigParseError",

@@ -8,6 +8,7 @@ P vision patches, M merged vision tokens, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -15,8 +16,72 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlm_jax.shapes import chunk_size
 
 NEG_INF = -1e30  # finite: fully-masked rows (padding) stay NaN-free
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the model computes (static; part of the graphdef, so a change recompiles).
+
+    `compute_dtype`: activations and matmuls (None: the stored parameters' dtype); parameters are
+    cast to it where they are used, so fp32 storage with bf16 compute works. `remat`: per decoder
+    layer and vision block, "none", "full" (recompute everything in the backward pass) or
+    "save_dots" (keep matmul outputs, recompute the rest). `attention_chunk`: training / prefill
+    attention over query chunks of this many tokens with masks computed per chunk (memory linear in
+    the sequence; 0 = one dense block). `logits_chunk`: log-probs, entropy and cross-entropy over
+    sequence chunks of this many tokens, each chunk's [tokens, vocab] logits recomputed in the
+    backward pass (0 = all at once)."""
+
+    compute_dtype: str | None = None
+    remat: str = "none"
+    attention_chunk: int = 512
+    logits_chunk: int = 256
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_chunk < 0 or self.logits_chunk < 0:
+            raise ValueError("attention_chunk and logits_chunk must be >= 0")
+
+
+def remat(fn, policy: str):
+    """`fn` under `jax.checkpoint` with the named policy ("none": `fn` itself)."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int):
+    """Causal GQA attention of L queries over S = L keys (query i sees keys <= i that are valid),
+    over query chunks: each chunk's scores [B, K, G, C, S] and mask are built, used and (in the
+    backward pass) rebuilt inside the chunk, so no [L, S] mask or score tensor over the whole
+    sequence exists. Softmax in fp32 as in the dense path; returns [B, L, K, G, E]."""
+    B, L, K, G, E = q_BLKGE.shape
+    S = k_BSKE.shape[1]
+    C = chunk_size(L, chunk)
+    dt = q_BLKGE.dtype
+    k, v = k_BSKE.astype(dt), v_BSKE.astype(dt)
+
+    def block(q_c, start):
+        scores = jnp.einsum("bckgd,bskd->bkgcs", q_c, k) * E**-0.5
+        allowed = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]  # [C, S]
+        allowed = allowed[None] & key_valid_BS[:, None, :]  # [B, C, S]
+        scores = jnp.where(allowed[:, None, None], scores.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
+
+    if C == L:
+        return block(q_BLKGE, 0)
+    q_chunks = jnp.moveaxis(q_BLKGE.reshape(B, L // C, C, K, G, E), 1, 0)
+    starts = jnp.arange(L // C) * C
+    out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (q_chunks, starts))  # [n, B, C, K, G, E]
+    return jnp.moveaxis(out, 0, 1).reshape(B, L, K, G, E)
 
 
 def _init(rngs: nnx.Rngs, shape, scale: float, dtype):
@@ -143,9 +208,11 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none"):
         v = cfg.vision
         self.cfg = cfg
+        self.compute_dtype = compute_dtype or dtype
+        self.remat_policy = remat_policy
         self.patch_embed = Dense(
             v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, dtype=dtype, rngs=rngs
         )
@@ -163,11 +230,11 @@ class VisionTower(nnx.Module):
 
     def __call__(self, patches_PC, rope_pos_P2, window_seg_P, full_seg_P, window_inverse_M):
         """Returns merged features [M, D_text] in image order (padding slots at the end are garbage)."""
-        x = self.patch_embed(patches_PC.astype(self.patch_embed.kernel.dtype))
+        x = self.patch_embed(patches_PC.astype(self.compute_dtype))
         cos, sin = self.rope(rope_pos_P2)
         full = set(self.cfg.vision.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_seg_P if i in full else window_seg_P)
+            x = remat(block.__call__, self.remat_policy)(x, cos, sin, full_seg_P if i in full else window_seg_P)
         return self.merger(x)[window_inverse_M]
 
 
@@ -216,10 +283,13 @@ class Attention(nnx.Module):
             self.H * self.E, t.hidden_size, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None):
+    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None, key_valid_BS=None,
+                 chunk: int = 0):
         """Causal GQA attention. Without `kv`, keys are this call's tokens (S = L). With `kv` = (k, v)
         caches [B, S, K, E], this call's keys are written at `write_index` and all S slots are attended
-        under `mask_BLS`. Returns (out, new_kv)."""
+        under `mask_BLS`. With `mask_BLS=None`, key j is seen by query i iff j <= i and
+        `key_valid_BS[:, j]` (S = L), computed per query chunk of `chunk` (`causal_attention`).
+        Returns (out, new_kv)."""
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).reshape(B, L, self.H, self.E)
         k = self.k_proj(x_BLD).reshape(B, L, self.K, self.E)
@@ -235,6 +305,11 @@ class Attention(nnx.Module):
             new_kv = None
         # GQA: query head h reads kv head h // (H / K)  (repeat, not tile)
         qg = q.reshape(B, L, self.K, self.H // self.K, self.E)
+        if mask_BLS is None:
+            if k.shape[1] != L:
+                raise ValueError(f"mask_BLS=None needs as many keys as queries, got {k.shape[1]} vs {L}")
+            out = causal_attention(qg, k, v, key_valid_BS, chunk).reshape(B, L, self.H * self.E)
+            return self.o_proj(out), new_kv
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         if L == 1 and kv is not None:
             # Decode step: multiply-and-reduce over the cache in its own [B, S, K, E] layout. A matmul
@@ -262,8 +337,8 @@ class DecoderLayer(nnx.Module):
             t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index)
+    def __call__(self, x, cos, sin, mask, kv=None, write_index=None, key_valid=None, chunk: int = 0):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index, key_valid, chunk)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -343,10 +418,14 @@ def decode_attention(q_NKGE, pk_BKEL, pv_BKLE, prompt_mask_BL, gk_NKET, gv_NKTE,
 class Qwen25VL(nnx.Module):
     """The full model. Use `vlm_jax.models.forward` / the sampler rather than calling it directly."""
 
-    def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, options=ModelOptions()):
         self.config = cfg
-        self.dtype = dtype
-        self.visual = VisionTower(cfg, dtype=dtype, rngs=rngs)
+        self.options = options
+        self.param_dtype = dtype  # how the parameters are stored
+        self.dtype = jnp.dtype(options.compute_dtype) if options.compute_dtype else dtype  # activations
+        self.visual = VisionTower(
+            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat
+        )
         self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = (
             None
@@ -390,13 +469,34 @@ class Qwen25VL(nnx.Module):
         slot = jnp.clip(slot, 0, feats_MD.shape[0] - 1).reshape(input_ids_BL.shape)
         return jnp.where(is_img[..., None], feats_MD[slot], x)
 
-    def decode(self, x_BLD, positions_3BL, mask_BLS, cache: KVCache | None = None, write_index=None):
-        """Decoder stack; returns (final hidden [B, L, D] after the norm, new per-layer kv or None)."""
+    def decode(
+        self,
+        x_BLD,
+        positions_3BL,
+        mask_BLS,
+        cache: KVCache | None = None,
+        write_index=None,
+        *,
+        key_valid_BS=None,
+        constrain=None,
+    ):
+        """Decoder stack; returns (final hidden [B, L, D] after the norm, new per-layer kv or None).
+
+        `mask_BLS=None` means causal over this call's tokens with `key_valid_BS` [B, L] marking the
+        real ones, computed per query chunk (no [L, S] mask). `constrain` (e.g.
+        `sharding.batch_constraint(mesh)`) places the activations at the embedding and every layer
+        boundary (batch split over the data axes). Each layer runs under the remat policy."""
+        constrain = constrain or (lambda a: a)
         cos, sin = mrope_cos_sin(positions_3BL, self.config, x_BLD.dtype)
+        x_BLD = constrain(x_BLD)
+        chunk = self.options.attention_chunk
         new_k, new_v = [], []
         for i, layer in enumerate(self.language_model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BLD, kv = layer(x_BLD, cos, sin, mask_BLS, kv, write_index)
+            run = remat(lambda x, c, s_, kv_, lyr=layer: lyr(x, c, s_, mask_BLS, kv_, write_index, key_valid_BS, chunk),
+                        self.options.remat if cache is None else "none")
+            x_BLD, kv = run(x_BLD, cos, sin, kv)
+            x_BLD = constrain(x_BLD)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -492,11 +592,12 @@ class Qwen25VL(nnx.Module):
             return h_BLD @ self.language_model.embed_tokens[...].astype(h_BLD.dtype).T
         return self.lm_head(h_BLD)
 
+    def hidden(self, input_ids_BL, attention_mask_BL, positions_3BL, vision=None, constrain=None):
+        """Final hidden states [B, L, D] (after the norm) of a teacher-forced forward."""
+        x = self.embed(input_ids_BL, vision)
+        h, _ = self.decode(x, positions_3BL, None, key_valid_BS=attention_mask_BL > 0, constrain=constrain)
+        return h
+
     def __call__(self, input_ids_BL, attention_mask_BL, positions_3BL, vision=None):
         """Full forward (training / teacher forcing): logits [B, L, V]."""
-        x = self.embed(input_ids_BL, vision)
-        L = input_ids_BL.shape[1]
-        causal = jnp.tril(jnp.ones((L, L), bool))
-        mask = causal[None] & (attention_mask_BL[:, None, :] > 0)
-        h, _ = self.decode(x, positions_3BL, mask)
-        return self.logits(h)
+        return self.logits(self.hidden(input_ids_BL, attention_mask_BL, positions_3BL, vision))

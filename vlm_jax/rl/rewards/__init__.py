@@ -12,11 +12,11 @@ from vlm_jax.rl.rewards.geometry import giou, greedy_detection_score, iou
 from vlm_jax.rl.rewards.graders import ACCURACY_GRADERS, SAMPLE_GRADERS, anls, overlong_penalty
 from vlm_jax.rl.rewards.parsing import extract_answer
 from vlm_jax.rl.rewards.registry import (BUILTIN_NAMES, DEFAULT_MAX_RESPONSE_LENGTH, DEFAULT_OVERLONG_BUFFER,
-                                         RewardFn, UserReward, get, grade, load_user_reward, reset_reward_errors,
+                                         EasyR1Adapter, RewardFn, UserReward, check_reward, display_name, get, grade, load_user_reward, reset_reward_errors,
                                          reward_errors)
 
 __all__ = [
-    "ACCURACY_GRADERS", "BUILTIN_NAMES", "CombinedReward", "DEFAULT_MAX_RESPONSE_LENGTH",
+    "ACCURACY_GRADERS", "BUILTIN_NAMES", "CombinedReward", "EasyR1Adapter", "check_reward", "display_name", "DEFAULT_MAX_RESPONSE_LENGTH",
     "DEFAULT_OVERLONG_BUFFER", "DEFAULT_SPEC", "RewardFn", "RewardSpec", "SAMPLE_GRADERS", "UserReward",
     "anls", "build_reward", "extract_answer", "get", "giou", "grade", "greedy_detection_score", "iou",
     "load_user_reward", "overlong_penalty", "reset_reward_errors", "reward_errors",

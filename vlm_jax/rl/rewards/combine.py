@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
 
 import numpy as np
 
-from vlm_jax.rl.rewards.registry import RewardFn, get
+from vlm_jax.rl.rewards.registry import RewardFn, display_name, get
 
 # Reward name (builtin or `path/to/file.py:function`) -> weight, as a mapping or (name, weight) pairs
 # (the form the frozen run config stores).
@@ -33,6 +35,19 @@ class CombinedReward:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.weights)
+
+    @property
+    def metric_names(self) -> dict[str, str]:
+        """Reward name -> its readable metric name (`reward/<metric name>`): a user reward's function
+        name (`dir/x.py:flaky` -> `flaky`), or `file_function` when two would read the same."""
+        short = {name: display_name(name) for name in self.names}
+        counts = collections.Counter(short.values())
+        out = {}
+        for name, s in short.items():
+            if counts[s] > 1 and s != name:
+                s = f"{Path(name.rsplit(':', 1)[0]).stem}_{s}"
+            out[name] = s
+        return out
 
     def __call__(self, responses: Sequence[str], answers: Sequence[Any],
                  **fields: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:

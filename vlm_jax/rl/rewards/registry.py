@@ -1,6 +1,14 @@
 """Batch reward functions by name: builtins, `auto` (grader chosen per example), `overlong`, and user
 rewards loaded from `path/to/file.py:function`.
 
+A user reward is `fn(responses, answers, **fields) -> list/array of floats` (one per response;
+`fields` holds per-response lists such as `answer_type`, `task`, `response_lengths`, and scalars
+such as `max_response_length`; accept `**fields` and ignore what you do not use). An EasyR1-style
+per-sample `compute_score(predict, ground_truth) -> float | {"overall": float, ...}` is selected
+explicitly with the prefix `easyr1:` (`easyr1:path/to/file.py:compute_score`). `check_reward(name)`
+calls a user reward once, unguarded, on an example (the trainer does this at start-up), so a wrong
+signature stops the run with its traceback instead of scoring 0 for the whole run.
+
 Every reward is `fn(responses, answers, **fields) -> np.ndarray` (float32, one value per response).
 Rewards never raise on model output: a grader or user function that fails on a sample scores that
 sample 0, logs the first failure per reward name with the sample, and counts every failed sample in
@@ -37,7 +45,8 @@ DEFAULT_OVERLONG_BUFFER = 512
 # Characters of a failing sample shown in the warning.
 LOG_SAMPLE_CHARS = 200
 
-_USER_SPEC = re.compile(r"(?P<path>.+\.py):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)")
+_USER_SPEC = re.compile(r"(?P<style>easyr1:)?(?P<path>.+\.py):(?P<fn>[A-Za-z_][A-Za-z0-9_]*)")
+EASYR1_PREFIX = "easyr1:"
 
 _lock = threading.Lock()
 _error_counts: collections.Counter[str] = collections.Counter()
@@ -240,8 +249,65 @@ class UserReward(_Reward):
         return out
 
 
+class EasyR1Adapter:
+    """`compute_score(predict, ground_truth)` (EasyR1's per-sample reward) as a batch reward: called
+    once per response; a number is the score, a dict gives its `"overall"` entry."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "compute_score")
+
+    def __call__(self, responses: Sequence[str], answers: Sequence[Any], **fields: Any) -> list[float]:
+        out = []
+        for predict, ground_truth in zip(responses, answers):
+            score = self.fn(predict, ground_truth)
+            if isinstance(score, Mapping):
+                if "overall" not in score:
+                    raise ValueError(f"compute_score returned a dict without 'overall': {_truncate(score)}")
+                score = score["overall"]
+            out.append(float(score))
+        return out
+
+
+def display_name(name: str) -> str:
+    """The readable part of a reward name for metric keys: the function name of a user reward
+    (`path/to/file.py:flaky` -> `flaky`), the name itself for a builtin."""
+    m = _USER_SPEC.fullmatch(name)
+    return m["fn"] if m and name not in _BUILTINS else name
+
+
+def check_reward(name: str, example: Mapping[str, Any]) -> None:
+    """Call user reward `name` once on `example` (a schema row: its answer, boxed, as the response)
+    without the never-raise guard; raise ValueError (chained to the user's exception, whose
+    traceback it carries) when it raises or returns something other than one number per response.
+    Builtins are not checked."""
+    fn = get(name)
+    if not isinstance(fn, UserReward):
+        return
+    answer = str(example.get("answer", ""))
+    responses = [f"<think>check</think> \\boxed{{{answer}}}"]
+    fields = {"answer_type": [example.get("answer_type", "")], "task": [example.get("task", "")],
+              "response_lengths": np.asarray([len(responses[0])]), "max_response_length": 128,
+              "overlong_buffer": 0}
+    try:
+        out = fn.fn(responses, [answer], **fields)
+    except Exception as exc:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        hint = ("; for a per-sample compute_score(predict, ground_truth) use the reward name "
+                f"'{EASYR1_PREFIX}{name}'" if not name.startswith(EASYR1_PREFIX) else "")
+        err = ValueError(f"reward {name!r} failed on a start-up check with one example "
+                         f"(the signature is fn(responses, answers, **fields)){hint}: "
+                         f"{type(exc).__name__}: {exc}")
+        err.details = tb  # type: ignore[attr-defined]
+        raise err from exc
+    if _as_values(out, 1) is None:
+        raise ValueError(f"reward {name!r} returned {_truncate(out)} for a batch of 1 response; expected "
+                         f"a list or array of 1 number (fn(responses, answers, **fields))")
+
+
 def load_user_reward(spec: str) -> UserReward:
-    """Import `path/to/file.py` (relative to the working directory) and wrap its `function`.
+    """Import `path/to/file.py` (relative to the working directory) and wrap its `function`
+    (`easyr1:path/to/file.py:compute_score` wraps a per-sample EasyR1 `compute_score`).
     Raises ValueError naming the file or function if either is missing or the import fails."""
     m = _USER_SPEC.fullmatch(spec)
     if m is None:
@@ -265,7 +331,7 @@ def load_user_reward(spec: str) -> UserReward:
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ValueError(f"reward {spec!r}: {str(path)!r} has no function {m['fn']!r}; callables there: {found}")
-    return UserReward(spec, fn)
+    return UserReward(spec, EasyR1Adapter(fn) if m["style"] else fn)
 
 
 _BUILTINS: dict[str, _Reward] = {

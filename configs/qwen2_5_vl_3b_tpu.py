@@ -1,0 +1,32 @@
+"""Paper recipe (staged perception-first GRPO) for Qwen2.5-VL-3B-Instruct on a v5e-8 / v6e-8 slice.
+
+The 7B recipe's stages, data and hyper-parameters (`configs/qwen2_5_vl_7b_tpu.py`), with the 3B
+checkpoint, FSDP over the 8 chips and micro-batches of 8 completions (one per chip). Reference
+log-probs are scored 80 completions at a time and the sampler runs 64 prompts per call, so the KV
+cache fits a 16 GiB chip. Check the fit on this machine first:
+
+  python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_tpu.py --topology v5e:2x4 \\
+      --model_config configs/hf/Qwen2.5-VL-3B-Instruct
+"""
+
+import dataclasses
+import os
+
+from vlm_jax.config import MeshConfig, load_config
+
+_7B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b_tpu.py")
+
+
+def get_config():
+    cfg = load_config(_7B)
+    stages = tuple(
+        dataclasses.replace(s, micro_batch_size=8,
+                            grpo=dataclasses.replace(s.grpo, score_chunk=80, rollout_chunk=64))
+        for s in cfg.stages
+    )
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path="artifacts/Qwen2.5-VL-3B-Instruct"),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        stages=stages,
+    )

@@ -1,0 +1,108 @@
+"""The memory planner compiles the trainer's programs for a TPU topology (deviceless, libtpu)."""
+
+import json
+import math
+
+import pytest
+
+from vlm_jax import config as config_lib
+
+pytest.importorskip("libtpu", reason="libtpu is not installed: `pip install libtpu` (requirements-test.txt)")
+
+from vlm_jax import plan  # noqa: E402
+
+GiB = 1 << 30
+
+
+def tiny_hf_config(tmp_path):
+    raw = json.loads(open("configs/hf/Qwen2.5-VL-3B-Instruct/config.json").read())
+    raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+               rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+               bos_token_id=1, eos_token_id=2, vision_start_token_id=3, vision_end_token_id=4,
+               vision_token_id=5, image_token_id=6, video_token_id=7)
+    raw["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                out_hidden_size=64, fullatt_block_indexes=[1], window_size=56)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return raw
+
+
+def tpu_bytes(shape, itemsize=4):
+    """Bytes of one fp32 array in TPU memory: 1-D padded to 128 elements, 2-D to (8, 128) tiles
+    in whichever dim order is smaller (the layout the compiler picks)."""
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    if len(shape) == 1:
+        return up(shape[0], 128) * itemsize
+    a, b = shape
+    return min(up(a, 8) * up(b, 128), up(b, 8) * up(a, 128)) * itemsize
+
+
+def hand_param_shards(raw, chips):
+    """Per-chip shapes of every parameter: dims named embed / vision_embed / merger_in split."""
+    D, I, V, n_layers = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"], raw["num_hidden_layers"]
+    H, K = raw["num_attention_heads"], raw["num_key_value_heads"]
+    E = D // H
+    v = raw["vision_config"]
+    Dv, Iv = v["hidden_size"], v["intermediate_size"]
+    s = lambda n: n // chips  # noqa: E731  (the split dim; the tests' sizes divide)
+    layer = [(s(D), H * E), (H * E,), (s(D), K * E), (K * E,), (s(D), K * E), (K * E,), (H * E, s(D)),
+             (s(D), I), (s(D), I), (I, s(D)), (D,), (D,)]
+    block = [(s(Dv), 3 * Dv), (3 * Dv,), (Dv, s(Dv)), (s(Dv),),
+             (s(Dv), Iv), (Iv,), (s(Dv), Iv), (Iv,), (Iv, s(Dv)), (s(Dv),), (Dv,), (Dv,)]
+    merger = [(Dv,), (s(4 * Dv), 4 * Dv), (4 * Dv,), (4 * Dv, s(D)), (s(D),)]
+    return ([(V, s(D))] + layer * n_layers + [(D,), (s(D), V)]
+            + [(3 * 2 * 14 * 14, s(Dv))] + block * v["depth"] + merger)
+
+
+def stages_config(tmp_path, sft_batch=8):
+    return config_lib.Config(
+        model=config_lib.ModelConfig(path=str(tmp_path), dtype="float32"),
+        mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1),
+        data=config_lib.DataConfig(max_prompt_len=64, length_buckets=(32, 64), max_pixels_per_image=12544),
+        stages=(
+            config_lib.StageConfig(name="text", capability="textual_reasoning", objective="sft",
+                                   datasets=(config_lib.DatasetSpec(name="x"),), steps=1,
+                                   batch_size=sft_batch),
+            config_lib.StageConfig(name="rl", capability="textual_reasoning", objective="grpo",
+                                   datasets=(config_lib.DatasetSpec(name="x"),), steps=1, batch_size=4,
+                                   grpo=config_lib.GRPOConfig(num_samples=2, max_new_tokens=32,
+                                                              mini_batch_size=4)),
+        ),
+        compilation_cache_dir="",
+    )
+
+
+def test_planner_counts_parameters_and_optimizer_bytes_exactly(tmp_path):
+    raw = tiny_hf_config(tmp_path)
+    rows = plan.plan(stages_config(tmp_path), "v5e:2x2", programs=("init", "sft", "grpo", "score"),
+                     log=lambda *_: None)
+    by = {(r.stage, r.program): r for r in rows}
+    assert set(by) == {("text", "init"), ("text", "sft"), ("rl", "init"), ("rl", "grpo"), ("rl", "score")}
+    p = sum(tpu_bytes(shape) for shape in hand_param_shards(raw, chips=4))
+    init = by[("text", "init")]
+    assert init.error is None and init.fits
+    assert init.detail["argument"] == p  # the loaded parameters, sharded
+    # a parameter copy plus AdamW's two moments per parameter, sharded like it, and the scalars
+    # (step, skipped, per-module Adam and schedule counts, grad norm: 9, each at least one
+    # 128-word tile; the compiler reports 11 tiles' worth here)
+    assert init.detail["scalars"] == 2 + 3 + 3 + 1
+    assert 3 * p + 512 * 9 <= init.detail["output"] <= 3 * p + 512 * 12
+    assert init.hbm_bytes_per_chip == 16 * GiB
+    for key in (("text", "sft"), ("rl", "grpo"), ("rl", "score")):
+        r = by[key]
+        assert r.error is None and r.fits and r.flops and r.flops > 0, r
+        assert r.bytes_per_chip >= r.detail["program"] >= r.detail["argument"] > 0
+    # the update's arguments hold the state: parameters and both moments
+    assert by[("text", "sft")].detail["argument"] >= 3 * p
+    json.dumps([r.to_json() for r in rows])  # the --json records serialise
+
+
+def test_planner_reports_an_over_budget_program_as_not_fitting(tmp_path):
+    tiny_hf_config(tmp_path)
+    # fp32 logits of 262,144 x 64 tokens x 512 vocab per step: far beyond a v5e chip's 16 GiB
+    cfg = stages_config(tmp_path, sft_batch=262144)
+    rows = plan.plan(cfg, "v5e:2x2", programs=("init", "sft"), stages={"text"}, log=lambda *_: None)
+    sft = next(r for r in rows if r.program == "sft")
+    assert not sft.fits
+    assert sft.bytes_per_chip is None or sft.bytes_per_chip > sft.hbm_bytes_per_chip
+    assert sft.error is None or "RESOURCE_EXHAUSTED" in sft.error or "HbmOom" in sft.error

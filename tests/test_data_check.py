@@ -114,6 +114,10 @@ def test_train_refuses_to_start_before_loading_the_model(crafted, tmp_path, caps
     assert check.preflight(cfg, check._open_sources(cfg))[0].skip_share == pytest.approx(0.3)
     cfg = config_lib.load_config(str(crafted), ["data.preflight_rows=0"])
     assert check.preflight(cfg, check._open_sources(cfg)) == []
+    # strict: any skipped row refuses (a strict run would stop at it mid-stage)
+    cfg = config_lib.load_config(str(crafted), ["data.preflight_max_skip_share=0.35", "data.strict=true"])
+    with pytest.raises(config_lib.ConfigError, match="data.strict=True allows none"):
+        check.preflight(cfg, check._open_sources(cfg))
 
 
 @pytest.mark.parametrize("override, message", [("data.preflight_rows=-2", "preflight_rows"),

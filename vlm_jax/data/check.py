@@ -11,7 +11,8 @@ length bucket), rows with an image outside ``[min_pixels_per_image, max_pixels_p
 resizing (resized, not skipped) or over the per-row pixel budget (skipped), placeholder / image
 count mismatches, and the share of the stage's rows that would be skipped (rows a local file loses
 when it is read count too). Exit status 0, or 2 with a one-line error naming the dataset and a few
-row ids when a share is above ``data.preflight_max_skip_share`` (``--max_skip_share`` overrides).
+row ids when a share is above ``data.preflight_max_skip_share`` (``--max_skip_share`` overrides),
+or when any row would be skipped and ``data.strict`` is set (a strict run would stop at it).
 
 `python -m vlm_jax.train` runs the same check at start-up (`preflight`, on ``data.preflight_rows``
 rows per dataset spread evenly over it, -1 = all, 0 = off) and refuses to start the same way.
@@ -212,15 +213,18 @@ def _open_sources(cfg) -> dict:
     return out
 
 
-def refusal(reports: Sequence[DatasetReport], max_skip_share: float) -> str | None:
-    """The error message when a dataset would skip more than `max_skip_share`, else None."""
-    bad = [r for r in reports if r.skip_share > max_skip_share]
+def refusal(reports: Sequence[DatasetReport], max_skip_share: float, *, strict: bool = False) -> str | None:
+    """The error message when a dataset would skip more than `max_skip_share` (with `strict`, any
+    row: a strict run would stop at it mid-stage), else None."""
+    bad = [r for r in reports if r.skip_share > max_skip_share or (strict and r.skip_share > 0)]
     if not bad:
         return None
     parts = [f"stage {r.stage_index} ({r.stage}) dataset {r.dataset} would skip {100 * r.skip_share:.1f}% "
              f"of its rows ({r.row_ids()})" for r in bad]
+    limit = ("data.strict=True allows none" if strict and all(r.skip_share <= max_skip_share for r in bad)
+             else f"above data.preflight_max_skip_share={max_skip_share:g}")
     return ("preflight data check: " + " | ".join(parts)
-            + f"; above data.preflight_max_skip_share={max_skip_share:g}. Fix or drop those rows, raise "
+            + f"; {limit}. Fix or drop those rows, raise "
               "data.max_prompt_len / data.length_buckets / data.max_pixels_per_image, or raise the share.")
 
 
@@ -234,7 +238,7 @@ def preflight(cfg, sources: Mapping, processor=None) -> list[DatasetReport]:
     reports = check_config(cfg, sources=sources, processor=processor)
     if _is_main_process():
         print(format_table(reports), flush=True)
-    message = refusal(reports, cfg.data.preflight_max_skip_share)
+    message = refusal(reports, cfg.data.preflight_max_skip_share, strict=cfg.data.strict)
     if message is not None:
         raise config_lib.ConfigError(message)
     return reports
@@ -303,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise config_lib.ConfigError(f"--rows={rows_flag}: give a positive number or 'all'")
         reports = check_config(cfg, rows=rows)
         print(format_table(reports))
-        message = refusal(reports, share)
+        message = refusal(reports, share, strict=cfg.data.strict)
         if message is not None:
             raise config_lib.ConfigError(message)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:

@@ -2,7 +2,7 @@
 
 The 7B recipe's stages, data and hyper-parameters (`configs/qwen2_5_vl_7b_tpu.py`), with the 3B
 checkpoint, FSDP over the 8 chips and micro-batches of 8 completions (one per chip). Reference
-log-probs are scored 80 completions at a time and the sampler runs 64 prompts per call, so the KV
+log-probs are scored 16 completions at a time and the sampler runs 64 prompts per call, so the KV
 cache fits a 16 GiB chip. Check the fit on this machine first:
 
   python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_tpu.py --topology v5e:2x4 \\
@@ -21,7 +21,7 @@ def get_config():
     cfg = load_config(_7B)
     stages = tuple(
         dataclasses.replace(s, micro_batch_size=8,
-                            grpo=dataclasses.replace(s.grpo, score_chunk=80, rollout_chunk=64))
+                            grpo=dataclasses.replace(s.grpo, score_chunk=16, rollout_chunk=64))
         for s in cfg.stages
     )
     return dataclasses.replace(

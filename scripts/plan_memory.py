@@ -16,6 +16,7 @@ import sys
 
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")  # quiets libtpu's start-up warnings
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several planners (or a test run) at once
 
 
 def main(argv=None) -> int:

@@ -221,7 +221,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if "init" in programs:
             # arguments: the loaded parameters; outputs: the state (parameter copy + moments)
             run("init", init, (params,), {}, 0)
-            rows[-1].detail["scalars"] = sum(1 for x in jax.tree.leaves(state) if x.ndim == 0)
+            if rows[-1].error is None:
+                rows[-1].detail["scalars"] = sum(1 for x in jax.tree.leaves(state) if x.ndim == 0)
         if st.objective == "sft" and "sft" in programs:
             B = st.batch_size
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
@@ -270,7 +271,8 @@ def format_row(r: Row) -> str:
     used = "-" if r.bytes_per_chip is None else f"{r.bytes_per_chip / GiB:8.2f}"
     d = r.detail
     parts = (f"arg {d['argument'] / GiB:.2f} out {d['output'] / GiB:.2f} alias {d['alias'] / GiB:.2f} "
-             f"temp {d['temp'] / GiB:.2f} resident+ {d['resident_extra'] / GiB:.2f}") if d else (r.error or "")
+             f"temp {d['temp'] / GiB:.2f} resident+ {d['resident_extra'] / GiB:.2f}") if "argument" in d else (
+        r.error or "")
     flops = f"{r.flops:.3g}" if r.flops and r.flops > 0 else "-"
     return (f"{r.stage:<20} {r.program:<9} {used} / {r.hbm_bytes_per_chip / GiB:.0f} GiB  "
             f"{'fits' if r.fits else 'DOES NOT FIT':<12} {r.compile_s:6.1f}s  flops {flops}  {parts}")

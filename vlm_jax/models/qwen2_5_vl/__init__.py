@@ -10,6 +10,7 @@ from vlm_jax.models.qwen2_5_vl.model import KVCache, ModelOptions, Qwen25VL
 from vlm_jax.models.qwen2_5_vl.params import tensor_map
 
 MODEL_TYPES = ("qwen2_5_vl",)
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
 
 def parse_config(raw: dict, source: str = "config.json") -> Qwen25VLConfig:
@@ -22,6 +23,7 @@ def build(cfg: Qwen25VLConfig, dtype, rngs, options: ModelOptions = ModelOptions
 
 __all__ = [
     "MODEL_TYPES",
+    "ARCHITECTURES",
     "parse_config",
     "build",
     "prepare_inputs",

@@ -1,0 +1,35 @@
+"""Qwen3-VL family (dense 2B / 4B / 8B / 32B): what the registry in `vlm_jax.models` needs.
+
+Same family interface as `qwen2_5_vl`: `MODEL_TYPES`, `ARCHITECTURES`, `parse_config(raw, source)`,
+`build(cfg, dtype, rngs)`, `prepare_inputs(batch, cfg, num_patches=None)`, `tensor_map(paths, cfg)`.
+"""
+
+from vlm_jax.models.qwen3_vl.config import PRESETS, Qwen3VLConfig, from_hf_dict
+from vlm_jax.models.qwen3_vl.inputs import VisionInputs, prepare_inputs
+from vlm_jax.models.qwen3_vl.model import Qwen3VL
+from vlm_jax.models.qwen3_vl.params import tensor_map
+
+MODEL_TYPES = ("qwen3_vl",)
+ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
+
+
+def parse_config(raw: dict, source: str = "config.json") -> Qwen3VLConfig:
+    return from_hf_dict(raw, source)
+
+
+def build(cfg: Qwen3VLConfig, dtype, rngs) -> Qwen3VL:
+    return Qwen3VL(cfg, dtype=dtype, rngs=rngs)
+
+
+__all__ = [
+    "MODEL_TYPES",
+    "ARCHITECTURES",
+    "PRESETS",
+    "parse_config",
+    "build",
+    "prepare_inputs",
+    "tensor_map",
+    "VisionInputs",
+    "Qwen3VL",
+    "Qwen3VLConfig",
+]

@@ -186,8 +186,8 @@ def make_batch(rows, *, padding="right", seed=0, vocab=200, patch=14):
 
 def reference_logits(model, batch) -> np.ndarray:
     """transformers logits with positions from its own get_rope_index (and mm_token_type_ids)."""
-    ids = torch.as_tensor(batch["input_ids"])
-    mask = torch.as_tensor(batch["attention_mask"])
+    ids = torch.as_tensor(np.asarray(batch["input_ids"], np.int64))
+    mask = torch.as_tensor(np.asarray(batch["attention_mask"], np.int64))
     mm = (ids == IMAGE).int()
     grid = torch.as_tensor(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
     pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)

@@ -251,9 +251,10 @@ def test_export_round_trip_with_transformers(family_run, tmp_path):
     assert np.abs(ours - theirs)[m].max() <= 1e-4
 
 
-def test_evaluate_cli(assets, tmp_path, capsys):
+def test_evaluate_cli(family_run, tmp_path, capsys):
     from vlm_jax import evaluate
 
+    _, assets, _ = family_run
     out = tmp_path / "eval.json"
     assert (
         evaluate.main(

@@ -392,7 +392,8 @@ def ref_qwen3(tmp_path_factory):
 def test_qwen3_greedy_matches_transformers_and_sharded_run(ref_qwen3):
   """Qwen3-VL (DeepStack features in the prompt, interleaved MRoPE): greedy tokens are
   transformers' argmax of the teacher-forced logits, the sampler's log-probs the teacher-forced
-  ones, G = 2 samples share a prompt; a (2, 2, 2) mesh gives the same rollout."""
+  ones, G = 2 samples share a prompt; a (2, 2, 2) mesh and a data-parallel (4, 1, 1) mesh (a
+  decode loop per device) give the same rollout."""
   batch = make_batch(ROWS, padding="left", seed=2, patch=16)
   run = greedy(ref_qwen3.model, ref_qwen3.params, batch, num_samples=2, eos=(7, 11, 13))
   assert run.tokens.shape == (len(ROWS) * 2, NEW)
@@ -404,8 +405,11 @@ def test_qwen3_greedy_matches_transformers_and_sharded_run(ref_qwen3):
                                atol=LOGPROB_TOL, err_msg=f"row {n}")
   assert len({tuple(t) for t in run.tokens[::2]}) == len(ROWS)
 
-  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  model, params = models.from_pretrained(ref_qwen3.path, mesh=mesh)
-  sharded = greedy(model, params, batch, num_samples=2, eos=(7, 11, 13))
-  np.testing.assert_array_equal(sharded.tokens, run.tokens)
-  np.testing.assert_allclose(sharded.logprobs, run.logprobs, atol=1e-5)
+  for shape in ((2, 2, 2), (4, 1, 1)):  # one loop over the sharded batch; one loop per device
+    mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]),
+                     devices=jax.devices()[:int(np.prod(shape))])
+    model, params = models.from_pretrained(ref_qwen3.path, mesh=mesh)
+    assert sampler.data_parallel(mesh, len(ROWS)) == (shape == (4, 1, 1))
+    sharded = greedy(model, params, batch, num_samples=2, eos=(7, 11, 13))
+    np.testing.assert_array_equal(sharded.tokens, run.tokens)
+    np.testing.assert_allclose(sharded.logprobs, run.logprobs, atol=1e-5)

@@ -1,6 +1,7 @@
 """Qwen2.5-VL family: what the registry in `vlm_jax.models` needs from a model folder.
 
-A family module exposes `MODEL_TYPES`, `parse_config(raw, source)`, `build(cfg, dtype, rngs)`,
+A family module exposes `MODEL_TYPES`, `ARCHITECTURES` (written on save), `parse_config(raw, source)`,
+`build(cfg, dtype, rngs)`,
 `prepare_inputs(batch, cfg, num_patches=None)` and `tensor_map(param_paths)`.
 """
 

@@ -1,8 +1,7 @@
 """Qwen2.5-VL family: what the registry in `vlm_jax.models` needs from a model folder.
 
 A family module exposes `MODEL_TYPES`, `ARCHITECTURES` (written on save), `parse_config(raw, source)`,
-`build(cfg, dtype, rngs)`,
-`prepare_inputs(batch, cfg, num_patches=None)` and `tensor_map(param_paths)`.
+`build(cfg, dtype, rngs)`, `prepare_inputs(batch, cfg, num_patches=None)` and `tensor_map(param_paths)`.
 """
 
 from vlm_jax.models.qwen2_5_vl.config import ConfigParseError, Qwen25VLConfig, from_hf_dict

@@ -5,7 +5,13 @@ A family module exposes `MODEL_TYPES`, `ARCHITECTURES` (written on save), `parse
 """
 
 from vlm_jax.models.qwen2_5_vl.config import ConfigParseError, Qwen25VLConfig, from_hf_dict
-from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, prepare_inputs, rope_index
+from vlm_jax.models.qwen2_5_vl.inputs import (
+    ModelInputs,
+    VisionInputs,
+    prepare_inputs,
+    rope_index,
+    vision_input_specs,
+)
 from vlm_jax.models.qwen2_5_vl.model import KVCache, ModelOptions, Qwen25VL
 from vlm_jax.models.qwen2_5_vl.params import tensor_map
 
@@ -27,6 +33,7 @@ __all__ = [
     "parse_config",
     "build",
     "prepare_inputs",
+    "vision_input_specs",
     "tensor_map",
     "ModelInputs",
     "VisionInputs",

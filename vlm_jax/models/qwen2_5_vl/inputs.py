@@ -94,6 +94,16 @@ def vision_layout(grid_thw: np.ndarray, cfg: Qwen25VLConfig):
     )
 
 
+def vision_input_specs(cfg: Qwen25VLConfig, num_patches: int) -> VisionInputs:
+    """(shape, numpy dtype) of every `VisionInputs` field for a bucket of `num_patches` patches (for
+    abstract inputs, e.g. the memory planner)."""
+    P, M = num_patches, num_patches // cfg.vision.merge_unit
+    return VisionInputs(
+        ((P, cfg.vision.patch_dim), np.float32), ((P, 2), np.int32), ((P,), np.int32), ((P,), np.int32),
+        ((M,), np.int32), ((), np.int32),
+    )
+
+
 def prepare_vision(
     pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig, num_patches: int | None = None
 ) -> VisionInputs:

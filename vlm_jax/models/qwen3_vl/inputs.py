@@ -95,6 +95,16 @@ def prepare_vision(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg, num_patc
     )
 
 
+def vision_input_specs(cfg, num_patches: int) -> VisionInputs:
+    """(shape, numpy dtype) of every `VisionInputs` field for a bucket of `num_patches` patches (for
+    abstract inputs, e.g. the memory planner)."""
+    P = num_patches
+    return VisionInputs(
+        ((P, cfg.vision.patch_dim), np.float32), ((P, 2), np.int32), ((P, 4), np.int32),
+        ((P, 4), np.float32), ((P,), np.int32), ((), np.int32),
+    )
+
+
 def prepare_inputs(batch: Mapping[str, Any], cfg, *, num_patches: int | None = None) -> ModelInputs:
     """A processor-style batch dict (numpy) -> `ModelInputs` (Qwen2.5-VL's checks and positions,
     this family's vision layout)."""

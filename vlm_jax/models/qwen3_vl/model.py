@@ -30,11 +30,14 @@ from vlm_jax.models.qwen2_5_vl.model import (
     DecodeLayer,
     Dense,
     GatedMLP,
+    ModelOptions,
     Qwen25VL,
     RMSNorm,
     VisionAttention,
     _init,
+    causal_attention,
     decode_attention,
+    remat,
     rotate_half,
 )
 from vlm_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -120,9 +123,11 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: Qwen3VLConfig, *, dtype, rngs):
+    def __init__(self, cfg: Qwen3VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none"):
         v = cfg.vision
         self.cfg = cfg
+        self.compute_dtype = compute_dtype or dtype
+        self.remat_policy = remat_policy
         self.patch_embed = Dense(
             v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, dtype=dtype, rngs=rngs
         )
@@ -148,7 +153,7 @@ class VisionTower(nnx.Module):
     def __call__(self, vision):
         """(merged features [M, D_text], DeepStack features [n_deepstack, M, D_text]) in image order;
         the padding slots at the end are garbage."""
-        x = self.patch_embed(vision.patches_PC.astype(self.patch_embed.kernel.dtype))
+        x = self.patch_embed(vision.patches_PC.astype(self.compute_dtype))
         table = self.pos_embed[...]
         pos = (table[vision.pos_index_P4].astype(jnp.float32) * vision.pos_weight_P4[..., None]).sum(1)
         x = x + pos.astype(x.dtype)
@@ -156,7 +161,7 @@ class VisionTower(nnx.Module):
         index = {k: j for j, k in enumerate(self.cfg.vision.deepstack_visual_indexes)}
         deep = [None] * len(index)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, vision.seg_P)
+            x = remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_P)
             if i in index:
                 deep[index[i]] = self.deepstack_merger_list[index[i]](x)
         return self.merger(x), deep
@@ -182,11 +187,17 @@ def mrope_cos_sin(positions_3BL, cfg: Qwen3VLConfig, dtype):
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS):
-    """Causal GQA attention core (Qwen2.5-VL's dense form): query head h reads kv head h // (H/K)."""
+def attend(q_BLHE, k_BSKE, v_BSKE, mask_BLS, key_valid_BS=None, chunk: int = 0):
+    """GQA attention core, as Qwen2.5-VL's `Attention`: query head h reads kv head h // (H/K).
+    With `mask_BLS`, dense over all S keys; with `mask_BLS=None`, causal over S = L keys with
+    `key_valid_BS`, per query chunk (Qwen2.5-VL's `causal_attention`, no [L, S] mask)."""
     B, L, H, E = q_BLHE.shape
     K = k_BSKE.shape[2]
     qg = q_BLHE.reshape(B, L, K, H // K, E)
+    if mask_BLS is None:
+        if k_BSKE.shape[1] != L:
+            raise ValueError(f"mask_BLS=None needs as many keys as queries, got {k_BSKE.shape[1]} vs {L}")
+        return causal_attention(qg, k_BSKE, v_BSKE, key_valid_BS, chunk).reshape(B, L, H * E)
     k, v = k_BSKE.astype(q_BLHE.dtype), v_BSKE.astype(q_BLHE.dtype)
     scores = jnp.einsum("blkgd,bskd->bkgls", qg, k) * E**-0.5
     scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), NEG_INF)
@@ -207,7 +218,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(self.E, t.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(self.E, t.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None):
+    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None, key_valid_BS=None,
+                 chunk: int = 0):
         """As Qwen2.5-VL's `Attention`, with q/k RMSNorm over head_dim before the rope."""
         B, L, _ = x_BLD.shape
         q = self.q_norm(self.q_proj(x_BLD).reshape(B, L, self.H, self.E))
@@ -221,7 +233,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
             new_kv = (k, v)
-        return self.o_proj(attend(q, k, v, mask_BLS)), new_kv
+        return self.o_proj(attend(q, k, v, mask_BLS, key_valid_BS, chunk)), new_kv
 
 
 class DecoderLayer(nnx.Module):
@@ -232,8 +244,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = GatedMLP(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index)
+    def __call__(self, x, cos, sin, mask, kv=None, write_index=None, key_valid=None, chunk: int = 0):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index, key_valid, chunk)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -251,10 +263,14 @@ class TextModel(nnx.Module):
 class Qwen3VL(Qwen25VL):
     """The full model. Use `vlm_jax.models.forward` / the sampler rather than calling it directly."""
 
-    def __init__(self, cfg: Qwen3VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, options=ModelOptions()):
         self.config = cfg
-        self.dtype = dtype
-        self.visual = VisionTower(cfg, dtype=dtype, rngs=rngs)
+        self.options = options
+        self.param_dtype = dtype  # how the parameters are stored
+        self.dtype = jnp.dtype(options.compute_dtype) if options.compute_dtype else dtype  # activations
+        self.visual = VisionTower(
+            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat
+        )
         self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
         t = cfg.text
         self.lm_head = (
@@ -279,21 +295,33 @@ class Qwen3VL(Qwen25VL):
         parts += [jnp.where(is_img, d.astype(self.dtype)[slot], 0) for d in deep]
         return jnp.concatenate(parts, axis=-1)
 
-    def decode(self, x_BLD, positions_3BL, mask_BLS, cache=None, write_index=None):
+    def decode(
+        self, x_BLD, positions_3BL, mask_BLS, cache=None, write_index=None, *, key_valid_BS=None, constrain=None
+    ):
         """Decoder stack over `embed`'s wide output; DeepStack feature j is added after layer j.
-        Returns (final hidden [B, L, D] after the norm, new per-layer kv or empty tuples)."""
+        Returns (final hidden [B, L, D] after the norm, new per-layer kv or empty tuples).
+        `mask_BLS=None` (causal with `key_valid_BS`, chunked), `constrain` and the per-layer remat
+        as in `Qwen25VL.decode`."""
+        constrain = constrain or (lambda a: a)
         D = self.config.text.hidden_size
+        x_BLD = constrain(x_BLD)
         x, deep = x_BLD[..., :D], x_BLD[..., D:]
         cos, sin = mrope_cos_sin(positions_3BL, self.config, x.dtype)
+        chunk = self.options.attention_chunk
         new_k, new_v = [], []
         for i, layer in enumerate(self.language_model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask_BLS, kv, write_index)
+            run = remat(
+                lambda x_, c, s_, kv_, lyr=layer: lyr(x_, c, s_, mask_BLS, kv_, write_index, key_valid_BS, chunk),
+                self.options.remat if cache is None else "none",
+            )
+            x, kv = run(x, cos, sin, kv)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
             if (i + 1) * D <= deep.shape[-1]:
                 x = x + deep[..., i * D : (i + 1) * D]
+            x = constrain(x)
         return self.language_model.norm(x), (tuple(new_k), tuple(new_v))
 
     def decode_weights(self) -> tuple[DecodeLayer, ...]:

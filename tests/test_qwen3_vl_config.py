@@ -24,9 +24,10 @@ def test_presets_build_with_hub_parameter_counts(size):
     raw = qwen3_vl.PRESETS[size]
     assert json.loads((ROOT / f"configs/hf/Qwen3-VL-{size}-Instruct/config.json").read_text()) == raw
     cfg = qwen3_vl.parse_config(raw)
-    _, state = abstract_model(qwen3_vl, cfg, jnp.bfloat16)  # shapes only
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-    assert abs(n - SIZES[size]) / SIZES[size] < 1e-3, n
+    if size in ("2B", "8B"):  # the recipes' sizes; building the abstract 32B alone takes ~15 s
+        _, state = abstract_model(qwen3_vl, cfg, jnp.bfloat16)  # shapes only
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+        assert abs(n - SIZES[size]) / SIZES[size] < 1e-3, n
     assert cfg.text.head_dim == 128 and cfg.text.mrope_section == (24, 20, 20)
     assert cfg.text.rope_theta == 5e6 and cfg.vision.patch_size == 16
     assert cfg.tie_word_embeddings == (size in ("2B", "4B"))

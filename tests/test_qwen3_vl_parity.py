@@ -87,9 +87,9 @@ def test_tied_embeddings(tmp_path):
 
 
 def _pitfall_diff(untied, batch, monkeypatch, patch_fn):
+    """max |diff| to transformers with `patch_fn` applied (the right code passes: test_logit_parity)."""
     path, ref = untied
     want = reference_logits(ref, batch)
-    assert max_diff(jax_logits(path, batch), want, batch["attention_mask"]) <= TOL
     with monkeypatch.context() as m:
         patch_fn(m, path)
         jax.clear_caches()  # the jitted forward traced the right code for this shape already
@@ -100,7 +100,7 @@ def _pitfall_diff(untied, batch, monkeypatch, patch_fn):
 
 def test_blocked_mrope_would_fail(untied, monkeypatch):
     """Qwen2.5-VL's blocked [T|H|W] frequency layout instead of the interleaved one."""
-    batch = batch_of([[(6, 10)]], seed=5)
+    batch = batch_of([[(6, 10)]], seed=1)  # the one-image case of test_logit_parity
     diff = _pitfall_diff(
         untied, batch, monkeypatch, lambda m, _: m.setattr(q3_model, "mrope_cos_sin", q25_model.mrope_cos_sin)
     )
@@ -116,9 +116,8 @@ def test_shifted_deepstack_index_would_fail(untied, tmp_path):
     raw["vision_config"]["deepstack_visual_indexes"] = [1, 2]
     (tmp_path / "config.json").write_text(json.dumps(raw))
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
-    batch = batch_of([[(6, 10)]], seed=6)
+    batch = batch_of([[(6, 10)]], seed=1)  # the one-image case of test_logit_parity
     want = reference_logits(ref, batch)
-    assert max_diff(jax_logits(path, batch), want, batch["attention_mask"]) <= TOL
     assert max_diff(jax_logits(tmp_path, batch), want, batch["attention_mask"]) > 100 * TOL
 
 
@@ -133,7 +132,7 @@ def test_position_embedding_interpolation_pitfalls_would_fail(untied, monkeypatc
             return right(h, w, side, merge, align_corners=False)
         return right(h, w, side, 1)  # merge 1 = raster order
 
-    batch = batch_of([[(6, 10)]], seed=7)
+    batch = batch_of([[(6, 10)]], seed=1)  # the one-image case of test_logit_parity
     diff = _pitfall_diff(untied, batch, monkeypatch, lambda m, _: m.setattr(q3_inputs, "pos_embed_taps", taps))
     assert diff > 100 * TOL
 

@@ -1,4 +1,5 @@
-"""Staged perception-first GRPO for Qwen3-VL-2B-Instruct on ONE TPU chip (e.g. a Colab v6e-1).
+"""Staged perception-first GRPO for Qwen3-VL-2B-Instruct sized toward ONE TPU chip (a Colab v6e-1); see
+the planner result below: it does not fit yet.
 
 The paper's stages, order, losses and optimizer (`qwen3_vl_8b_tpu.py`), with the per-step sizes cut
 to one chip: 8 prompts x 5 samples per rollout step (the paper: 512), mini-batches of 2 prompts
@@ -9,7 +10,15 @@ paper's examples instead of its updates.
 
 Memory: fp32 parameters and AdamW moments with bf16 compute (as every recipe here: an lr-1e-6
 update is lost in bf16 storage), per-layer remat ("full"), micro-batches of 5 completions and
-reference scoring 10 completions at a time. Check it with the planner before a run:
+reference scoring 10 completions at a time.
+
+NOT YET FITTING (planner, 2026-12-01, first stage): on v6e:1x1 (31.2 GiB usable) optimizer init
+needs 31.7 GiB of temporaries (fp32 parameters 7.9 GiB + AdamW moments 15.9 GiB), the GRPO update
+107.6 GiB, scoring 42.0 GiB, sampling 42.1 GiB. The update / score / sample sizes are dominated by
+the vision tower: the patch bucket for 8 images of up to 1,003,520 px is 32,768 patches and vision
+attention is one dense [heads, P, P] block over it (segment mask), which no option here chunks yet.
+Before a one-chip run: segment-local (per image) vision attention, fewer pixels per image, and a
+smaller optimizer state (or a 2-chip slice). Re-check with:
   python scripts/plan_memory.py --config configs/qwen3_vl_2b_tpu_chip.py --topology v6e:1x1 \
       --model_config configs/hf/Qwen3-VL-2B-Instruct
 CPU smoke run: `qwen3_vl_2b_smoke_cpu.py`.

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tiny", type=Path, required=True)
   p.add_argument("--out", type=Path, required=True)
   p.add_argument("--train-assets", type=Path, required=True)
+  p.add_argument("--ckpt-qwen3", type=Path, required=True, help="a Qwen3-VL checkpoint, sharded load too")
+  p.add_argument("--batch-qwen3", type=Path, required=True)
   args = p.parse_args(argv)
 
   result: dict[str, Any] = {"process_id": args.process_id, "seconds": {}}
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("imports")
     model, params, logits, info = sharded_forward(args.ckpt, args.batch)
     result.update(info)
-    np.savez(str(args.out) + ".npz", logits=logits)
+    _, _, logits_qwen3, _ = sharded_forward(args.ckpt_qwen3, args.batch_qwen3)
+    np.savez(str(args.out) + ".npz", logits=logits, logits_qwen3=logits_qwen3)
     lap("load_forward")
     models.save_pretrained(model, params, args.save_dir)
     lap("save")

@@ -22,15 +22,19 @@ from vlm_jax.rl import policy, sampler
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def make_assets(tmp_path_factory, family):
     from vlm_jax.data import build_synthetic
     from vlm_jax.models.tiny import build_tiny_model
 
-    d = tmp_path_factory.mktemp("assets")
+    d = tmp_path_factory.mktemp(f"assets_{family}")
     build_synthetic(str(d / "data"), sizes={"train": 24, "validation": 4, "test": 4}, seed=0)
-    build_tiny_model(d / "model", seed=0)
+    build_tiny_model(d / "model", family=family, seed=0)
     return d
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory, "qwen2_5_vl")
 
 
 def two_stage_config(assets, **over):
@@ -73,8 +77,7 @@ def assert_bitwise(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(assets, tmp_path_factory):
+def run_uninterrupted(assets, tmp_path_factory):
     wd = tmp_path_factory.mktemp("full")
     cfg = two_stage_config(assets)
     counts = {}
@@ -83,6 +86,20 @@ def uninterrupted(assets, tmp_path_factory):
     counts["grpo"] = policy.grpo_step._cache_size() - before[0]
     counts["sft"] = sft.sft_step._cache_size() - before[1]
     return wd, cfg, counts
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    return run_uninterrupted(assets, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def family_run(request, tmp_path_factory):
+    """(family, assets, uninterrupted run) per model family; Qwen2.5-VL reuses the fixtures above."""
+    if request.param == "qwen2_5_vl":
+        return request.param, request.getfixturevalue("assets"), request.getfixturevalue("uninterrupted")
+    assets = make_assets(tmp_path_factory, request.param)
+    return request.param, assets, run_uninterrupted(assets, tmp_path_factory)
 
 
 def test_two_stages_swap_step_functions_without_recompiling(uninterrupted):
@@ -98,8 +115,9 @@ def test_two_stages_swap_step_functions_without_recompiling(uninterrupted):
     assert all(r["skipped_nonfinite"] == 0 for r in train_rows)
 
 
-def test_resume_mid_grpo_stage_is_bitwise(assets, uninterrupted, tmp_path):
-    full_wd, cfg, _ = uninterrupted
+def test_resume_mid_grpo_stage_is_bitwise(family_run, tmp_path):
+    _, _, (full_wd, cfg, counts) = family_run
+    assert counts == {"grpo": 1, "sft": 1}
     assert curriculum.run(cfg, tmp_path, stop_after=2) == "preempted"
     meta = Checkpointer(tmp_path / "checkpoints").restore_meta()
     assert (meta["stage_index"], meta["stage_step"], meta["global_step"]) == (0, 2, 2)
@@ -184,10 +202,10 @@ def test_failing_checkpoint_write_stops_the_run_with_the_previous_checkpoint_int
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_zero(assets, uninterrupted, tmp_path):
+def test_sigterm_checkpoints_and_exits_zero(family_run, tmp_path):
     """A real SIGTERM to `python -m vlm_jax.train` during the GRPO stage: exit 0 after saving at the
     next step boundary; rerunning the same command resumes and ends bitwise equal."""
-    full_wd, cfg, _ = uninterrupted
+    _, _, (full_wd, cfg, _) = family_run
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(
         "from vlm_jax.config import config_from_dict\n"
@@ -264,13 +282,13 @@ def test_bad_config_fails_before_compiling(assets, tmp_path, capsys, override, m
     )
 
 
-def test_export_round_trip_with_transformers(uninterrupted, tmp_path):
-    from hf_reference import reference_logits  # noqa: F401  (same call convention)
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+def test_export_round_trip_with_transformers(family_run, tmp_path):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
     from vlm_jax import export
     from vlm_jax.data.processor import Processor
 
-    full_wd, _, _ = uninterrupted
+    family, _, (full_wd, _, _) = family_run
+    hf_class = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
     assert export.main(["--workdir", str(full_wd), "--out", str(tmp_path / "hf")]) == 0
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (tmp_path / "hf" / f).exists(), f
@@ -286,7 +304,7 @@ def test_export_round_trip_with_transformers(uninterrupted, tmp_path):
     batch = proc([text, "hello there"], [[img], []], padding_side="left")
     with jax.default_matmul_precision("highest"):
         ours = np.asarray(models.forward(model, params, batch))
-    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ref = hf_class.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = ref(
             **{
@@ -298,9 +316,10 @@ def test_export_round_trip_with_transformers(uninterrupted, tmp_path):
     assert np.abs(ours - theirs)[m].max() <= 1e-4
 
 
-def test_evaluate_cli(assets, tmp_path, capsys):
+def test_evaluate_cli(family_run, tmp_path, capsys):
     from vlm_jax import evaluate
 
+    _, assets, _ = family_run
     out = tmp_path / "eval.json"
     assert (
         evaluate.main(

@@ -1,8 +1,9 @@
 """The jitted GRPO update (`vlm_jax.rl.policy`) and the optimizer / train state
 (`vlm_jax.train_state`).
 
-One tiny random reference checkpoint (vocab 256) and one prompt batch (text-only, one-image and
-two-image rows) are shared by every test. `grpo_step` compiles once per (optimizer, mu, minibatch)
+Per model family (Qwen2.5-VL and Qwen3-VL, the `env` fixture's parameter) one tiny random reference
+checkpoint (vocab 256) and one prompt batch (text-only, one-image and two-image rows) are shared by
+every test. `grpo_step` compiles once per (optimizer, mu, minibatch)
 combination, so the tests use exactly two: optimizer `lm_only` with mu=1 / one mini-batch, and
 optimizer `all_modules` with mu=2 / two mini-batches (the learning run).
 """
@@ -56,12 +57,14 @@ def toy_reward(roll: sampler.Rollout) -> np.ndarray:
   return ((roll.tokens < GOOD) & real).sum(-1) / np.maximum(roll.lengths, 1)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  path = tmp_path_factory.mktemp("grpo_ref")
-  build_reference(path, seed=0)
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def env(tmp_path_factory, request):
+  family = request.param
+  path = tmp_path_factory.mktemp(f"grpo_ref_{family}")
+  small = dict(layers=2, vision_depth=2, deepstack=(0, 1)) if family == "qwen3_vl" else {}
+  build_reference(path, seed=0, family=family, **small)
   model, params = models.from_pretrained(path)
-  batch = make_batch(ROWS, padding="left", seed=1)
+  batch = make_batch(ROWS, padding="left", seed=1, patch=16 if family == "qwen3_vl" else 14)
   prompt = sampler.prepare_prompts(model, batch)
   lm_only = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.0), 100, ("language_model",))
   all_modules = make_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0), 100,
@@ -330,5 +333,8 @@ def test_module_labels_and_unknown_module():
                           "language_model": {"w": 0}, "lm_head": {"w": 0}})
   assert labels == {"visual": {"blocks": {"w": "vision"}, "merger": {"w": "merger"}},
                     "language_model": {"w": "language_model"}, "lm_head": {"w": "language_model"}}
+  # Qwen3-VL: the learned position embedding is vision, the DeepStack mergers are mergers
+  labels = module_labels({"visual": {"pos_embed": 0, "deepstack_merger_list": {0: {"w": 0}}}})
+  assert labels == {"visual": {"pos_embed": "vision", "deepstack_merger_list": {0: {"w": "merger"}}}}
   with pytest.raises(ValueError, match="vison"):
     make_optimizer(OptimizerConfig(), 10, ("vison",))

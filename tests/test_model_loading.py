@@ -22,22 +22,41 @@ def ckpt(tmp_path_factory):
     return d
 
 
-BATCH = make_batch([[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)]] * 2, padding="left", seed=0)
+ROWS = [[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)]] * 2
+BATCH = make_batch(ROWS, padding="left", seed=0)
 
 
-def logits(path, mesh=None):
+@pytest.fixture(scope="module")
+def qwen3_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref_qwen3")
+    build_reference(d, seed=0, family="qwen3_vl")
+    return d
+
+
+def logits(path, mesh=None, batch=BATCH):
     with jax.default_matmul_precision("highest"):
         model, params = models.from_pretrained(path, mesh=mesh)
-        return model, params, np.asarray(models.forward(model, params, BATCH))
+        return model, params, np.asarray(models.forward(model, params, batch))
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
-def test_mesh_logits_match_single_device(ckpt, shape):
+@pytest.mark.parametrize(
+    "family,shape",
+    [
+        ("qwen2_5_vl", (8, 1, 1)),
+        ("qwen2_5_vl", (1, 8, 1)),
+        ("qwen2_5_vl", (2, 2, 2)),
+        ("qwen3_vl", (1, 8, 1)),
+        ("qwen3_vl", (2, 2, 2)),
+    ],
+)
+def test_mesh_logits_match_single_device(request, family, shape):
     assert jax.device_count() == 8
-    _, _, want = logits(ckpt)
+    ckpt = request.getfixturevalue("ckpt" if family == "qwen2_5_vl" else "qwen3_ckpt")
+    batch = BATCH if family == "qwen2_5_vl" else make_batch(ROWS, padding="left", seed=0, patch=16)
+    _, _, want = logits(ckpt, batch=batch)
     mesh = sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
-    model, params, got = logits(ckpt, mesh)
-    m = BATCH["attention_mask"].astype(bool)
+    model, params, got = logits(ckpt, mesh, batch)
+    m = batch["attention_mask"].astype(bool)
     assert np.abs(got - want)[m].max() <= 1e-5
 
     # every parameter follows the rules table

@@ -35,6 +35,7 @@ TIMEOUT_S = 300
 FAILURE_GRACE_S = 10
 # 8 rows, so the batch dim splits over data x fsdp = 4: each process holds half of the rows.
 BATCH = make_batch([[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)]] * 2, padding="left", seed=0)
+BATCH_QWEN3 = make_batch([[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)]] * 2, padding="left", seed=0, patch=16)
 
 
 def free_port() -> int:
@@ -53,13 +54,15 @@ def worker_env() -> dict[str, str]:
 def spawn(tmp: Path, ckpt: Path, tiny: Path) -> list[tuple[subprocess.Popen, Path, Path]]:
   port = free_port()
   np.savez(tmp / "batch.npz", **BATCH)
+  np.savez(tmp / "batch_qwen3.npz", **BATCH_QWEN3)
   procs = []
   for i in range(NUM_PROCESSES):
     log = tmp / f"worker{i}.log"
     cmd = [sys.executable, str(WORKER), "--process-id", str(i), "--port", str(port),
            "--ckpt", str(ckpt), "--batch", str(tmp / "batch.npz"), "--save-dir", str(tmp / "saved"),
            "--num-rows", str(NUM_ROWS), "--tiny", str(tiny), "--out", str(tmp / f"result{i}.json"),
-           "--train-assets", str(tmp / "train")]
+           "--train-assets", str(tmp / "train"), "--ckpt-qwen3", str(tmp / "ckpt_qwen3"),
+           "--batch-qwen3", str(tmp / "batch_qwen3.npz")]
     with log.open("w") as f:
       proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(), cwd=REPO)
     procs.append((proc, tmp / f"result{i}.json", log))
@@ -97,6 +100,7 @@ def collect(procs, deadline: float) -> list[dict[str, Any]]:
     else:
       with np.load(str(out) + ".npz") as f:
         result["logits"] = f["logits"]
+        result["logits_qwen3"] = f["logits_qwen3"]
       results.append(result)
   if problems:  # a worker's own error first: its peer usually just hung in a collective
     pytest.fail("\n\n".join(problems))
@@ -152,6 +156,7 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess")
   ckpt = tmp / "ckpt"
   ref_model = build_reference(ckpt, seed=0)
+  build_reference(tmp / "ckpt_qwen3", seed=0, family="qwen3_vl")
   tiny = build_tiny_model(tmp / "tiny", weights=False)
   write_train_assets(tmp / "train")
   deadline = time.monotonic() + TIMEOUT_S
@@ -160,12 +165,14 @@ def run(tmp_path_factory):
     with jax.default_matmul_precision("highest"):
       model, params = models.from_pretrained(ckpt)
       want = np.asarray(models.forward(model, params, BATCH))
+      model, params = models.from_pretrained(tmp / "ckpt_qwen3")
+      want_qwen3 = np.asarray(models.forward(model, params, BATCH_QWEN3))
   except BaseException:
     collect(procs, time.monotonic())  # kill the workers before failing
     raise
   results = collect(procs, deadline)
   return dict(tmp=tmp, ckpt=ckpt, saved=tmp / "saved", ref_model=ref_model, want=want,
-              results=results)
+              want_qwen3=want_qwen3, results=results)
 
 
 def test_workers_form_one_8_device_runtime(run):
@@ -188,6 +195,10 @@ def test_sharded_load_and_forward_match_single_process(run):
     assert r["q_proj_local_shard_shapes"] == [[rows // 2, cols // 2]]
   # both processes gathered the same global logits
   np.testing.assert_array_equal(run["results"][0]["logits"], run["results"][1]["logits"])
+  # and a Qwen3-VL checkpoint on the same 2-process mesh equals one process too
+  m = BATCH_QWEN3["attention_mask"].astype(bool)
+  for r in run["results"]:
+    assert np.abs(r["logits_qwen3"] - run["want_qwen3"])[m].max() <= 1e-5
 
 
 def test_save_pretrained_from_two_processes(run):

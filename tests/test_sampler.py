@@ -376,3 +376,40 @@ def test_missing_eos_ids_raise(ref):
   with pytest.raises(ValueError, match="eos_token_ids"):
     sampler.generate(ref.model, ref.params, make_batch([[]], seed=0), max_new_tokens=4,
                      rng=jax.random.key(0))
+
+
+# ---- Qwen3-VL through the same sampler -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref_qwen3(tmp_path_factory):
+  path = tmp_path_factory.mktemp("sampler_ref_qwen3")
+  torch_model = build_reference(path, seed=0, family="qwen3_vl")
+  model, params = models.from_pretrained(path)
+  return SimpleNamespace(path=path, torch=torch_model, model=model, params=params)
+
+
+def test_qwen3_greedy_matches_transformers_and_sharded_run(ref_qwen3):
+  """Qwen3-VL (DeepStack features in the prompt, interleaved MRoPE): greedy tokens are
+  transformers' argmax of the teacher-forced logits, the sampler's log-probs the teacher-forced
+  ones, G = 2 samples share a prompt; a (2, 2, 2) mesh and a data-parallel (4, 1, 1) mesh (a
+  decode loop per device) give the same rollout."""
+  batch = make_batch(ROWS, padding="left", seed=2, patch=16)
+  run = greedy(ref_qwen3.model, ref_qwen3.params, batch, num_samples=2, eos=(7, 11, 13))
+  assert run.tokens.shape == (len(ROWS) * 2, NEW)
+  hf = lambda b: reference_logits(ref_qwen3.torch, b)
+  for n, logits in enumerate(teacher_forced(hf, batch, ROWS, run, num_samples=2)):
+    toks = run.tokens[n, :run.lengths[n]]
+    np.testing.assert_array_equal(logits.argmax(-1), toks, err_msg=f"row {n}")
+    np.testing.assert_allclose(run.logprobs[n, :run.lengths[n]], picked(log_softmax(logits), toks),
+                               atol=LOGPROB_TOL, err_msg=f"row {n}")
+  assert len({tuple(t) for t in run.tokens[::2]}) == len(ROWS)
+
+  for shape in ((2, 2, 2), (4, 1, 1)):  # one loop over the sharded batch; one loop per device
+    mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]),
+                     devices=jax.devices()[:int(np.prod(shape))])
+    model, params = models.from_pretrained(ref_qwen3.path, mesh=mesh)
+    assert sampler.data_parallel(mesh, len(ROWS)) == (shape == (4, 1, 1))
+    sharded = greedy(model, params, batch, num_samples=2, eos=(7, 11, 13))
+    np.testing.assert_array_equal(sharded.tokens, run.tokens)
+    np.testing.assert_allclose(sharded.logprobs, run.logprobs, atol=1e-5)

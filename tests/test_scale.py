@@ -33,11 +33,10 @@ def ref_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def env(ref_dir):
+def make_env(ref_dir, patch=14):
     model, params = models.from_pretrained(ref_dir, options=PLAIN)
     # images of two sizes, a text-only row, several images in one row
-    batch = make_batch([[(4, 4)], [], [(4, 4), (2, 6)], [(6, 4)]], padding="right", seed=5)
+    batch = make_batch([[(4, 4)], [], [(4, 4), (2, 6)], [(6, 4)]], padding="right", seed=5, patch=patch)
     inputs = model.prepare(batch)
     valid = np.asarray(batch["attention_mask"]).astype(bool)
     mask = np.zeros(valid.shape, np.float32)
@@ -45,6 +44,18 @@ def env(ref_dir):
         last = int(valid[b].sum())
         mask[b, last - n : last] = 1.0
     return SimpleNamespace(model=model, params=params, batch=batch, inputs=inputs, loss_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def env(ref_dir):
+    return make_env(ref_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen3_env(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scale_ref_qwen3")
+    build_reference(path, seed=1, family="qwen3_vl")
+    return make_env(path, patch=16)
 
 
 def sft_value_and_grad(model, params, inputs, loss_mask, normalize="token"):
@@ -69,6 +80,16 @@ def assert_trees_close(a, b, atol):
     ],
 )
 def test_memory_saving_paths_equal_the_plain_computation(env, options):
+    check_paths_equal_plain(env, options)
+
+
+@pytest.mark.parametrize("options", [dict(attention_chunk=5, logits_chunk=2, remat="full"), dict(remat="save_dots")])
+def test_qwen3_memory_saving_paths_equal_the_plain_computation(qwen3_env, options):
+    """The same for Qwen3-VL (DeepStack features through remat'd vision blocks and decoder layers)."""
+    check_paths_equal_plain(qwen3_env, options)
+
+
+def check_paths_equal_plain(env, options):
     loss0, g0 = sft_value_and_grad(env.model, env.params, env.inputs, env.loss_mask)
     model = env.model.with_options(**options)
     assert model.graphdef != env.model.graphdef

@@ -36,7 +36,6 @@ from vlm_jax.train_state import TrainState, init_state, make_optimizer
 log = logging.getLogger(__name__)
 
 CAPTION_INSTRUCTION = "Describe the image in detail."
-PATCH = 14 * 14  # pixels per vision patch (Qwen2.5-VL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,7 +161,8 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
         rules=cfg.logical_axis_rules,
         options=model_options(cfg),
     )
-    return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg))
+    patch = int(processor.image_processor.patch_size)  # 14 (Qwen2.5-VL) or 16 (Qwen3-VL)
+    return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg, patch))
 
 
 def model_options(cfg: config_lib.Config) -> dict:
@@ -173,10 +173,11 @@ def model_options(cfg: config_lib.Config) -> dict:
     )
 
 
-def num_patches_for(cfg: config_lib.Config) -> int:
-    """The fixed vision patch bucket: the largest batch's pixel budget, rounded up to a power of 2."""
+def num_patches_for(cfg: config_lib.Config, patch_size: int = 14) -> int:
+    """The fixed vision patch bucket: the largest batch's pixel budget in `patch_size`-pixel patches
+    (14 Qwen2.5-VL, 16 Qwen3-VL), rounded up to a power of 2."""
     max_batch = max(s.batch_size for s in cfg.stages)
-    budget = cfg.data.max_pixels_per_image * max_batch // PATCH
+    budget = cfg.data.max_pixels_per_image * max_batch // (patch_size * patch_size)
     return int(2 ** np.ceil(np.log2(max(budget, 64))))
 
 

@@ -109,16 +109,8 @@ def abstract_inputs(model, mesh, B: int, L: int, num_patches: int | None):
     fam = model.family
     vision = None
     if num_patches:
-        vc = model.config.vision
-        M = num_patches // vc.merge_unit
-        vision = fam.VisionInputs(
-            _replicated(mesh, (num_patches, vc.patch_dim), jnp.float32),
-            _replicated(mesh, (num_patches, 2), jnp.int32),
-            _replicated(mesh, (num_patches,), jnp.int32),
-            _replicated(mesh, (num_patches,), jnp.int32),
-            _replicated(mesh, (M,), jnp.int32),
-            _replicated(mesh, (), jnp.int32),
-        )
+        specs = fam.vision_input_specs(model.config, num_patches)  # the family's vision layout
+        vision = fam.VisionInputs(*(_replicated(mesh, shape, dtype) for shape, dtype in specs))
     return fam.ModelInputs(
         _batched(mesh, (B, L), jnp.int32),
         _batched(mesh, (B, L), jnp.int32),
@@ -214,7 +206,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
         ref_bytes = p_bytes if kl else 0
         base_bytes = p_bytes  # env.base_params stay resident beside the trained parameters
-        num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg)
+        num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)
         )

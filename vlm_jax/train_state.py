@@ -1,6 +1,7 @@
 """Train state, optimizers with frozen modules and per-module learning rates, guarded updates.
 
-Parameters are labelled by module: `vision` (the vision tower without its merger), `merger` and
+Parameters are labelled by module: `vision` (the vision tower without its mergers), `merger` (the
+patch merger, and Qwen3-VL's DeepStack mergers) and
 `language_model` (decoder, embeddings and `lm_head`). A stage trains a subset; frozen parameters get
 zero updates (and no optimizer moments).
 """
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 MODULES = ("vision", "merger", "language_model")
+MERGER_KEYS = ("merger", "deepstack_merger_list")  # children of `visual` labelled `merger`
 
 
 class TrainState(NamedTuple):
@@ -27,7 +29,7 @@ class TrainState(NamedTuple):
 def module_of(path: tuple) -> str:
     keys = [str(getattr(k, "key", k)) for k in path]
     if keys and keys[0] == "visual":
-        return "merger" if len(keys) > 1 and keys[1] == "merger" else "vision"
+        return "merger" if len(keys) > 1 and keys[1] in MERGER_KEYS else "vision"
     return "language_model"
 
 

@@ -5,6 +5,11 @@ video processor needs it), so this wrapper combines the tokenizer (`AutoTokenize
 image processor (`Qwen2VLImageProcessorPil`) loaded from a model directory, and expands each
 ``<|image_pad|>`` placeholder to ``t*h*w // merge_size**2`` copies exactly as
 `Qwen2_5_VLProcessor.__call__` does. The output dict has the processor's keys, as numpy arrays.
+
+Qwen3-VL directories work the same way: `Qwen3VLProcessor` expands images by the same rule and uses
+the same image processor class, configured by the directory's `preprocessor_config.json` (patch 16,
+so sides are rounded to multiples of 32, and mean = std = 0.5); patch size, merge size and
+normalisation are read from there, never assumed.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 <
     if jax.process_index() == 0:
         raw = dict(model.hf_config)
         raw["dtype"] = jnp.dtype(model.dtype).name
-        raw.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
+        raw.setdefault("architectures", list(model.family.ARCHITECTURES))
         (out_dir / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
         if model.source_dir is not None and model.source_dir.resolve() != out_dir.resolve():
             for name in PROCESSOR_FILES:

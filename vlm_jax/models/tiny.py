@@ -258,23 +258,25 @@ def token_ids(tok: Any) -> dict[str, int]:
     return ids
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(chat_template: str = CHAT_TEMPLATE) -> dict[str, Any]:
     """`tokenizer_config.json`: roles of the special tokens and the chat template (ids live in
     `tokenizer.json`)."""
     return {
         "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": False, "errors": "replace",
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": None, "clean_up_tokenization_spaces": False, "split_special_tokens": False,
-        "model_max_length": 32768, "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 32768, "chat_template": chat_template,
     }
 
 
-def write_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int) -> dict[str, int]:
-    """Train and save the tokenizer files; return the special/added token ids."""
+def write_tokenizer(
+    out_dir: Path, texts: Sequence[str], vocab_size: int, chat_template: str = CHAT_TEMPLATE
+) -> dict[str, int]:
+    """Train and save the tokenizer files (with `chat_template`); return the special/added token ids."""
     tok = train_tokenizer(texts, vocab_size)
     tok.save(str(out_dir / "tokenizer.json"))
-    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config())
-    _write_json(out_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(chat_template))
+    _write_json(out_dir / "chat_template.json", {"chat_template": chat_template})
     return token_ids(tok)
 
 
@@ -526,10 +528,14 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
-    spec: TinySpec = TinySpec(),
+    family: str = "qwen2_5_vl",
+    spec: TinySpec | None = None,
     flat: bool = False,
     tied: bool | None = None,
     seed: int = 0,
@@ -540,12 +546,31 @@ def build_tiny_model(
     weights: bool = True,
     weight_scale: float = 1.0,
     shards: int = 1,
+    thinking: bool = False,
 ) -> Path:
-    """Write a complete tiny Qwen2.5-VL directory to `out_dir` (overwriting) and return its path.
+    """Write a complete tiny Qwen2.5-VL (or, with ``family="qwen3_vl"``, Qwen3-VL: see
+    `vlm_jax.models.qwen3_vl.tiny`, whose keyword arguments pass through) directory to `out_dir`
+    (overwriting) and return its path.
 
     `tied` and `vocab_size` override the spec's fields when given. With ``weights=False`` only the
     tokenizer, processor and configs are written (e.g. before a base-training run fills weights).
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
+    if family == "qwen3_vl":
+        from vlm_jax.models.qwen3_vl import tiny as tiny3
+
+        kw = dict(flat=flat, tied=tied, seed=seed, extra_texts=extra_texts, vocab_size=vocab_size,
+                  weights=weights, weight_scale=weight_scale, shards=shards, thinking=thinking)
+        if flat:
+            raise ValueError("Qwen3-VL configs are nested only (flat=True is a Qwen2.5-VL layout)")
+        kw.pop("flat")
+        if min_pixels != 28 * 28 * 4 or max_pixels != 28 * 28 * 64:
+            kw.update(min_pixels=min_pixels, max_pixels=max_pixels)
+        return tiny3.build_tiny_model(out_dir, **({"spec": spec} if spec is not None else {}), **kw)
+    if thinking:
+        raise ValueError("thinking=True is a Qwen3-VL chat template (family='qwen3_vl')")
+    spec = TinySpec() if spec is None else spec
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     overrides: dict[str, Any] = {}

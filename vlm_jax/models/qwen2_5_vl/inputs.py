@@ -94,6 +94,16 @@ def vision_layout(grid_thw: np.ndarray, cfg: Qwen25VLConfig):
     )
 
 
+def vision_input_specs(cfg: Qwen25VLConfig, num_patches: int) -> VisionInputs:
+    """(shape, numpy dtype) of every `VisionInputs` field for a bucket of `num_patches` patches (for
+    abstract inputs, e.g. the memory planner)."""
+    P, M = num_patches, num_patches // cfg.vision.merge_unit
+    return VisionInputs(
+        ((P, cfg.vision.patch_dim), np.float32), ((P, 2), np.int32), ((P,), np.int32), ((P,), np.int32),
+        ((M,), np.int32), ((), np.int32),
+    )
+
+
 def prepare_vision(
     pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig, num_patches: int | None = None
 ) -> VisionInputs:
@@ -179,9 +189,10 @@ def rope_index(
 
 
 def prepare_inputs(
-    batch: Mapping[str, Any], cfg: Qwen25VLConfig, *, num_patches: int | None = None
+    batch: Mapping[str, Any], cfg: Qwen25VLConfig, *, num_patches: int | None = None, prepare_vision_fn=None
 ) -> ModelInputs:
-    """Turns a processor-style batch dict (numpy) into `ModelInputs`."""
+    """Turns a processor-style batch dict (numpy) into `ModelInputs`. `prepare_vision_fn` (default:
+    this family's `prepare_vision`) lets a family with another vision layout (Qwen3-VL) share the rest."""
     if "input_ids" not in batch:
         raise ValueError("batch has no 'input_ids'")
     input_ids = np.asarray(batch["input_ids"]).astype(np.int32)
@@ -207,7 +218,7 @@ def prepare_inputs(
                 f"Image features and image tokens do not match: {n_image_tokens} image tokens, "
                 f"{expected} merged image features from image_grid_thw"
             )
-        vision = prepare_vision(pixels, grid, cfg, num_patches)
+        vision = (prepare_vision_fn or prepare_vision)(pixels, grid, cfg, num_patches)
     elif n_image_tokens:
         raise ValueError(f"batch has {n_image_tokens} image tokens but no image_grid_thw/pixel_values")
     return ModelInputs(input_ids, mask, rope_index(input_ids, mask, grid, cfg), vision)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # minutes of process start-up: CI runs -m slow
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 6

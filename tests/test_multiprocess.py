@@ -25,7 +25,7 @@ from hf_reference import build_reference, make_batch
 from vlm_jax import models
 from vlm_jax.models.tiny import build_tiny_model
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # minutes of process start-up: CI runs -m slow
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parent.parent

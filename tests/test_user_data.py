@@ -239,6 +239,7 @@ getattr(train, "cli", lambda: sys.exit(train.main()))()
 """
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_data_wait_exits_within_10_seconds(assets, tmp_path):
     cfg = make_config(assets, [stage("think", "sft", assets["jsonl"], steps=1000, sft={"target": "answer"})])
     cfg_file = write_config_file(tmp_path / "cfg.py", cfg)

@@ -77,13 +77,21 @@ def assert_trees_close(a, b, atol):
         dict(remat="full"),
         dict(remat="save_dots"),
         dict(attention_chunk=5, logits_chunk=2, remat="full"),
+        dict(scan_layers=True, attention_chunk=5, remat="full"),
     ],
 )
 def test_memory_saving_paths_equal_the_plain_computation(env, options):
     check_paths_equal_plain(env, options)
 
 
-@pytest.mark.parametrize("options", [dict(attention_chunk=5, logits_chunk=2, remat="full"), dict(remat="save_dots")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(attention_chunk=5, logits_chunk=2, remat="full"),
+        dict(remat="save_dots"),
+        dict(scan_layers=True, remat="save_dots"),  # DeepStack layers 0, 1 in the loop, layer 2 scanned
+    ],
+)
 def test_qwen3_memory_saving_paths_equal_the_plain_computation(qwen3_env, options):
     """The same for Qwen3-VL (DeepStack features through remat'd vision blocks and decoder layers)."""
     check_paths_equal_plain(qwen3_env, options)
@@ -101,6 +109,38 @@ def check_paths_equal_plain(env, options):
 
 def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("which", ["qwen2_5_vl", "qwen3_vl"])
+def test_scanned_layers_equal_the_layer_loop_in_prefill_and_with_bf16_compute(env, qwen3_env, which):
+    """The sampler's prefill (dense mask, written caches) and a bf16-compute forward give the same
+    hidden states and per-layer caches through the layer scan as through the loop."""
+    e = env if which == "qwen2_5_vl" else qwen3_env
+    inputs = e.inputs
+    B, L = inputs.input_ids_BL.shape
+    valid = jnp.asarray(inputs.attention_mask_BL) > 0
+    causal = jnp.tril(jnp.ones((L, L), bool))[None] & valid[:, None, :]
+
+    def prefill(options, dtype=None):
+        model = e.model.with_options(**options)
+        m = model.merge(e.params)
+        x = m.embed(jnp.asarray(inputs.input_ids_BL), inputs.vision)
+        cache = m.init_cache(B, L, valid)
+        return m.decode(x, jnp.asarray(inputs.positions_3BL), causal, cache, 0)
+
+    h0, (k0, v0) = jax.jit(lambda: prefill({}))()
+    h1, (k1, v1) = jax.jit(lambda: prefill(dict(scan_layers=True)))()
+    assert len(k1) == len(k0) == e.model.config.text.num_hidden_layers
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h0), atol=1e-6, rtol=0)
+    assert_trees_close((k1, v1), (k0, v0), atol=1e-6)
+    if which == "qwen3_vl":
+        return  # the bf16 check below is family-independent (the stack's cast); once is enough
+    # bf16 compute over fp32 weights (the stack is cast to bf16): as close to fp32 as the loop is
+    logits = lambda **o: np.asarray(models.forward(e.model.with_options(**o), e.params, e.batch), np.float32)
+    ref = logits()
+    err = lambda a: np.linalg.norm(a - ref) / np.linalg.norm(ref)
+    err_loop, err_scan = err(logits(compute_dtype="bfloat16")), err(logits(compute_dtype="bfloat16", scan_layers=True))
+    assert 0 < err_scan < 2e-2 and err_scan < 1.5 * err_loop, (err_scan, err_loop)
 
 
 def test_chunked_attention_equals_dense_masked_attention_in_the_logits(env):

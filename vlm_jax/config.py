@@ -228,13 +228,17 @@ class ModelConfig(_Node):
     stored dtype). On accelerators store fp32 and compute bf16: a recipe update at lr 1e-6 is below
     bf16 resolution for weights of normal size (bf16 spacing near 0.02 is ~1.2e-4) and would be lost,
     so training refuses bf16 storage. `attention_chunk` / `logits_chunk` bound the memory of
-    attention and of log-probs / cross-entropy (query / sequence chunks; 0 = one block)."""
+    attention and of log-probs / cross-entropy (query / sequence chunks; 0 = one block).
+    `scan_layers` runs the decoder layers as one scan (one layer body in the compiled programs:
+    compile time independent of depth; costs a transient stacked copy of the layer weights in the
+    compute dtype)."""
 
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["", "float32", "bfloat16"] = ""
     attention_chunk: int = 512
     logits_chunk: int = 256
+    scan_layers: bool = False
 
     def _check(self) -> None:
         _at_least(self, 0, "attention_chunk", "logits_chunk")

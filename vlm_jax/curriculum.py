@@ -169,7 +169,10 @@ def model_options(cfg: config_lib.Config) -> dict:
     """The model's compute settings from the config (the family's `ModelOptions` fields)."""
     m = cfg.model
     return dict(
-        compute_dtype=m.compute_dtype or None, attention_chunk=m.attention_chunk, logits_chunk=m.logits_chunk
+        compute_dtype=m.compute_dtype or None,
+        attention_chunk=m.attention_chunk,
+        logits_chunk=m.logits_chunk,
+        scan_layers=m.scan_layers,
     )
 
 

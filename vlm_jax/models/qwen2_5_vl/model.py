@@ -34,12 +34,15 @@ class ModelOptions:
     attention over query chunks of this many tokens with masks computed per chunk (memory linear in
     the sequence; 0 = one dense block). `logits_chunk`: log-probs, entropy and cross-entropy over
     sequence chunks of this many tokens, each chunk's [tokens, vocab] logits recomputed in the
-    backward pass (0 = all at once)."""
+    backward pass (0 = all at once). `scan_layers`: the decoder layers of training, scoring and
+    prefill run as one `jax.lax.scan` over their parameters stacked at call time (`scan_layers`
+    below), so the program holds one layer body and compile time stops growing with depth."""
 
     compute_dtype: str | None = None
     remat: str = "none"
     attention_chunk: int = 512
     logits_chunk: int = 256
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -82,6 +85,29 @@ def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int):
     starts = jnp.arange(L // C) * C
     out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (q_chunks, starts))  # [n, B, C, K, G, E]
     return jnp.moveaxis(out, 0, 1).reshape(B, L, K, G, E)
+
+
+def scan_layers(layers, body, x, xs=None, *, policy: str = "none", dtype=None):
+    """Runs `body(layer, x, xs_i) -> (x, ys_i)` over `layers` (modules of one structure) as one
+    `jax.lax.scan`: the layers' parameters are stacked at call time into [n, ...] arrays (cast to
+    `dtype` first when given, so a bf16-compute stack of fp32 weights costs half their bytes) and
+    each iteration merges its slice back into a layer. Storage stays per layer (checkpoints, HF
+    import/export, sharding rules and adapters are unchanged); the stack is a transient copy, split
+    like the parameters (a stack of FSDP-sharded arrays is sharded the same way, locally). The
+    body runs under the remat `policy`. Returns (x, stacked ys)."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+
+    def cast(a):
+        return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    stacked = jax.tree.map(lambda *a: jnp.stack([cast(b) for b in a]), *states)
+
+    def step(carry, inputs):
+        state_i, xs_i = inputs
+        return body(nnx.merge(graphdef, state_i), carry, xs_i)
+
+    return jax.lax.scan(remat(step, policy), x, (stacked, xs))
 
 
 def _init(rngs: nnx.Rngs, shape, scale: float, dtype):
@@ -490,6 +516,11 @@ class Qwen25VL(nnx.Module):
         cos, sin = mrope_cos_sin(positions_3BL, self.config, x_BLD.dtype)
         x_BLD = constrain(x_BLD)
         chunk = self.options.attention_chunk
+        if self.options.scan_layers:
+            x_BLD, kv = self._scan_layers(
+                self.language_model.layers, x_BLD, cos, sin, mask_BLS, cache, write_index, key_valid_BS, constrain
+            )
+            return self.language_model.norm(x_BLD), kv
         new_k, new_v = [], []
         for i, layer in enumerate(self.language_model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -501,6 +532,25 @@ class Qwen25VL(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         return self.language_model.norm(x_BLD), (tuple(new_k), tuple(new_v))
+
+    def _scan_layers(self, layers, x_BLD, cos, sin, mask_BLS, cache, write_index, key_valid_BS, constrain):
+        """`layers` as one scan (`scan_layers`): returns (x, (per-layer k, per-layer v)) like the
+        loop in `decode` (empty tuples without a cache). With a cache, each layer's cache slice
+        goes in and its written keys/values come out as the scan's stacked outputs."""
+        chunk = self.options.attention_chunk
+
+        def body(layer, x, kv):
+            x, kv = layer(x, cos, sin, mask_BLS, kv, write_index, key_valid_BS, chunk)
+            return constrain(x), kv
+
+        if cache is None:
+            x_BLD, _ = scan_layers(layers, lambda lyr, x, _: body(lyr, x, None), x_BLD,
+                                   policy=self.options.remat, dtype=self.dtype)
+            return x_BLD, ((), ())
+        n = len(layers)
+        kv_in = (jnp.stack(cache.k[:n]), jnp.stack(cache.v[:n]))
+        x_BLD, (ks, vs) = scan_layers(layers, body, x_BLD, kv_in, dtype=self.dtype)
+        return x_BLD, (tuple(ks), tuple(vs))
 
     # logical axes of the DecodeCache arrays: keys [., K, E, length], values [., K, length, E]
     DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "kv_length")

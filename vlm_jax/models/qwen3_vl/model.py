@@ -308,8 +308,11 @@ class Qwen3VL(Qwen25VL):
         x, deep = x_BLD[..., :D], x_BLD[..., D:]
         cos, sin = mrope_cos_sin(positions_3BL, self.config, x.dtype)
         chunk = self.options.attention_chunk
+        layers = self.language_model.layers
+        # with `scan_layers`, the layers that add a DeepStack feature run in the loop, the rest as a scan
+        n_loop = min(deep.shape[-1] // D, len(layers)) if self.options.scan_layers else len(layers)
         new_k, new_v = [], []
-        for i, layer in enumerate(self.language_model.layers):
+        for i, layer in enumerate(list(layers)[:n_loop]):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             run = remat(
                 lambda x_, c, s_, kv_, lyr=layer: lyr(x_, c, s_, mask_BLS, kv_, write_index, key_valid_BS, chunk),
@@ -322,6 +325,12 @@ class Qwen3VL(Qwen25VL):
             if (i + 1) * D <= deep.shape[-1]:
                 x = x + deep[..., i * D : (i + 1) * D]
             x = constrain(x)
+        if n_loop < len(layers):
+            rest = None if cache is None else cache._replace(k=cache.k[n_loop:], v=cache.v[n_loop:])
+            x, (ks, vs) = self._scan_layers(
+                list(layers)[n_loop:], x, cos, sin, mask_BLS, rest, write_index, key_valid_BS, constrain
+            )
+            new_k, new_v = new_k + list(ks), new_v + list(vs)
         return self.language_model.norm(x), (tuple(new_k), tuple(new_v))
 
     def decode_weights(self) -> tuple[DecodeLayer, ...]:

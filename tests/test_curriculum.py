@@ -1,12 +1,14 @@
 """End-to-end curriculum runs on the tiny model: stage swap, resume, non-finite guard, bad configs,
 export round trip, evaluation CLI."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -113,6 +115,31 @@ def test_two_stages_swap_step_functions_without_recompiling(uninterrupted):
     # each step function compiled once for its stage, none again within the stage
     assert counts == {"grpo": 1, "sft": 1}
     assert all(r["skipped_nonfinite"] == 0 for r in train_rows)
+
+
+def test_loaded_weights_are_not_kept_beside_the_trained_copy(assets, tmp_path, monkeypatch):
+    """Once the first stage's state holds its copy of the weights, the loaded base arrays are freed
+    (only their abstract form stays), so the chips hold one copy of the parameters, not two."""
+    cfg = two_stage_config(assets, **{"stages.1.steps": 1})
+    cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[1:]})  # one SFT step
+    loaded, seen = [], []
+    real_setup, real_step = curriculum.setup, curriculum.train_step
+
+    def setup(*a, **k):
+        env = real_setup(*a, **k)
+        loaded.extend(weakref.ref(x) for x in jax.tree.leaves(env.base_params))
+        return env
+
+    def train_step(env, stage, state, ref, rng):
+        gc.collect()
+        seen.append((all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(env.base_params)),
+                     sum(r() is not None for r in loaded)))
+        return real_step(env, stage, state, ref, rng)
+
+    monkeypatch.setattr(curriculum, "setup", setup)
+    monkeypatch.setattr(curriculum, "train_step", train_step)
+    assert curriculum.run(cfg, tmp_path / "wd") == "finished"
+    assert len(loaded) > 10 and seen == [(True, 0)]
 
 
 def test_resume_mid_grpo_stage_is_bitwise(family_run, tmp_path):

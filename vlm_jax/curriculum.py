@@ -31,7 +31,7 @@ from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.policy import grpo_step
 from vlm_jax.rl.rollout import collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
-from vlm_jax.train_state import TrainState, init_state, make_optimizer
+from vlm_jax.train_state import TrainState, init_fn, init_state, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,27 @@ class Env:
     cfg: config_lib.Config
     workdir: Path
     model: models.Model
+    # the loaded checkpoint's parameters until the first training state is built from them; after
+    # that (and on a resume) only their abstract form (shapes, dtypes, shardings) is kept, so the
+    # chips never hold the base weights beside the trained copy
     base_params: Any
     processor: Any
     sources: dict  # (name, split) -> random-access source
     num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
     open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
+
+
+def abstract_params(tree):
+    """`tree` as `jax.ShapeDtypeStruct`s with each array's sharding (what restores and shape
+    checks need; holds no device memory)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                        tree)
+
+
+def drop_base_params(env: "Env") -> None:
+    """Releases the loaded base weights (keeps their abstract form): called once a training state
+    holds its own copy, or before a resume reads the state from a checkpoint."""
+    env.base_params = abstract_params(env.base_params)
 
 
 def dtype_of(name: str):
@@ -472,10 +488,14 @@ def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
     """(state, meta, ref_params) from the newest checkpoint that restores completely (damaged newer
     ones are reported and set aside), or None for a fresh run."""
 
-    def target_for(meta):
+    def target_for(meta):  # abstract: placed by the init's output shardings, no device memory
         opt_stage = env.cfg.stages[meta["opt_stage"]]
-        return init_state(env.base_params, make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable))
+        optimizer = make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable)
+        return jax.eval_shape(init_fn(env.base_params, optimizer), env.base_params)
 
+    if ckpt.latest_step() is None:
+        return None
+    drop_base_params(env)  # a resume trains the checkpoint's parameters, never the loaded ones
     restored = ckpt.restore_newest(target_for)
     if restored is None:
         return None
@@ -595,6 +615,8 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
             pass  # state (params, optimizer, counters) comes from the checkpoint
         elif state is None or st.reset_optimizer:
             state = init_state(params, stage.optimizer)
+            del params
+            drop_base_params(env)  # the state holds its own copy of the weights
         else:
             state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
         start = meta["stage_step"] if resuming else 0

@@ -14,7 +14,8 @@ topology's mesh and compiles what the trainer runs, through the same functions:
 
 A program fits when its own bytes (arguments + outputs - aliased + temporaries) plus what stays
 resident on the chips beside it (parameters, optimizer state and reference parameters that are not
-among its arguments) is at most the chip's HBM.
+among its arguments) is at most the chip's HBM. The loaded checkpoint's weights are not resident:
+the trainer frees them once the first training state holds its copy.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         opt_bytes = s_bytes - nbytes(state.params) - 8
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
         ref_bytes = p_bytes if kl else 0
-        base_bytes = p_bytes  # env.base_params stay resident beside the trained parameters
+        base_bytes = 0  # the loaded weights are freed once the state holds its copy (`drop_base_params`)
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)

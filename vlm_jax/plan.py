@@ -206,7 +206,6 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         opt_bytes = s_bytes - nbytes(state.params) - 8
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
         ref_bytes = p_bytes if kl else 0
-        base_bytes = 0  # the loaded weights are freed once the state holds its copy (`drop_base_params`)
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)
@@ -221,7 +220,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
             run("sft", sft_step, (state, batch),
                 dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,
-                     micro_batch=st.micro_batch_size, mesh=mesh), base_bytes)
+                     micro_batch=st.micro_batch_size, mesh=mesh), 0)
         if st.objective == "grpo":
             g = st.grpo
             B, G, T = st.batch_size, g.num_samples, g.max_new_tokens
@@ -238,11 +237,11 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                     dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
                          loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
                          micro_batch=st.micro_batch_size, mesh=mesh),
-                    ref_bytes + base_bytes)
+                    ref_bytes)
             if "score" in programs:
                 run("score", policy.score_responses, (graphdef, params, prompt, resp),
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
-                    s_bytes + base_bytes)
+                    s_bytes)
             if "generate" in programs:
                 sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in
                                               (jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
@@ -253,7 +252,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
                          eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
                          row_groups=1),
-                    opt_bytes + ref_bytes + base_bytes)
+                    opt_bytes + ref_bytes)
         for r in rows:
             if r.stage == st.name:
                 log(format_row(r))

@@ -172,8 +172,9 @@ def load_model_config(path: str | Path):
 
 
 def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = None,
-         programs=PROGRAMS, stages=None, log=print) -> list[Row]:
-    """Compiles every program of every stage of `cfg` for `topology`; returns one row each."""
+         programs=PROGRAMS, stages=None, num_layers: int | None = None, log=print) -> list[Row]:
+    """Compiles every program of every stage of `cfg` for `topology`; returns one row each.
+    `num_layers` cuts the decoder to that many layers (for compile-time comparisons)."""
     from vlm_jax import curriculum, models
     from vlm_jax.rl import policy, sampler
     from vlm_jax.sft import SFTBatch, sft_step
@@ -181,6 +182,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     from vlm_jax.train_state import init_fn, make_optimizer
 
     family, mcfg, raw, folder = load_model_config(model_config or cfg.model.path)
+    if num_layers is not None:
+        mcfg = dataclasses.replace(mcfg, text=dataclasses.replace(mcfg.text, num_hidden_layers=num_layers))
     devices = topology_devices(topology)
     mesh = shd.make_mesh(cfg.mesh, devices=devices)
     hbm = hbm_of(topology)

@@ -271,12 +271,12 @@ def _sample_rows(
 
     # ---- prefill once per prompt --------------------------------------------------------------------
     key_valid = attention_mask_BL > 0
-    causal = jnp.tril(jnp.ones((L, L), bool))
     caches, logits = [], []
     for g in prompts:
         valid = key_valid[g]
         prefill = model.init_cache(Bg, L, valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
-        h, prompt_kv = model.decode(x_BLD[g], positions_3BL[:, g], causal & valid[:, None, :], prefill, 0)
+        # causal over the prompt with padding keys masked, per query chunk (no [L, L] mask)
+        h, prompt_kv = model.decode(x_BLD[g], positions_3BL[:, g], None, prefill, 0, key_valid_BS=valid)
         logits.append(model.logits(h[:, -1]).astype(jnp.float32))
         # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
         caches.append(

@@ -2,7 +2,7 @@
 
     python scripts/plan_memory.py --config configs/qwen2_5_vl_7b_tpu.py --topology v5p:4x4x4 \
         [--model_config configs/hf/Qwen2.5-VL-7B-Instruct] [--stages textual_reasoning] \
-        [--programs init,sft,grpo,score,generate] [--json OUT] [--num_layers N] [--config.KEY=VALUE ...]
+        [--programs init,sft,grpo,score,generate] [--json OUT] [--num_layers N] [--suggest_micro_batch] [--config.KEY=VALUE ...]
 
 Needs `pip install libtpu` (no TPU, no weights: abstract shapes only). See `vlm_jax/plan.py`.
 """
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--num_layers", type=int, default=None,
                     help="cut the decoder to this many layers (compile-time comparisons)")
+    ap.add_argument("--suggest_micro_batch", action="store_true",
+                    help="also find the largest micro-batch that fits (sft / grpo: 2-3 more compiles each)")
     args = ap.parse_args([a for a in argv if not a.startswith("--config.")])
 
     from vlm_jax import config as config_lib
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     rows = plan.plan(cfg, args.topology, model_config=args.model_config,
                      programs=tuple(args.programs.split(",")),
                      stages=None if args.stages is None else set(args.stages.split(",")),
-                     num_layers=args.num_layers)
+                     num_layers=args.num_layers, suggest=args.suggest_micro_batch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_json() for r in rows], f, indent=2)

@@ -106,3 +106,24 @@ def test_planner_reports_an_over_budget_program_as_not_fitting(tmp_path):
     assert not sft.fits
     assert sft.bytes_per_chip is None or sft.bytes_per_chip > sft.hbm_bytes_per_chip
     assert sft.error is None or "RESOURCE_EXHAUSTED" in sft.error or "HbmOom" in sft.error
+
+
+def test_micro_batch_suggestion_from_two_compiles_by_hand():
+    """Bytes linear in the micro-batch (1000 + 100 per row, HBM 5000): with 64 rows on 4 shards the
+    accepted sizes are the divisors of 64 that are multiples of 4; 64 needs 7400 and does not fit,
+    32 needs 4200: the line through them suggests 32. Sizes that do not compile (no byte count) are
+    skipped when fitting the line, and a suggestion that does not compile steps down."""
+    calls = []
+
+    def compile_at(m, broken=()):
+        calls.append(m)
+        b = None if m in broken else 1000 + 100 * m
+        return plan.Row("s", "grpo", b, 5000, b is not None and b <= 5000, 0.0, None, None if b else "OOM")
+
+    assert plan.micro_batch_options(64, 4) == [4, 8, 16, 32, 64]
+    out = plan.suggest_micro_batch(compile_at, 64, 64, 4, 5000)
+    assert out["suggested_micro_batch"] == 32 and out["bytes_at_suggestion"] == 4200
+    assert out["bytes_per_row"] == 100 and out["fixed_bytes"] == 1000 and calls == [64, 32]
+    calls.clear()
+    out = plan.suggest_micro_batch(lambda m: compile_at(m, broken=(64, 32)), 64, 64, 4, 5000)
+    assert calls == [64, 32, 16, 8] and out["suggested_micro_batch"] == 16 and out["bytes_at_suggestion"] == 2600

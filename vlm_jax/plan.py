@@ -171,14 +171,58 @@ def load_model_config(path: str | Path):
     return family, cfg, raw, folder
 
 
+def micro_batch_options(total: int, shards: int) -> list[int]:
+    """Micro-batch sizes a step accepts for `total` rows on `shards` batch shards: divisors of
+    `total` that keep the same number of rows from every shard (multiples of `shards`), ascending."""
+    return [m for m in range(1, total + 1) if total % m == 0 and (m % shards == 0 or shards == 1)]
+
+
+def suggest_micro_batch(compile_at, current: int, total: int, shards: int, hbm: int) -> dict:
+    """The largest micro-batch that fits, from compiles at two sizes: bytes per chip are taken as
+    linear in the micro-batch (fixed part + activations per row, what accumulation leaves), fitted
+    through `current` and the next smaller accepted size (or smaller ones until one compiles), then
+    checked by compiling the suggestion. `compile_at(m) -> Row`. Returns the `detail` entry."""
+    options = micro_batch_options(total, shards)
+    points, tried = {}, {}
+    for m in sorted((m for m in options if m <= current), reverse=True):
+        row = compile_at(m)
+        tried[m] = row
+        if row.bytes_per_chip is not None:
+            points[m] = row.bytes_per_chip
+        if len(points) == 2:
+            break
+    if len(points) < 2:
+        fitting = [m for m, r in tried.items() if r.fits]
+        return dict(suggested_micro_batch=max(fitting) if fitting else None, basis="compiled sizes only",
+                    tried={m: r.bytes_per_chip for m, r in tried.items()})
+    (m1, b1), (m2, b2) = sorted(points.items(), reverse=True)
+    per_row = max((b1 - b2) / (m1 - m2), 1.0)
+    fixed = b1 - per_row * m1
+    best = max((m for m in options if fixed + per_row * m <= hbm), default=None)
+    check = None
+    while best is not None:  # confirm by compiling; where the line was optimistic, step down
+        row = tried[best] if best in tried else compile_at(best)
+        tried[best] = row
+        if row.fits:
+            check = row.bytes_per_chip
+            break
+        best = max((m for m in options if m < best), default=None)
+    return dict(suggested_micro_batch=best, bytes_at_suggestion=check, bytes_per_row=per_row, fixed_bytes=fixed,
+                basis=f"linear through micro-batches {m2} and {m1}")
+
+
 def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = None,
-         programs=PROGRAMS, stages=None, num_layers: int | None = None, log=print) -> list[Row]:
+         programs=PROGRAMS, stages=None, num_layers: int | None = None, suggest: bool = False,
+         log=print) -> list[Row]:
     """Compiles every program of every stage of `cfg` for `topology`; returns one row each.
-    `num_layers` cuts the decoder to that many layers (for compile-time comparisons)."""
+    `num_layers` cuts the decoder to that many layers (for compile-time comparisons). `suggest`
+    adds the largest micro-batch that fits to the sft / grpo rows (`suggest_micro_batch`: two or
+    three more compiles each)."""
     from vlm_jax import curriculum, models
     from vlm_jax.rl import policy, sampler
     from vlm_jax.sft import SFTBatch, sft_step
     from vlm_jax.shapes import bucket
+    from vlm_jax.logprobs import batch_shards
     from vlm_jax.train_state import init_fn, make_optimizer
 
     family, mcfg, raw, folder = load_model_config(model_config or cfg.model.path)
@@ -221,9 +265,14 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if st.objective == "sft" and "sft" in programs:
             B = st.batch_size
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
-            run("sft", sft_step, (state, batch),
-                dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,
-                     micro_batch=st.micro_batch_size, mesh=mesh), 0)
+            sft_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,  # noqa: E731
+                                    micro_batch=m, mesh=mesh)
+            run("sft", sft_step, (state, batch), sft_kw(st.micro_batch_size), 0)
+            if suggest:
+                rows[-1].detail.update(suggest_micro_batch(
+                    lambda m: compile_program(sft_step, (state, batch), sft_kw(m), resident_extra=0, hbm=hbm,
+                                              stage=st.name, program="sft"),
+                    st.micro_batch_size or B, B, batch_shards(mesh, B), hbm))
         if st.objective == "grpo":
             g = st.grpo
             B, G, T = st.batch_size, g.num_samples, g.max_new_tokens
@@ -236,11 +285,15 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             key = jax.eval_shape(lambda: jax.random.key(0))
             key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
             if "grpo" in programs:
-                run("grpo", policy.grpo_step, (state, rbatch, key),
-                    dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
-                         loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
-                         micro_batch=st.micro_batch_size, mesh=mesh),
-                    ref_bytes)
+                grpo_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, group_size=G,  # noqa: E731
+                                         loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
+                                         micro_batch=m, mesh=mesh)
+                run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size), ref_bytes)
+                if suggest:
+                    rows[-1].detail.update(suggest_micro_batch(
+                        lambda m: compile_program(policy.grpo_step, (state, rbatch, key), grpo_kw(m),
+                                                  resident_extra=ref_bytes, hbm=hbm, stage=st.name, program="grpo"),
+                        st.micro_batch_size or mb, mb, batch_shards(mesh, N, mb), hbm))
             if "score" in programs:
                 run("score", policy.score_responses, (graphdef, params, prompt, resp),
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
@@ -268,6 +321,9 @@ def format_row(r: Row) -> str:
     parts = (f"arg {d['argument'] / GiB:.2f} out {d['output'] / GiB:.2f} alias {d['alias'] / GiB:.2f} "
              f"temp {d['temp'] / GiB:.2f} resident+ {d['resident_extra'] / GiB:.2f}") if "argument" in d else (
         r.error or "")
+    if "suggested_micro_batch" in d:
+        m = d["suggested_micro_batch"]
+        parts += f"  largest micro-batch that fits: {m if m is not None else 'none'} ({d['basis']})"
     flops = f"{r.flops:.3g}" if r.flops and r.flops > 0 else "-"
     return (f"{r.stage:<20} {r.program:<9} {used} / {r.hbm_bytes_per_chip / GiB:.0f} GiB  "
             f"{'fits' if r.fits else 'DOES NOT FIT':<12} {r.compile_s:6.1f}s  flops {flops}  {parts}")

@@ -142,6 +142,28 @@ def test_loaded_weights_are_not_kept_beside_the_trained_copy(assets, tmp_path, m
     assert len(loaded) > 10 and seen == [(True, 0)]
 
 
+@pytest.mark.slow  # two GRPO runs: ~1 min on a quiet 2-core machine
+def test_reference_offloaded_to_host_memory_trains_the_same(assets, tmp_path, monkeypatch):
+    """`grpo.offload_reference`: the KL reference sits in host memory between its uses and the run
+    is bitwise the one with the reference on the chips."""
+    kinds = []
+    real_step = curriculum.train_step
+
+    def train_step(env, stage, state, ref, rng):
+        kinds.append({x.sharding.memory_kind for x in jax.tree.leaves(ref)})
+        return real_step(env, stage, state, ref, rng)
+
+    monkeypatch.setattr(curriculum, "train_step", train_step)
+    finals = []
+    for offload in (False, True):
+        cfg = two_stage_config(assets, **{"stages.0.steps": 1, "stages.0.grpo.offload_reference": offload})
+        cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[:1]})
+        assert curriculum.run(cfg, tmp_path / f"wd{offload}") == "finished"
+        finals.append(final_params(tmp_path / f"wd{offload}")[1])
+    assert kinds == [{"device"}, {"pinned_host"}]
+    assert_bitwise(finals[0], finals[1])
+
+
 def test_resume_mid_grpo_stage_is_bitwise(family_run, tmp_path):
     _, _, (full_wd, cfg, counts) = family_run
     assert counts == {"grpo": 1, "sft": 1}

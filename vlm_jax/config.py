@@ -337,6 +337,9 @@ class GRPOConfig(_Node):
     last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
     `score_chunk` scores reference log-probs that many completions at a time and `rollout_chunk`
     samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
+    `offload_reference` keeps the KL reference parameters in host memory ("pinned_host") and moves
+    them to the chips only for the reference scoring, so the update and the sampler run without
+    them resident (one host-to-chip copy per rollout step).
     """
 
     num_samples: int = 5
@@ -361,6 +364,7 @@ class GRPOConfig(_Node):
     overlong_buffer: int = 0
     score_chunk: int = 0
     rollout_chunk: int = 0
+    offload_reference: bool = False
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")

@@ -625,6 +625,9 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
         elif not resuming:  # the reference is the policy at the start of this stage
             ref_params = jax.tree.map(jnp.copy, state.params)
             refs.save(index, ref_params, {"stage_index": index}, force=True)
+        if ref_params is not None and st.objective == "grpo" and st.grpo.offload_reference:
+            refs.wait()
+            ref_params = sharding.to_memory(ref_params, "pinned_host")  # on the chips only while scoring
         if start == 0 and st.eval.datasets:
             evaluate_stage(
                 env,

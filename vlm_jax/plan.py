@@ -252,7 +252,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
-        ref_bytes = p_bytes if kl else 0
+        # the reference is resident beside the update and the sampler unless it waits in host memory
+        ref_bytes = p_bytes if kl and not st.grpo.offload_reference else 0
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)

@@ -128,6 +128,17 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
+def to_memory(tree, kind: str):
+    """`tree` with every array moved to memory `kind` of its own devices ("pinned_host": the hosts'
+    RAM, e.g. the KL reference between its uses; "device": back to the accelerator), keeping
+    its sharding otherwise. Arrays already there are not copied."""
+    def put(x):
+        sh = x.sharding
+        return x if sh.memory_kind == kind else jax.device_put(x, sh.with_memory_kind(kind))
+
+    return jax.tree.map(put, tree)
+
+
 # ------------------------------------------------------------------------------------------------
 # multi-process start-up and failure propagation
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import place_inputs
-from vlm_jax.sharding import shard_batch
+from vlm_jax.sharding import shard_batch, to_memory
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
@@ -345,7 +345,7 @@ def collect_rollout(
     if cfg.kl_coef > 0:
         ref_logp = score_responses(
             model.graphdef,
-            ref_params,
+            to_memory(ref_params, "device"),  # a transient copy when it is kept on the host
             prompt_inputs,
             responses,
             group_size=G,

@@ -3,7 +3,9 @@
 The 7B recipe's stages, data and hyper-parameters (`configs/qwen2_5_vl_7b_tpu.py`), with the 3B
 checkpoint, FSDP over the 8 chips and micro-batches of 8 completions (one per chip). Reference
 log-probs are scored 16 completions at a time and the sampler runs 64 prompts per call, so the KV
-cache fits a 16 GiB chip. Check the fit on this machine first:
+cache fits a 16 GiB chip; the KL reference waits in host memory between its uses
+(`grpo.offload_reference`), so the update runs beside the state alone. Check the fit on this
+machine first:
 
   python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_tpu.py --topology v5e:2x4 \\
       --model_config configs/hf/Qwen2.5-VL-3B-Instruct
@@ -21,7 +23,8 @@ def get_config():
     cfg = load_config(_7B)
     stages = tuple(
         dataclasses.replace(s, micro_batch_size=8,
-                            grpo=dataclasses.replace(s.grpo, score_chunk=16, rollout_chunk=64))
+                            grpo=dataclasses.replace(s.grpo, score_chunk=16, rollout_chunk=64,
+                                                     offload_reference=True))
         for s in cfg.stages
     )
     return dataclasses.replace(

@@ -95,7 +95,8 @@ def get_config() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     return Config(
         # fp32 parameters and AdamW moments, bf16 compute (an lr 1e-6 update is lost in bf16 storage)
-        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="float32", compute_dtype="bfloat16"),
+        model=ModelConfig(path="artifacts/Qwen2.5-VL-7B-Instruct", dtype="float32", compute_dtype="bfloat16",
+                          scan_layers=True),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(max_prompt_len=_MAX_LEN,
                         length_buckets=(256, 512, 1024, 2048), min_pixels_per_image=262_144,

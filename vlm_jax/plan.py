@@ -312,6 +312,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                     opt_bytes + ref_bytes)
         for r in rows:
             if r.stage == st.name:
+                if options.scan_layers and r.flops:
+                    r.detail["flops_note"] = "XLA's cost analysis counts a scanned layer body once"
                 log(format_row(r))
     return rows
 
@@ -326,5 +328,7 @@ def format_row(r: Row) -> str:
         m = d["suggested_micro_batch"]
         parts += f"  largest micro-batch that fits: {m if m is not None else 'none'} ({d['basis']})"
     flops = f"{r.flops:.3g}" if r.flops and r.flops > 0 else "-"
+    if "flops_note" in d:
+        flops += " (one layer body)"
     return (f"{r.stage:<20} {r.program:<9} {used} / {r.hbm_bytes_per_chip / GiB:.0f} GiB  "
             f"{'fits' if r.fits else 'DOES NOT FIT':<12} {r.compile_s:6.1f}s  flops {flops}  {parts}")

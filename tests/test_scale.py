@@ -262,3 +262,17 @@ def test_precision_policy_keeps_an_lr_1e6_adamw_update(env):
     assert moved_fraction(jnp.bfloat16) < 0.05
     with pytest.raises(config_lib.ConfigError, match="model.dtype"):
         config_lib.load_config("configs/qwen2_5_vl_7b_tpu.py", ["--config.model.dtype=bfloat16"])
+
+
+def test_layers_of_different_structures_are_not_scanned():
+    """`scan_layers` stacks the layers' weights, so it needs one structure; a layer with an extra
+    parameter (e.g. adapters on some layers only) sends the decoder back to the loop."""
+    from vlm_jax.models.qwen2_5_vl.model import Dense, same_structure
+
+    def make(bias, din=4):
+        with nnx.use_eager_sharding(False):
+            return Dense(din, 3, ("embed", "mlp"), bias=bias, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+    assert same_structure([make(True), make(True), make(True)])
+    assert not same_structure([make(True), make(False)])
+    assert not same_structure([make(True), make(True, din=5)])

@@ -36,7 +36,8 @@ class ModelOptions:
     sequence chunks of this many tokens, each chunk's [tokens, vocab] logits recomputed in the
     backward pass (0 = all at once). `scan_layers`: the decoder layers of training, scoring and
     prefill run as one `jax.lax.scan` over their parameters stacked at call time (`scan_layers`
-    below), so the program holds one layer body and compile time stops growing with depth."""
+    below), so the program holds one layer body and compile time stops growing with depth (layers
+    of different structures, e.g. adapters on some layers only, run in the loop)."""
 
     compute_dtype: str | None = None
     remat: str = "none"
@@ -85,6 +86,16 @@ def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int):
     starts = jnp.arange(L // C) * C
     out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (q_chunks, starts))  # [n, B, C, K, G, E]
     return jnp.moveaxis(out, 0, 1).reshape(B, L, K, G, E)
+
+
+def same_structure(layers) -> bool:
+    """Whether `layers` can run as one scan: the same modules and parameter shapes in each (e.g. not
+    when adapters sit on some layers only)."""
+    first = nnx.split(layers[0])
+    shapes = lambda st: jax.tree.map(lambda a: (a.shape, a.dtype), st)  # noqa: E731
+    return all(
+        gd == first[0] and shapes(st) == shapes(first[1]) for gd, st in (nnx.split(layer) for layer in layers[1:])
+    )
 
 
 def scan_layers(layers, body, x, xs=None, *, policy: str = "none", dtype=None):
@@ -516,7 +527,7 @@ class Qwen25VL(nnx.Module):
         cos, sin = mrope_cos_sin(positions_3BL, self.config, x_BLD.dtype)
         x_BLD = constrain(x_BLD)
         chunk = self.options.attention_chunk
-        if self.options.scan_layers:
+        if self.options.scan_layers and same_structure(self.language_model.layers):
             x_BLD, kv = self._scan_layers(
                 self.language_model.layers, x_BLD, cos, sin, mask_BLS, cache, write_index, key_valid_BS, constrain
             )

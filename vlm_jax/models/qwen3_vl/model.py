@@ -39,6 +39,7 @@ from vlm_jax.models.qwen2_5_vl.model import (
     decode_attention,
     remat,
     rotate_half,
+    same_structure,
 )
 from vlm_jax.models.qwen3_vl.config import Qwen3VLConfig
 
@@ -310,7 +311,9 @@ class Qwen3VL(Qwen25VL):
         chunk = self.options.attention_chunk
         layers = self.language_model.layers
         # with `scan_layers`, the layers that add a DeepStack feature run in the loop, the rest as a scan
-        n_loop = min(deep.shape[-1] // D, len(layers)) if self.options.scan_layers else len(layers)
+        n_loop = min(deep.shape[-1] // D, len(layers))
+        if not (self.options.scan_layers and n_loop < len(layers) and same_structure(list(layers)[n_loop:])):
+            n_loop = len(layers)
         new_k, new_v = [], []
         for i, layer in enumerate(list(layers)[:n_loop]):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -312,7 +312,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                     opt_bytes + ref_bytes)
         for r in rows:
             if r.stage == st.name:
-                if options.scan_layers and r.flops:
+                if options.scan_layers and r.flops and r.flops > 0:
                     r.detail["flops_note"] = "XLA's cost analysis counts a scanned layer body once"
                 log(format_row(r))
     return rows

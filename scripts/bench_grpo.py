@@ -23,7 +23,9 @@ both sides mostly wait on Python and op launch overhead.
 Like with like: `--cpus N` pins this process to N cores before any library starts a thread; the
 TRL side runs as a child process in its own venv (`--peer_venv`, created with
 `pip install torch==2.14.1 torchvision==0.29.1 transformers trl` when missing, ~90 s, 5.5 GB) and
-inherits the pinning; torch gets N threads. The two sides alternate iteration by iteration (the
+inherits the pinning; torch gets N threads, vlm_jax one JAX CPU device per core (`--devices`; XLA's
+CPU runtime runs a dot on one core) with the batch split over a `data` mesh, as in
+`scripts/bench_rollout.py`. The two sides alternate iteration by iteration (the
 child waits on a pipe between its steps), so both see the same background load; the first
 iteration of each side (vlm_jax: compiles) is reported apart and the median of the `--iters`
 later ones is the figure. The split is rollout (sampling + decoding), rewards, scoring (reference
@@ -349,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=None,
                         help="pin both sides to this many cores (default: all this process may use)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the pinned cores")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="JAX CPU devices for vlm_jax (> 1: a data mesh over them)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="JAX CPU devices for vlm_jax (default: one per pinned core; > 1: a data mesh)")
     parser.add_argument("--peer_venv", type=Path, default=ROOT / ".venv-peer")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = pin_cpus(args.cpus)
     if args.torch_threads is None:
         args.torch_threads = len(cpus)
+    if args.devices is None:
+        args.devices = len(cpus)
     if args.peer:
         return peer_main(args)
 
@@ -387,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = ("rollout", "rewards", "scoring", "update")
     med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
     ratio = med["trl"]["total"] / med["vlm_jax"]["total"]
+    # each TRL step is followed by a vlm_jax step: the ratio per pair sees (nearly) the same load
+    pair_ratios = [t["total"] / v["total"] for t, v in zip(runs["trl"][1:], runs["vlm_jax"][1:])]
     cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"
     config = dict(spec=args.spec, tiny_spec=SPECS[args.spec], params=int(n_params), prompts=args.prompts,
                   num_samples=args.num_samples, new_tokens=args.new_tokens, images_per_prompt=1,
@@ -409,11 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{side:<10}{runs[side][0]['total']:>10.2f}{m['total']:>10.3f}"
               + "".join(f"{m[k]:>10.3f}" for k in parts)
               + "   " + ", ".join(f"{r['total']:.3f}" for r in runs[side][1:]))
-    print(f"speed-up (TRL s/iter / vlm_jax s/iter): {ratio:.2f}x; per part: "
+    print(f"speed-up (TRL s/iter / vlm_jax s/iter, medians): {ratio:.2f}x; per part: "
           + ", ".join(f"{k} {med['trl'][k] / med['vlm_jax'][k]:.1f}x" for k in parts if med["vlm_jax"][k] > 0))
+    print(f"speed-up per alternating pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)} "
+          f"(median {statistics.median(pair_ratios):.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(dict(
             vlm_jax_s_per_iter=med["vlm_jax"]["total"], peer_s_per_iter=med["trl"]["total"], ratio=ratio,
+            pair_ratios=pair_ratios, load_average=os.getloadavg(),
             cores=cpus, config=config, split={s: {k: med[s][k] for k in parts} for s in med},
             first_iter_s={s: runs[s][0]["total"] for s in runs}, command=cmd,
             peer={k: v for k, v in peer.info.items() if k != "ready"}), indent=2) + "\n")

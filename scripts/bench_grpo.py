@@ -224,9 +224,7 @@ def ensure_peer_venv(venv: Path) -> Path:
     if python.exists():
         return python
     print(f"creating the TRL venv {venv}: pip install {' '.join(PEER_PACKAGES)} (~90 s, 5.5 GB)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=False)
-    if not (venv / "bin" / "pip").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PEER_PACKAGES], check=True)
     return python
 

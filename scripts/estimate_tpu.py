@@ -26,7 +26,8 @@ every layer is the same program, so the rate carries over). Memory is `scripts/p
 question, not this script's.
 
 Found on 2026-12-03 (libtpu 0.0.52, JAX 0.10.2): for the update and scoring programs the compiler
-returns a NEGATIVE `optimal_seconds` (e.g. -26 s for the 3B update), while a plain matmul or a
+returns a NEGATIVE `optimal_seconds` for the 3B programs on v6e-8 (e.g. -26 s for the update; the
+7B programs on v5p-64 get positive ones), while a plain matmul or a
 `fori_loop` of matmuls gets a sensible one; the script then says that no compiler time estimate
 exists and prints only the bound: the executed flops at 100% of the chip's bf16 peak.
 

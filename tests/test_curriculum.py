@@ -164,6 +164,52 @@ def test_reference_offloaded_to_host_memory_trains_the_same(assets, tmp_path, mo
     assert_bitwise(finals[0], finals[1])
 
 
+def test_nothing_compiles_after_a_stage_first_step_nor_when_a_stage_repeats_the_shapes(assets, tmp_path, monkeypatch):
+    """GRPO -> SFT -> GRPO -> SFT, the last two with the first two's settings and shapes but fewer
+    steps (a constant schedule does not depend on the stage length): XLA compiles (JAX's
+    backend-compile events, persistent cache off) only during the first step of the first two
+    stages; every later step, the swaps back included, reuses the compiled rollout, reference
+    scoring and step functions (their jit caches do not grow either)."""
+    import dataclasses
+
+    from jax._src import dispatch
+
+    base = two_stage_config(assets, **{"checkpoint.every": 100})  # 3 steps per stage, as `uninterrupted`
+    s0, s1 = base.stages
+    stages = (s0, s1, dataclasses.replace(s0, name="perception_again", steps=2),
+              dataclasses.replace(s1, name="textual_again", steps=2))
+    cfg = base.__class__(**{**base.__dict__, "stages": stages})
+    fns = (sampler._generate, policy.score_responses, policy.grpo_step, sft.sft_step)
+    compiles = [0]
+
+    def on_event(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiles[0] += 1
+
+    steps = []
+    real_step = curriculum.train_step
+
+    def counted(env, stage, *args):
+        before = compiles[0]
+        out = real_step(env, stage, *args)
+        steps.append((stage.cfg.name, compiles[0] - before, tuple(f._cache_size() for f in fns)))
+        return out
+
+    monkeypatch.setattr(curriculum, "train_step", counted)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        assert curriculum.run(cfg, tmp_path) == "finished"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert [name for name, _, _ in steps] == [s.name for s in stages for _ in range(s.steps)]
+    # later steps of a stage, and every step of the repeated stages: no compile at all
+    firsts = {0, s0.steps}
+    later = [(name, n) for i, (name, n, _) in enumerate(steps) if i not in firsts]
+    assert all(n == 0 for _, n in later), later
+    # the jit caches of the rollout, scoring and both steps stop growing after stage 1's first step
+    assert len({caches for _, _, caches in steps[s0.steps:]}) == 1, steps
+
+
 def test_resume_mid_grpo_stage_is_bitwise(family_run, tmp_path):
     _, _, (full_wd, cfg, counts) = family_run
     assert counts == {"grpo": 1, "sft": 1}

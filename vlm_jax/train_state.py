@@ -80,8 +80,17 @@ def record_grad_norm() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-@functools.lru_cache(maxsize=64)
 def make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
+    """The stage optimizer (see `_make_optimizer`). A constant schedule does not use the stage
+    length, so it is left out of the cache key: stages of different lengths with the same settings
+    share one optimizer object, hence one compiled step (the optimizer is a static argument)."""
+    if opt_cfg.schedule == "constant":
+        total_steps = 0
+    return _make_optimizer(opt_cfg, total_steps, tuple(trainable))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_optimizer(opt_cfg, total_steps: int, trainable: tuple[str, ...]) -> optax.GradientTransformation:
     """Frozen modules' gradients zeroed, the remaining (trainable) gradients' norm recorded for the
     `grad_norm` metric, then global-norm clipping (so only trainable gradients count in the norm: a
     frozen tower's large gradient must not shrink the trained modules' update), then the configured

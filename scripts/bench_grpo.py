@@ -1,0 +1,435 @@
+"""One full GRPO iteration: vlm_jax against TRL's `GRPOTrainer` (PyTorch, fp32), same checkpoint.
+
+    python scripts/bench_grpo.py [--prompts 4] [--num_samples 4] [--new_tokens 32] [--iters 3]
+                                 [--spec grpo] [--cpus N] [--json OUT] [--peer_venv .venv-peer]
+
+An iteration is what a GRPO training step does: sample `--num_samples` completions for each of
+`--prompts` prompts (one image each), decode them and score them with a host reward, score the
+completions under the reference model (KL coefficient 0.04, k3), and one AdamW update over all
+completions (one mini-batch, mu = 1, global-norm clipping at 1.0, every module trained). Both sides
+load the SAME tiny real-format Qwen2.5-VL directory (built here, random weights; config `SPECS`),
+get the SAME prompts and images (built from a seed on each side), the SAME reward function
+(`reward`), sample (temperature 1, no top-k / top-p) exactly `--new_tokens` tokens per completion
+(vlm_jax: no end tokens; TRL: `min_new_tokens = max_completion_length`) and run in fp32.
+vlm_jax runs `vlm_jax.rl.rollout.collect_rollout` + `vlm_jax.rl.policy.grpo_step`, the two calls a
+GRPO stage of the trainer makes per step (`vlm_jax.curriculum.train_step`); TRL runs
+`GRPOTrainer.train()` with the old log-probs skipped (num_iterations 1, as vlm_jax reuses the
+sampler's) and the reference model's log-probs computed (beta 0.04).
+
+The default model (`--spec grpo`: hidden 512, 4 layers, vocab 4096, vision depth 2 width 256)
+is chosen so that compute, not per-op dispatch, dominates both sides: at `--spec tiny` (hidden 64)
+both sides mostly wait on Python and op launch overhead.
+
+Like with like: `--cpus N` pins this process to N cores before any library starts a thread; the
+TRL side runs as a child process in its own venv (`--peer_venv`, created with
+`pip install torch==2.14.1 torchvision==0.29.1 transformers trl` when missing, ~90 s, 5.5 GB) and
+inherits the pinning; torch gets N threads, vlm_jax one JAX CPU device per core (`--devices`; XLA's
+CPU runtime runs a dot on one core) with the batch split over a `data` mesh, as in
+`scripts/bench_rollout.py`. The two sides alternate iteration by iteration (the
+child waits on a pipe between its steps), so both see the same background load; the first
+iteration of each side (vlm_jax: compiles) is reported apart and the median of the `--iters`
+later ones is the figure. The split is rollout (sampling + decoding), rewards, scoring (reference
+log-probs and the rest of batch preparation) and update, measured by wrapping each side's own
+functions (vlm_jax: `generate_and_grade`, the reward, `score_responses`, `grpo_step`; TRL:
+`_generate`, `_calculate_rewards`, `_generate_and_score_completions`, the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU against CPU (libtpu, if installed, is for the planner)
+PEER_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "transformers", "trl")
+KL_COEF = 0.04
+LR = 1e-5
+CLIP = 0.2
+QUESTIONS = ("How many circles are in the picture?", "What colour is the square?",
+             "Describe the scene.", "Is the triangle left of the circle?",
+             "Count the red shapes.", "What is written in the image?",
+             "Which shape is the largest?", "What is 3 plus 4?")
+IMAGE_SIZES = ((112, 112), (84, 140), (56, 112), (140, 84), (112, 56), (84, 84), (56, 56), (112, 84))
+# TinySpec keyword arguments per `--spec` (the peer never imports vlm_jax, so plain dicts)
+SPECS = {
+    "grpo": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, mrope_section=(8, 12, 12),
+                 vision_depth=2, vision_hidden_size=256, vision_intermediate_size=512,
+                 vision_num_heads=4, fullatt_block_indexes=(1,)),
+    "bench": dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, mrope_section=(8, 12, 12),
+                  vision_depth=2, vision_hidden_size=128, vision_intermediate_size=256,
+                  vision_num_heads=4, fullatt_block_indexes=(1,)),
+    "tiny": {},
+}
+
+
+def reward(texts: list[str]) -> list[float]:
+    """The host reward both sides use: a cheap deterministic function of the decoded text that
+    varies between samples (distinct characters mod 5, in [0, 1])."""
+    return [float(len(set(t)) % 5) / 4.0 for t in texts]
+
+
+def prompts(n: int, seed: int = 0):
+    """`n` (question, RGB uint8 image) pairs, the same on both sides."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+        out.append((QUESTIONS[i % len(QUESTIONS)], rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)))
+    return out
+
+
+def pin_cpus(n: int | None) -> list[int]:
+    allowed = sorted(os.sched_getaffinity(0))
+    if n is not None:
+        if not 1 <= n <= len(allowed):
+            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
+        os.sched_setaffinity(0, allowed[:n])
+    return sorted(os.sched_getaffinity(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# the TRL side (runs in the peer venv: no jax, no vlm_jax)
+# ------------------------------------------------------------------------------------------------
+
+
+def peer_main(args) -> int:
+    """Builds a GRPOTrainer and runs `--warmup + --iters` steps, each one released by a line on
+    stdin and reported as one `PEER {json}` line on stdout."""
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import (AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, TrainerCallback)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    path = args.peer
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        video_processor=Qwen2VLVideoProcessor(),
+    )
+    processor.chat_template = processor.tokenizer.chat_template
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+             "image": Image.fromarray(px)} for q, px in prompts(args.prompts)]
+    steps = args.warmup + args.iters
+
+    def trl_reward(prompts, completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return reward(texts)
+
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), use_cpu=True, bf16=False, fp16=False,
+        per_device_train_batch_size=args.prompts * args.num_samples, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_generations=args.num_samples, num_iterations=1,
+        max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        generation_kwargs={"min_new_tokens": args.new_tokens},
+        beta=KL_COEF, epsilon=CLIP, loss_type="bnpo", scale_rewards="group",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", max_steps=steps, shuffle_dataset=False,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, log_completions=False,
+    )
+    times: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    class Gate(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if sys.stdin.readline().strip() != "step":
+                raise SystemExit("bench_grpo peer: parent went away")
+            times.clear()
+            times["_start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            total = time.perf_counter() - times.pop("_start")
+            gen, rew, both = times.get("generate", 0.0), times.get("rewards", 0.0), times.get("gen_score", 0.0)
+            report = dict(total=total, rollout=gen, rewards=rew, scoring=both - gen - rew, update=total - both)
+            print("PEER " + json.dumps(report), flush=True)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg,
+                          train_dataset=Dataset.from_list(rows), processing_class=processor, callbacks=[Gate()])
+    trainer._generate = timed("generate", trainer._generate)
+    trainer._calculate_rewards = timed("rewards", trainer._calculate_rewards)
+    trainer._generate_and_score_completions = timed("gen_score", trainer._generate_and_score_completions)
+    print("PEER " + json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "trl": __import__("trl").__version__,
+                                "transformers": __import__("transformers").__version__}), flush=True)
+    trainer.train()
+    return 0
+
+
+class Peer:
+    """The TRL side as a child process in the peer venv, one step per `step()` call."""
+
+    def __init__(self, python: Path, model_dir: Path, args, log: Path):
+        cmd = [str(python), str(Path(__file__).resolve()), "--peer", str(model_dir),
+               "--prompts", str(args.prompts), "--num_samples", str(args.num_samples),
+               "--new_tokens", str(args.new_tokens), "--iters", str(args.iters), "--warmup", "1",
+               "--torch_threads", str(args.torch_threads)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": "", "OMP_NUM_THREADS": str(args.torch_threads)}
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(log, "w"), text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("PEER "):
+                return json.loads(line[5:])
+        raise RuntimeError(f"the TRL side stopped (exit {self.proc.wait()}); its log: {self.log}:\n"
+                           + self.log.read_text()[-4000:])
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ensure_peer_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating the TRL venv {venv}: pip install {' '.join(PEER_PACKAGES)} (~90 s, 5.5 GB)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PEER_PACKAGES], check=True)
+    return python
+
+
+# ------------------------------------------------------------------------------------------------
+# the vlm_jax side
+# ------------------------------------------------------------------------------------------------
+
+
+class VlmJax:
+    """One GRPO iteration as `curriculum.train_step` runs it, with the split timed."""
+
+    def __init__(self, model_dir: Path, args):
+        import jax
+        import numpy as np
+        from PIL import Image
+
+        from vlm_jax import config as config_lib
+        from vlm_jax import models, sharding
+        from vlm_jax.data.processor import Processor
+        from vlm_jax.rl import policy, rollout
+        from vlm_jax.train_state import init_state, make_optimizer
+
+        self.jax, self.np, self.policy, self.rollout_lib = jax, np, policy, rollout
+        self.mesh = sharding.make_mesh() if args.devices > 1 else None
+        self.model, params = models.from_pretrained(model_dir, mesh=self.mesh)
+        self.proc = Processor.from_pretrained(model_dir)
+        texts, images = [], []
+        for q, px in prompts(args.prompts):
+            images.append([Image.fromarray(px)])
+            texts.append(self.proc.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]))
+        self.batch = {**self.proc(texts, images, padding_side="left"), "answer": [""] * args.prompts}
+        self.cfg = config_lib.GRPOConfig(
+            num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
+            kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean")
+        self.optimizer = make_optimizer(
+            config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
+            ("vision", "merger", "language_model"))
+        self.loss_cfg = self.policy_loss_config()
+        self.ref = params
+        self.state = init_state(jax.tree.map(lambda a: a.copy(), params), self.optimizer)
+        self.args = args
+        self.step_index = 0
+        self.times: dict[str, float] = {}
+
+        def reward_fn(texts, answers, **fields):
+            start = time.perf_counter()
+            r = np.asarray(reward(texts), np.float32)
+            self.times["rewards"] = self.times.get("rewards", 0.0) + time.perf_counter() - start
+            return r, {"bench": r}
+
+        self.reward_fn = reward_fn
+        # timed wrappers of the functions collect_rollout looks up at call time
+        self._generate_and_grade = rollout.generate_and_grade
+        self._score = rollout.score_responses
+
+        def gen(*a, **k):
+            start = time.perf_counter()
+            out = self._generate_and_grade(*a, **k)
+            self.times["gen_and_rewards"] = time.perf_counter() - start
+            return out
+
+        def score(*a, **k):
+            start = time.perf_counter()
+            out = jax.block_until_ready(self._score(*a, **k))
+            self.times["score"] = time.perf_counter() - start
+            return out
+
+        rollout.generate_and_grade, rollout.score_responses = gen, score
+
+    def policy_loss_config(self):
+        from vlm_jax.rl import grpo
+
+        c = self.cfg
+        return grpo.GRPOLossConfig(clip_low=c.clip_low, clip_high=c.clip_high, clip_c=c.clip_c,
+                                   ratio_level=c.ratio_level, kl_coef=c.kl_coef, kl_estimator=c.kl_estimator,
+                                   loss_agg=c.loss_agg, norm_length=c.max_new_tokens)
+
+    def step(self) -> dict:
+        jax, np = self.jax, self.np
+        from vlm_jax import sharding
+
+        self.times.clear()
+        rng = jax.random.fold_in(jax.random.key(0), self.step_index)
+        self.step_index += 1
+        roll_rng, upd_rng = jax.random.split(rng)
+        start = time.perf_counter()
+        rbatch, _, host = self.rollout_lib.collect_rollout(
+            self.model, self.state.params, self.ref, iter([self.batch]), cfg=self.cfg,
+            tokenizer=self.proc.tokenizer, reward_fn=self.reward_fn, rng=roll_rng, eos_token_ids=(),
+            pad_token_id=self.proc.pad_token_id, image_token_id=self.proc.image_token_id,
+            batch_size=self.args.prompts)
+        jax.block_until_ready(rbatch)
+        collected = time.perf_counter()
+        self.state, m = self.policy.grpo_step(
+            self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
+            group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
+            mesh=self.mesh)
+        metrics = {k: float(v) for k, v in sharding.to_host(m).items()}
+        end = time.perf_counter()
+        if not np.isfinite(metrics["loss"]):
+            raise RuntimeError(f"vlm_jax: non-finite loss {metrics}")
+        rew = self.times.get("rewards", 0.0)
+        gen = self.times["gen_and_rewards"]
+        return dict(total=end - start, rollout=gen - rew, rewards=rew,
+                    scoring=collected - start - gen, update=end - collected,
+                    response_length=host["response_length/mean"])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--num_samples", type=int, default=4)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per side after the first")
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", choices=sorted(SPECS), default="grpo", help="model size")
+    parser.add_argument("--cpus", type=int, default=None,
+                        help="pin both sides to this many cores (default: all this process may use)")
+    parser.add_argument("--torch_threads", type=int, default=None, help="default: the pinned cores")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="JAX CPU devices for vlm_jax (default: one per pinned core; > 1: a data mesh)")
+    parser.add_argument("--peer_venv", type=Path, default=ROOT / ".venv-peer")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
+    args = parser.parse_args(argv)
+    cpus = pin_cpus(args.cpus)
+    if args.torch_threads is None:
+        args.torch_threads = len(cpus)
+    if args.devices is None:
+        args.devices = len(cpus)
+    if args.peer:
+        return peer_main(args)
+
+    sys.path.insert(0, str(ROOT))
+    python = ensure_peer_venv(args.peer_venv)
+    import jax
+
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from vlm_jax.models.tiny import TinySpec, build_tiny_model
+
+    spec = TinySpec(**SPECS[args.spec])
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "model", spec=spec, seed=0)
+        n_params = None
+        ours = VlmJax(model_dir, args)
+        n_params = sum(x.size for x in jax.tree.leaves(ours.ref))
+        peer = Peer(python, model_dir, args, Path(tmp) / "peer.log")
+        try:
+            runs: dict[str, list[dict]] = {"vlm_jax": [], "trl": []}
+            for _ in range(1 + args.iters):  # alternate: both sides see the same background load
+                runs["trl"].append(peer.step())
+                runs["vlm_jax"].append(ours.step())
+        finally:
+            peer.close()
+
+    parts = ("rollout", "rewards", "scoring", "update")
+    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
+    ratio = med["trl"]["total"] / med["vlm_jax"]["total"]
+    # each TRL step is followed by a vlm_jax step: the ratio per pair sees (nearly) the same load
+    pair_ratios = [t["total"] / v["total"] for t, v in zip(runs["trl"][1:], runs["vlm_jax"][1:])]
+    cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"
+    config = dict(spec=args.spec, tiny_spec=SPECS[args.spec], params=int(n_params), prompts=args.prompts,
+                  num_samples=args.num_samples, new_tokens=args.new_tokens, images_per_prompt=1,
+                  kl_coef=KL_COEF, lr=LR, optimizer="adamw, clip 1.0", updates_per_iter=1, dtype="float32",
+                  iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads)
+    print(f"command: {cmd}")
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}; "
+          f"peer torch {peer.info['torch']} ({peer.info['threads']} threads), transformers "
+          f"{peer.info['transformers']}, trl {peer.info['trl']}")
+    print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters): {SPECS[args.spec]}")
+    print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x "
+          f"{args.new_tokens} new tokens, reward on host, reference log-probs (KL {KL_COEF}), "
+          f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32")
+    print()
+    print(f"{'':<10}{'first s':>10}{'s/iter':>10}{'rollout':>10}{'rewards':>10}{'scoring':>10}{'update':>10}"
+          "   later iterations s")
+    for side in ("vlm_jax", "trl"):
+        m = med[side]
+        print(f"{side:<10}{runs[side][0]['total']:>10.2f}{m['total']:>10.3f}"
+              + "".join(f"{m[k]:>10.3f}" for k in parts)
+              + "   " + ", ".join(f"{r['total']:.3f}" for r in runs[side][1:]))
+    print(f"speed-up (TRL s/iter / vlm_jax s/iter, medians): {ratio:.2f}x; per part: "
+          + ", ".join(f"{k} {med['trl'][k] / med['vlm_jax'][k]:.1f}x" for k in parts if med["vlm_jax"][k] > 0))
+    print(f"speed-up per alternating pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)} "
+          f"(median {statistics.median(pair_ratios):.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            vlm_jax_s_per_iter=med["vlm_jax"]["total"], peer_s_per_iter=med["trl"]["total"], ratio=ratio,
+            pair_ratios=pair_ratios, load_average=os.getloadavg(),
+            cores=cpus, config=config, split={s: {k: med[s][k] for k in parts} for s in med},
+            first_iter_s={s: runs[s][0]["total"] for s in runs}, command=cmd,
+            peer={k: v for k, v in peer.info.items() if k != "ready"}), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if "--peer" not in sys.argv:  # pin before JAX or torch start their thread pools
+        _early = argparse.ArgumentParser(add_help=False)
+        _early.add_argument("--cpus", type=int, default=None)
+        pin_cpus(_early.parse_known_args()[0].cpus)
+    sys.exit(main())

@@ -31,6 +31,7 @@ from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.policy import grpo_step
 from vlm_jax.rl.rollout import collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
+from vlm_jax.shapes import row_patch_budget
 from vlm_jax.train_state import TrainState, init_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Env:
     base_params: Any
     processor: Any
     sources: dict  # (name, split) -> random-access source
-    num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
+    num_patches: int  # fixed per-row vision patch budget (pixel budget), so shapes stay the same
     open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
 
 
@@ -174,11 +175,10 @@ def model_options(cfg: config_lib.Config) -> dict:
 
 
 def num_patches_for(cfg: config_lib.Config, patch_size: int = 14) -> int:
-    """The fixed vision patch bucket: the largest batch's pixel budget in `patch_size`-pixel patches
-    (14 Qwen2.5-VL, 16 Qwen3-VL), rounded up to a power of 2."""
-    max_batch = max(s.batch_size for s in cfg.stages)
-    budget = cfg.data.max_pixels_per_image * max_batch // (patch_size * patch_size)
-    return int(2 ** np.ceil(np.log2(max(budget, 64))))
+    """The fixed per-row vision patch budget: a row's pixel budget (the loader's, `max_pixels_per_image`)
+    in `patch_size`-pixel patches (14 Qwen2.5-VL, 16 Qwen3-VL). The vision inputs are laid out per row
+    ([rows, budget]), so they split over the batch like the tokens."""
+    return row_patch_budget(cfg.data.max_pixels_per_image, patch_size)
 
 
 def loss_config(st: config_lib.StageConfig) -> grpo.GRPOLossConfig:

@@ -108,9 +108,9 @@ def abstract_inputs(model, mesh, B: int, L: int, num_patches: int | None):
     """Abstract `ModelInputs` placed the way `models.place_inputs` places real ones."""
     fam = model.family
     vision = None
-    if num_patches:
-        specs = fam.vision_input_specs(model.config, num_patches)  # the family's vision layout
-        vision = fam.VisionInputs(*(_replicated(mesh, shape, dtype) for shape, dtype in specs))
+    if num_patches:  # the family's vision layout: per row, split over the batch like the tokens
+        specs = fam.vision_input_specs(model.config, B, num_patches)
+        vision = fam.VisionInputs(*(_batched(mesh, shape, dtype) for shape, dtype in specs))
     return fam.ModelInputs(
         _batched(mesh, (B, L), jnp.int32),
         _batched(mesh, (B, L), jnp.int32),

@@ -174,11 +174,14 @@ def model_options(cfg: config_lib.Config) -> dict:
     )
 
 
-def num_patches_for(cfg: config_lib.Config, patch_size: int = 14) -> int:
+def num_patches_for(cfg: config_lib.Config, patch_size: int = 14, merge_unit: int = 4) -> int:
     """The fixed per-row vision patch budget: a row's pixel budget (the loader's, `max_pixels_per_image`)
-    in `patch_size`-pixel patches (14 Qwen2.5-VL, 16 Qwen3-VL). The vision inputs are laid out per row
-    ([rows, budget]), so they split over the batch like the tokens."""
-    return row_patch_budget(cfg.data.max_pixels_per_image, patch_size)
+    in `patch_size`-pixel patches (14 Qwen2.5-VL, 16 Qwen3-VL), and never more than a row's tokens
+    can hold (the loader drops rows longer than `max_prompt_len` / the largest length bucket; each
+    image token is `merge_unit` patches). The vision inputs are laid out per row ([rows, budget]),
+    so they split over the batch like the tokens."""
+    max_tokens = max(cfg.data.max_prompt_len, max(cfg.data.length_buckets))
+    return min(row_patch_budget(cfg.data.max_pixels_per_image, patch_size), max_tokens * merge_unit)
 
 
 def loss_config(st: config_lib.StageConfig) -> grpo.GRPOLossConfig:

@@ -306,8 +306,9 @@ def make_iterator(env: Env, index: int, stop_check=None):
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
     # Every process reads the same global batch (shard 0 of 1) and supplies its own devices' slices
-    # of it (`sharding.shard_batch`): the vision inputs (patches of all rows, window layout) are laid
-    # out for the whole batch, which loading a part per process would split inconsistently.
+    # of it (`sharding.shard_batch`). The vision inputs are laid out per row, so each device holds
+    # only its rows' images; reading only a process's own rows is not done yet (the rollout's host
+    # side - rewards, advantages, filtering - works on the global batch).
     iterator = make_dataset(
         [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
         env.processor,

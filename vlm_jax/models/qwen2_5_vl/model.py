@@ -150,23 +150,25 @@ def segment_attention(q_BPHE, k_BPHE, v_BPHE, seg_BP, *, halo: int | None = None
         seg_k = jnp.pad(seg_BP, ((0, 0), (halo, halo)), constant_values=-2)
         span = C + 2 * halo
 
-    def block(q_c, seg_c, row, start):  # q_c [C, H, E]; keys of row `row` from `start`
-        k_c = jax.lax.dynamic_slice(k, (row, start, 0, 0), (1, span, H, E))[0]
-        v_c = jax.lax.dynamic_slice(v, (row, start, 0, 0), (1, span, H, E))[0]
-        s_c = jax.lax.dynamic_slice(seg_k, (row, start), (1, span))[0]
-        scores = jnp.einsum("chd,shd->hcs", q_c, k_c) * E**-0.5
-        allowed = seg_c[:, None] == s_c[None, :]
-        scores = jnp.where(allowed[None], scores.astype(jnp.float32), NEG_INF)
+    def block(q_c, seg_c, start):  # one query chunk of every row: q_c [B, C, H, E], keys from `start`
+        k_c = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+        v_c = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+        s_c = jax.lax.dynamic_slice_in_dim(seg_k, start, span, axis=1)
+        scores = jnp.einsum("bchd,bshd->bhcs", q_c, k_c) * E**-0.5
+        allowed = seg_c[:, :, None] == s_c[:, None, :]  # [B, C, span]
+        scores = jnp.where(allowed[:, None], scores.astype(jnp.float32), NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        return jnp.einsum("hcs,shd->chd", probs, v_c)
+        return jnp.einsum("bhcs,bshd->bchd", probs, v_c)
 
+    # The loop runs over the chunk index; rows stay a batch dimension (split over the batch axes
+    # under a mesh, so each device loops over its own rows' chunks).
     n = P // C
-    rows = jnp.repeat(jnp.arange(B), n)
-    starts = jnp.tile(jnp.arange(n) * C, B) if halo is not None else jnp.zeros(B * n, jnp.int32)
-    xs = (q_BPHE.reshape(B * n, C, H, E), seg_BP.reshape(B * n, C), rows, starts)
-    per_step = max(1, min(B * n, VISION_SCORES_PER_STEP // (C * span * H)))
-    out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), xs, batch_size=per_step)
-    return out.reshape(B, P, H, E)
+    q_n = jnp.moveaxis(q_BPHE.reshape(B, n, C, H, E), 1, 0)
+    seg_n = jnp.moveaxis(seg_BP.reshape(B, n, C), 1, 0)
+    starts = jnp.arange(n) * C if halo is not None else jnp.zeros(n, jnp.int32)
+    per_step = max(1, min(n, VISION_SCORES_PER_STEP // (B * C * span * H)))
+    out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (q_n, seg_n, starts), batch_size=per_step)
+    return jnp.moveaxis(out, 0, 1).reshape(B, P, H, E)
 
 
 def image_slots(input_ids_BL, image_token_id: int, num_slots: int):

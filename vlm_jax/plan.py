@@ -122,17 +122,26 @@ def abstract_inputs(model, mesh, B: int, L: int, num_patches: int | None):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
-def vision_share(graphdef, params, inputs, *, train: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "train", "mesh"))
+def vision_share(graphdef, params, inputs, *, train: bool, mesh=None):
     """The vision part of an update: `embed` (vision tower, merger, merged tokens into their rows) of
-    the rows one micro-batch encodes, and its gradient when `train` (what the update adds for it)."""
+    the rows one micro-batch encodes, and, when `train`, the backward pass into the vision tower's
+    and merger's parameters (returned as one number: in the update these gradients go into the
+    sharded accumulators, so no gradient tree is an output here)."""
     from flax import nnx
 
     def f(p):
-        x = nnx.merge(graphdef, p).embed(inputs.input_ids_BL, inputs.vision)
+        if train:  # gradients only into the vision side (the decoder's are the update's own share)
+            p = jax.tree_util.tree_map_with_path(
+                lambda path, x: x if "visual" in jax.tree_util.keystr(path) else jax.lax.stop_gradient(x), p
+            )
+        x = nnx.merge(graphdef, p).embed(inputs.input_ids_BL, inputs.vision, shd.batch_constraint(mesh))
         return jnp.sum(x.astype(jnp.float32))
 
-    return jax.grad(f)(params) if train else f(params)
+    if not train:
+        return f(params)
+    grads = jax.grad(f)(params)
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
 
 
 def update_vision_rows(st, n_shards: int) -> int:
@@ -287,7 +296,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             R = update_vision_rows(st, mesh.shape["data"] * mesh.shape["fsdp"])
             train = "vision" in st.trainable
             v_inputs = abstract_inputs(model, mesh, R, L, num_patches)
-            run("vision", vision_share, (graphdef, params, v_inputs), dict(train=train),
+            run("vision", vision_share, (graphdef, params, v_inputs), dict(train=train, mesh=mesh),
                 s_bytes - p_bytes + ref_bytes + base_bytes)
             rows[-1].detail.update(rows=R, patches_per_row=num_patches, train=train, input_bytes=nbytes(v_inputs))
         for r in rows:

@@ -53,7 +53,7 @@ def sft_loss(params, graphdef, inputs, weights_BT, x_BLD=None, mesh=None):
     computed."""
     model = nnx.merge(graphdef, params)
     constrain = shd.batch_constraint(mesh)
-    x = model.embed(inputs.input_ids_BL, inputs.vision) if x_BLD is None else x_BLD
+    x = model.embed(inputs.input_ids_BL, inputs.vision, constrain) if x_BLD is None else x_BLD
     h, _ = model.decode(
         x, inputs.positions_3BL, None, key_valid_BS=inputs.attention_mask_BL > 0, constrain=constrain
     )

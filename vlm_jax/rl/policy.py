@@ -43,7 +43,7 @@ def response_logprobs(model, prompt, responses_nT, prompt_of_n, *, entropy=False
     n, T = responses_nT.shape
     if x_prompt is None:  # embed just these rows (the vision inputs are laid out per row)
         vision = None if prompt.vision is None else jax.tree.map(lambda a: a[prompt_of_n], prompt.vision)
-        x_prompt = model.embed(prompt.input_ids_BL[prompt_of_n], vision)
+        x_prompt = model.embed(prompt.input_ids_BL[prompt_of_n], vision, constrain)
     x = constrain(jnp.concatenate([x_prompt, model.embed(responses_nT, None)], axis=1))
     pos_prompt = prompt.positions_3BL[:, prompt_of_n]  # [3, n, L]
     start = pos_prompt.max(axis=(0, 2)) + 1
@@ -68,7 +68,7 @@ def _take_rows(x, shards: int, idx_sk, axis: int = 0):
     return jnp.moveaxis(out.reshape(-1, *x.shape[1:]), 0, axis)
 
 
-def embed_prompts(model, prompt, prompt_local_sk, shards: int):
+def embed_prompts(model, prompt, prompt_local_sk, shards: int, constrain=None):
     """Embeddings [shards * k, L, D] of the prompts `prompt_local_sk` [shards, k] (rows within each
     shard), each distinct prompt of a shard embedded (its images encoded) once: all the shard's
     prompts when k covers them, else the at most k distinct ones it names. Gathers stay within the
@@ -84,7 +84,7 @@ def embed_prompts(model, prompt, prompt_local_sk, shards: int):
         inv_sk = inv_sk.reshape(shards, k)
     rows = functools.partial(_take_rows, shards=shards, idx_sk=uniq_sU)
     vision = None if prompt.vision is None else jax.tree.map(rows, prompt.vision)
-    x_U = model.embed(rows(prompt.input_ids_BL), vision)
+    x_U = model.embed(rows(prompt.input_ids_BL), vision, constrain)
     return _take_rows(x_U, shards, inv_sk)
 
 
@@ -116,7 +116,7 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
     shards = batch_shards(mesh, N, B)
     C = chunk_size(N // shards, chunk // shards if chunk else 0)
     n_chunks = N // shards // C
-    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision)
+    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision, constrain)
 
     def one(idx_sk):
         resp = _take_rows(responses_NT, shards, idx_sk)
@@ -139,7 +139,7 @@ def _grpo_micro_loss(params, graphdef, batch: RolloutBatch, idx_sk, weights, tok
     model = nnx.merge(graphdef, params)
     f, prompt_rows = _select(batch, idx_sk, shards, group_size)
     # only this micro-batch's prompts go through the vision tower, each once
-    x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards)
+    x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards, shd.batch_constraint(mesh))
     logp, ent = response_logprobs(
         model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=shd.batch_constraint(mesh),
         x_prompt=x_prompt,

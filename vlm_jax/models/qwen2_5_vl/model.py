@@ -296,17 +296,20 @@ class VisionTower(nnx.Module):
         vws = v.window_size // v.spatial_merge_size // v.patch_size
         return vws * vws * v.merge_unit
 
-    def __call__(self, vision):
+    def __call__(self, vision, constrain=None):
         """Merged features [B, M, D_text] per row, in image order (`VisionInputs`: each row holds its
-        own images; the slots after a row's images are garbage)."""
-        x = self.patch_embed(vision.patches_BPC.astype(self.compute_dtype))
+        own images; the slots after a row's images are garbage). `constrain` pins the rows to the
+        batch axes at every block boundary (as the decoder's layers)."""
+        constrain = constrain or (lambda a: a)
+        x = constrain(self.patch_embed(vision.patches_BPC.astype(self.compute_dtype)))
         cos, sin = self.rope(vision.rope_pos_BP2)
         full = set(self.cfg.vision.fullatt_block_indexes)
         W = self.window_patches()
         for i, block in enumerate(self.blocks):
             seg, halo = (vision.full_seg_BP, None) if i in full else (vision.window_seg_BP, W)
             x = remat(lambda x_, c, s_, g, b=block, h=halo: b(x_, c, s_, g, h), self.remat_policy)(x, cos, sin, seg)
-        merged = self.merger(x)  # [B, M, D] window order
+            x = constrain(x)
+        merged = constrain(self.merger(x))  # [B, M, D] window order
         return jnp.take_along_axis(merged, vision.window_inverse_BM[..., None], axis=1)
 
 
@@ -523,13 +526,14 @@ class Qwen25VL(nnx.Module):
         n = t.num_hidden_layers
         return KVCache((zeros,) * n, (zeros,) * n, key_valid_BS)
 
-    def embed(self, input_ids_BL, vision):
-        """Token embeddings with image features written at image-token positions, row-major order."""
+    def embed(self, input_ids_BL, vision, constrain=None):
+        """Token embeddings with image features written at image-token positions: each row's image
+        tokens, in order, take its own row's merged features. `constrain`: the batch-axes pin."""
         emb = self.language_model.embed_tokens[...]
         x = jnp.take(emb, input_ids_BL, axis=0).astype(self.dtype)
         if vision is None:
             return x
-        feats_BMD = self.visual(vision).astype(self.dtype)
+        feats_BMD = self.visual(vision, constrain).astype(self.dtype)
         return jnp.where(*scatter_image_features(input_ids_BL, self.config.image_token_id, feats_BMD, x))
 
     def decode(

@@ -152,22 +152,24 @@ class VisionTower(nnx.Module):
         f = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(f), jnp.sin(f)
 
-    def __call__(self, vision):
+    def __call__(self, vision, constrain=None):
         """(merged features [B, M, D_text], DeepStack features, each [B, M, D_text]) per row in
         image order; the slots after a row's images are garbage. Attention within each frame of a
-        row (`segment_attention`), memory linear in the patches."""
+        row (`segment_attention`), memory linear in the patches. `constrain` pins the rows to the
+        batch axes at every block boundary."""
+        constrain = constrain or (lambda a: a)
         x = self.patch_embed(vision.patches_BPC.astype(self.compute_dtype))
         table = self.pos_embed[...]
         pos = (table[vision.pos_index_BP4].astype(jnp.float32) * vision.pos_weight_BP4[..., None]).sum(-2)
-        x = x + pos.astype(x.dtype)
+        x = constrain(x + pos.astype(x.dtype))
         cos, sin = self.rope(vision.rope_pos_BP2)
         index = {k: j for j, k in enumerate(self.cfg.vision.deepstack_visual_indexes)}
         deep = [None] * len(index)
         for i, block in enumerate(self.blocks):
-            x = remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_BP)
+            x = constrain(remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_BP))
             if i in index:
-                deep[index[i]] = self.deepstack_merger_list[index[i]](x)
-        return self.merger(x), deep
+                deep[index[i]] = constrain(self.deepstack_merger_list[index[i]](x))
+        return constrain(self.merger(x)), deep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ class Qwen3VL(Qwen25VL):
             else Dense(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def embed(self, input_ids_BL, vision):
+    def embed(self, input_ids_BL, vision, constrain=None):
         """Token embeddings with the image features at image-token positions (row-major order),
         widened with the DeepStack features: [B, L, (1 + n_deepstack) * D] (see the module doc)."""
         emb = self.language_model.embed_tokens[...]
@@ -290,7 +292,7 @@ class Qwen3VL(Qwen25VL):
         n = self.config.num_deepstack
         if vision is None:
             return jnp.concatenate([x] + [jnp.zeros_like(x)] * n, axis=-1) if n else x
-        feats_BMD, deep = self.visual(vision)
+        feats_BMD, deep = self.visual(vision, constrain)
         is_img, slot = image_slots(input_ids_BL, self.config.image_token_id, feats_BMD.shape[1])
         is_img, slot = is_img[..., None], slot[..., None]
         row = lambda f: jnp.take_along_axis(f.astype(self.dtype), slot, axis=1)  # noqa: E731  (within the row)

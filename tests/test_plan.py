@@ -108,6 +108,7 @@ def test_planner_reports_an_over_budget_program_as_not_fitting(tmp_path):
     assert sft.error is None or "RESOURCE_EXHAUSTED" in sft.error or "HbmOom" in sft.error
 
 
+@pytest.mark.slow  # ~30-50 s of TPU compiles
 def test_planner_image_stage_has_a_vision_row_with_per_row_inputs_split_over_the_chips(tmp_path):
     """A stage with images: its programs get the per-row vision inputs (split over the batch like the
     tokens, each row `num_patches_for` patches) and a `vision` row (the tower's share of an update:

@@ -128,7 +128,9 @@ def split_rows(pixel_values: np.ndarray, grid_thw: np.ndarray, images_per_row, m
     smallest bucket holding the largest row)."""
     counts = np.asarray(images_per_row, np.int64)
     if counts.sum() != grid_thw.shape[0]:
-        raise ValueError(f"rows hold {int(counts.sum())} images but image_grid_thw has {grid_thw.shape[0]} rows")
+        raise ValueError(
+            f"rows hold {int(counts.sum())} images but image_grid_thw has {grid_thw.shape[0]} rows"
+        )
     sizes = np.prod(grid_thw, axis=-1)
     img_start = np.concatenate([[0], np.cumsum(counts)])
     pix_start = np.concatenate([[0], np.cumsum(sizes)])
@@ -184,8 +186,8 @@ def prepare_vision(
     return VisionInputs(patches, rope, wseg, fseg, inverse, merged)
 
 
-def images_per_row(input_ids: np.ndarray, attention_mask: np.ndarray, grid_thw: np.ndarray, image_token_id: int,
-                   merge_unit: int) -> np.ndarray:
+def images_per_row(input_ids: np.ndarray, attention_mask: np.ndarray, grid_thw: np.ndarray,
+                   image_token_id: int, merge_unit: int) -> np.ndarray:
     """How many of the images (in order) each row holds, from its image-token count (the runs were
     checked against the grids by `rope_index`)."""
     tokens = ((input_ids == image_token_id) & (attention_mask > 0)).sum(1)

@@ -307,7 +307,8 @@ class VisionTower(nnx.Module):
         W = self.window_patches()
         for i, block in enumerate(self.blocks):
             seg, halo = (vision.full_seg_BP, None) if i in full else (vision.window_seg_BP, W)
-            x = remat(lambda x_, c, s_, g, b=block, h=halo: b(x_, c, s_, g, h), self.remat_policy)(x, cos, sin, seg)
+            run = remat(lambda x_, c, s_, g, b=block, h=halo: b(x_, c, s_, g, h), self.remat_policy)
+            x = run(x, cos, sin, seg)
             x = constrain(x)
         merged = constrain(self.merger(x))  # [B, M, D] window order
         return jnp.take_along_axis(merged, vision.window_inverse_BM[..., None], axis=1)

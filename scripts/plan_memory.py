@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model_config", default=None, help="an HF config.json (or its folder); "
                     "default: the config's model.path")
     ap.add_argument("--stages", default=None, help="comma-separated stage names (default: all)")
-    ap.add_argument("--programs", default=",".join(("init", "sft", "grpo", "score", "generate")))
+    ap.add_argument("--programs", default=",".join(("init", "sft", "grpo", "score", "generate", "vision")))
     ap.add_argument("--json", default=None)
     ap.add_argument("--num_layers", type=int, default=None,
                     help="cut the decoder to this many layers (compile-time comparisons)")

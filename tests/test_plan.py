@@ -127,3 +127,30 @@ def test_micro_batch_suggestion_from_two_compiles_by_hand():
     calls.clear()
     out = plan.suggest_micro_batch(lambda m: compile_at(m, broken=(64, 32)), 64, 64, 4, 5000)
     assert calls == [64, 32, 16, 8] and out["suggested_micro_batch"] == 16 and out["bytes_at_suggestion"] == 2600
+
+
+@pytest.mark.slow  # ~30-50 s of TPU compiles
+def test_planner_image_stage_has_a_vision_row_with_per_row_inputs_split_over_the_chips(tmp_path):
+    """A stage with images: its programs get the per-row vision inputs (split over the batch like the
+    tokens, each row `num_patches_for` patches) and a `vision` row (the tower's share of an update:
+    one micro-batch's rows encoded, forward and backward when the stage trains the vision tower)."""
+    from vlm_jax import curriculum
+
+    tiny_hf_config(tmp_path)
+    base = stages_config(tmp_path)
+    img = config_lib.StageConfig(name="img", capability="perception", objective="sft",
+                                 datasets=(config_lib.DatasetSpec(name="x"),), steps=1, batch_size=8,
+                                 micro_batch_size=4)
+    cfg = config_lib.Config(model=base.model, mesh=base.mesh, data=base.data, stages=(img,),
+                            compilation_cache_dir="")
+    P = curriculum.num_patches_for(cfg, 14)
+    assert P == 64  # 12,544 pixels per row in 14-pixel patches
+    rows = plan.plan(cfg, "v5e:2x2", programs=("sft", "vision"), log=lambda *_: None)
+    by = {r.program: r for r in rows}
+    assert set(by) == {"sft", "vision"}
+    v = by["vision"]
+    assert v.error is None and v.fits and v.flops > 0, v
+    assert v.detail["rows"] == 4 and v.detail["patches_per_row"] == 64 and v.detail["train"]
+    # the vision inputs are split over the 4 chips: one row's patches on each, not all four rows'
+    one_row_patches = 64 * 3 * 2 * 14 * 14 * 4
+    assert one_row_patches <= v.detail["input_bytes"] < 2 * one_row_patches

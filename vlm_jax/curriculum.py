@@ -31,6 +31,7 @@ from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.policy import grpo_step
 from vlm_jax.rl.rollout import collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
+from vlm_jax.shapes import row_patch_budget
 from vlm_jax.train_state import TrainState, init_fn, init_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Env:
     base_params: Any
     processor: Any
     sources: dict  # (name, split) -> random-access source
-    num_patches: int  # fixed vision patch bucket (pixel budget), so shapes stay the same
+    num_patches: int  # fixed per-row vision patch budget (pixel budget), so shapes stay the same
     open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
 
 
@@ -192,12 +193,14 @@ def model_options(cfg: config_lib.Config) -> dict:
     )
 
 
-def num_patches_for(cfg: config_lib.Config, patch_size: int = 14) -> int:
-    """The fixed vision patch bucket: the largest batch's pixel budget in `patch_size`-pixel patches
-    (14 Qwen2.5-VL, 16 Qwen3-VL), rounded up to a power of 2."""
-    max_batch = max(s.batch_size for s in cfg.stages)
-    budget = cfg.data.max_pixels_per_image * max_batch // (patch_size * patch_size)
-    return int(2 ** np.ceil(np.log2(max(budget, 64))))
+def num_patches_for(cfg: config_lib.Config, patch_size: int = 14, merge_unit: int = 4) -> int:
+    """The fixed per-row vision patch budget: a row's pixel budget (the loader's, `max_pixels_per_image`)
+    in `patch_size`-pixel patches (14 Qwen2.5-VL, 16 Qwen3-VL), and never more than a row's tokens
+    can hold (the loader drops rows longer than `max_prompt_len` / the largest length bucket; each
+    image token is `merge_unit` patches). The vision inputs are laid out per row ([rows, budget]),
+    so they split over the batch like the tokens."""
+    max_tokens = max(cfg.data.max_prompt_len, max(cfg.data.length_buckets))
+    return min(row_patch_budget(cfg.data.max_pixels_per_image, patch_size), max_tokens * merge_unit)
 
 
 def loss_config(st: config_lib.StageConfig) -> grpo.GRPOLossConfig:
@@ -322,8 +325,9 @@ def make_iterator(env: Env, index: int, stop_check=None):
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
     # Every process reads the same global batch (shard 0 of 1) and supplies its own devices' slices
-    # of it (`sharding.shard_batch`): the vision inputs (patches of all rows, window layout) are laid
-    # out for the whole batch, which loading a part per process would split inconsistently.
+    # of it (`sharding.shard_batch`). The vision inputs are laid out per row, so each device holds
+    # only its rows' images; reading only a process's own rows is not done yet (the rollout's host
+    # side - rewards, advantages, filtering - works on the global batch).
     iterator = make_dataset(
         [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
         env.processor,

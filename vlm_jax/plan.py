@@ -11,6 +11,8 @@ topology's mesh and compiles what the trainer runs, through the same functions:
   grpo      `rl.policy.grpo_step` on a rollout batch (its scan runs one mini-batch at a time)
   score     `rl.policy.score_responses` on the stage's completions (reference / old log-probs)
   generate  `rl.sampler._generate` for the stage's prompts x samples and lengths
+  vision    the vision tower's share of an update (stages with images): the prompts of one micro-batch
+            embedded (images encoded), with the gradient when the stage trains the vision tower
 
 A program fits when its own bytes (arguments + outputs - aliased + temporaries) plus what stays
 resident on the chips beside it (parameters, optimizer state and reference parameters that are not
@@ -21,6 +23,7 @@ the trainer frees them once the first training state holds its copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -39,7 +42,7 @@ GiB = 1 << 30
 
 # HBM per chip by TPU generation (public spec sheets).
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
-PROGRAMS = ("init", "sft", "grpo", "score", "generate")
+PROGRAMS = ("init", "sft", "grpo", "score", "generate", "vision")
 
 
 @dataclasses.dataclass
@@ -109,15 +112,51 @@ def abstract_inputs(model, mesh, B: int, L: int, num_patches: int | None):
     """Abstract `ModelInputs` placed the way `models.place_inputs` places real ones."""
     fam = model.family
     vision = None
-    if num_patches:
-        specs = fam.vision_input_specs(model.config, num_patches)  # the family's vision layout
-        vision = fam.VisionInputs(*(_replicated(mesh, shape, dtype) for shape, dtype in specs))
+    if num_patches:  # the family's vision layout: per row, split over the batch like the tokens
+        specs = fam.vision_input_specs(model.config, B, num_patches)
+        vision = fam.VisionInputs(*(_batched(mesh, shape, dtype) for shape, dtype in specs))
     return fam.ModelInputs(
         _batched(mesh, (B, L), jnp.int32),
         _batched(mesh, (B, L), jnp.int32),
         _batched(mesh, (3, B, L), jnp.int32, axis=1),
         vision,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train", "mesh"))
+def vision_share(graphdef, params, inputs, *, train: bool, mesh=None):
+    """The vision part of an update: `embed` (vision tower, merger, merged tokens into their rows) of
+    the rows one micro-batch encodes, and, when `train`, the backward pass into the vision tower's
+    and merger's parameters (returned as one number: in the update these gradients go into the
+    sharded accumulators, so no gradient tree is an output here)."""
+    from flax import nnx
+
+    def f(p):
+        if train:  # gradients only into the vision side (the decoder's are the update's own share)
+            p = jax.tree_util.tree_map_with_path(
+                lambda path, x: x if "visual" in jax.tree_util.keystr(path) else jax.lax.stop_gradient(x), p
+            )
+        x = nnx.merge(graphdef, p).embed(inputs.input_ids_BL, inputs.vision, shd.batch_constraint(mesh))
+        return jnp.sum(x.astype(jnp.float32))
+
+    if not train:
+        return f(params)
+    grads = jax.grad(f)(params)
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+
+
+def update_vision_rows(st, n_shards: int) -> int:
+    """Rows whose images one micro-batch of stage `st` encodes: SFT, the micro-batch's rows; GRPO,
+    its distinct prompts (at most the micro-batch's completions and the shard's prompts, per shard)."""
+    B = st.batch_size
+    if st.objective == "sft":
+        return st.micro_batch_size or B
+    N = B * st.grpo.num_samples
+    mb = st.grpo.mini_batch_size or N
+    micro = st.micro_batch_size or mb
+    if micro % n_shards or B % n_shards:
+        return min(micro, B)
+    return n_shards * min(micro // n_shards, B // n_shards)
 
 
 def _memory(compiled) -> dict:
@@ -310,6 +349,13 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                          eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
                          row_groups=1),
                     opt_bytes + ref_bytes)
+        if num_patches and "vision" in programs:
+            R = update_vision_rows(st, mesh.shape["data"] * mesh.shape["fsdp"])
+            train = "vision" in st.trainable
+            v_inputs = abstract_inputs(model, mesh, R, L, num_patches)
+            run("vision", vision_share, (graphdef, params, v_inputs), dict(train=train, mesh=mesh),
+                s_bytes - p_bytes + ref_bytes)
+            rows[-1].detail.update(rows=R, patches_per_row=num_patches, train=train, input_bytes=nbytes(v_inputs))
         for r in rows:
             if r.stage == st.name:
                 if options.scan_layers and r.flops and r.flops > 0:

@@ -50,10 +50,10 @@ def sft_loss_weights(mask_BT, normalize: Literal["token", "sequence"] = "token")
 
 def sft_loss(params, graphdef, inputs, weights_BT, x_BLD=None, mesh=None):
     """sum(-log p(target) * weights) over a (micro-)batch; `x_BLD`: its embeddings when already
-    computed (images encoded for the whole batch)."""
+    computed."""
     model = nnx.merge(graphdef, params)
     constrain = shd.batch_constraint(mesh)
-    x = model.embed(inputs.input_ids_BL, inputs.vision) if x_BLD is None else x_BLD
+    x = model.embed(inputs.input_ids_BL, inputs.vision, constrain) if x_BLD is None else x_BLD
     h, _ = model.decode(
         x, inputs.positions_3BL, None, key_valid_BS=inputs.attention_mask_BL > 0, constrain=constrain
     )
@@ -96,29 +96,21 @@ def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normali
     else:
         shards = batch_shards(mesh, B, micro)
         split = functools.partial(_micro, shards=shards, n_micro=n_micro)
-        text = inputs._replace(vision=None)
+        # the vision inputs are laid out per row: each micro-batch takes (and encodes) only its rows' images
+        vision = None if inputs.vision is None else jax.tree.map(split, inputs.vision)
         xs = (
-            text._replace(
+            inputs._replace(
                 input_ids_BL=split(inputs.input_ids_BL),
                 attention_mask_BL=split(inputs.attention_mask_BL),
                 positions_3BL=split(inputs.positions_3BL, axis=1),
+                vision=vision,
             ),
             split(weights),
-            jnp.arange(n_micro),
         )
 
         def micro_step(acc, x):
-            inputs_u, w_u, u = x
-            if inputs.vision is None:
-                loss_u, g = grad_fn(state.params, graphdef, inputs_u, w_u, None, mesh)
-            else:  # images are laid out for the whole batch: encode them all, take this micro's rows
-
-                def f(p):
-                    m = nnx.merge(graphdef, p)
-                    return sft_loss(p, graphdef, inputs_u, w_u, split(m.embed(inputs.input_ids_BL, inputs.vision))[u],
-                                    mesh)
-
-                loss_u, g = jax.value_and_grad(f)(state.params)
+            inputs_u, w_u = x
+            loss_u, g = grad_fn(state.params, graphdef, inputs_u, w_u, None, mesh)
             g_acc, l_acc = acc
             return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + loss_u), None
 

@@ -19,3 +19,14 @@ def chunk_size(n: int, chunk: int) -> int:
     if chunk <= 0 or chunk >= n:
         return n
     return next(c for c in range(chunk, 0, -1) if n % c == 0)
+
+
+# Per-row vision patch budgets are rounded up to a multiple of this.
+ROW_PATCH_MULTIPLE = 64
+
+
+def row_patch_budget(max_pixels_per_row: int, patch_size: int) -> int:
+    """The vision inputs' per-row patch budget for rows of at most `max_pixels_per_row` pixels in
+    `patch_size`-pixel patches, rounded up to a multiple of `ROW_PATCH_MULTIPLE` (one shape for a run)."""
+    n = -(-max_pixels_per_row // (patch_size * patch_size))
+    return -(-n // ROW_PATCH_MULTIPLE) * ROW_PATCH_MULTIPLE

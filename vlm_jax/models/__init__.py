@@ -175,15 +175,14 @@ def _forward(graphdef, params, inputs):
 
 
 def place_inputs(model: Model, inputs):
-    """Puts `ModelInputs` on the model's mesh: token arrays split over (data, fsdp), vision replicated."""
+    """Puts `ModelInputs` on the model's mesh: token and vision arrays split over (data, fsdp) (the
+    vision inputs are laid out per row, so each batch shard holds only its own rows' images)."""
     if model.mesh is None:
         return inputs
     mesh = model.mesh
 
     def batch_axis(path, x):
         name = _path(getattr(k, "name", k) for k in path)
-        if name.startswith("vision"):
-            return None
         return 1 if name.startswith("positions") else 0
 
     return shd.shard_batch(inputs, mesh, batch_axis)

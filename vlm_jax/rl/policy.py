@@ -1,8 +1,9 @@
 """Teacher-forced scoring of sampled responses, and the jitted GRPO update step.
 
-A `RolloutBatch` holds B prompts (model inputs, images once per prompt) and N = B * G responses. The
-prompt embedding (vision tower included) is computed once per prompt and gathered for its G
-responses, so images are never encoded G times. Under a mesh, rows stay on the batch shard they
+A `RolloutBatch` holds B prompts (model inputs, images once per prompt, laid out per row) and N = B * G
+responses. The prompt embedding (vision tower included) is computed once per prompt and gathered for
+its G responses, so images are never encoded G times; a GRPO micro-batch encodes only its own
+prompts' images. Under a mesh, rows stay on the batch shard they
 were placed on: mini- and micro-batches take the same number of rows from every shard.
 """
 
@@ -40,11 +41,9 @@ def response_logprobs(model, prompt, responses_nT, prompt_of_n, *, entropy=False
     constrain = constrain or (lambda a: a)
     L = prompt.input_ids_BL.shape[1]
     n, T = responses_nT.shape
-    if x_prompt is None:
-        if prompt.vision is None:  # text only: embed just these rows
-            x_prompt = model.embed(prompt.input_ids_BL[prompt_of_n], None)
-        else:  # the vision inputs are laid out for the whole batch: encode, then take the rows
-            x_prompt = model.embed(prompt.input_ids_BL, prompt.vision)[prompt_of_n]
+    if x_prompt is None:  # embed just these rows (the vision inputs are laid out per row)
+        vision = None if prompt.vision is None else jax.tree.map(lambda a: a[prompt_of_n], prompt.vision)
+        x_prompt = model.embed(prompt.input_ids_BL[prompt_of_n], vision, constrain)
     x = constrain(jnp.concatenate([x_prompt, model.embed(responses_nT, None)], axis=1))
     pos_prompt = prompt.positions_3BL[:, prompt_of_n]  # [3, n, L]
     start = pos_prompt.max(axis=(0, 2)) + 1
@@ -67,6 +66,26 @@ def _take_rows(x, shards: int, idx_sk, axis: int = 0):
     idx = idx_sk.reshape(idx_sk.shape + (1,) * (xs.ndim - 2))
     out = jnp.take_along_axis(xs, idx, axis=1)
     return jnp.moveaxis(out.reshape(-1, *x.shape[1:]), 0, axis)
+
+
+def embed_prompts(model, prompt, prompt_local_sk, shards: int, constrain=None):
+    """Embeddings [shards * k, L, D] of the prompts `prompt_local_sk` [shards, k] (rows within each
+    shard), each distinct prompt of a shard embedded (its images encoded) once: all the shard's
+    prompts when k covers them, else the at most k distinct ones it names. Gathers stay within the
+    shard."""
+    B_local = prompt.input_ids_BL.shape[0] // shards
+    k = prompt_local_sk.shape[1]
+    if k >= B_local:
+        uniq_sU, inv_sk = jnp.broadcast_to(jnp.arange(B_local), (shards, B_local)), prompt_local_sk
+    else:
+        uniq_sU, inv_sk = jax.vmap(lambda p: jnp.unique(p, size=k, fill_value=p[0], return_inverse=True))(
+            prompt_local_sk
+        )
+        inv_sk = inv_sk.reshape(shards, k)
+    rows = functools.partial(_take_rows, shards=shards, idx_sk=uniq_sU)
+    vision = None if prompt.vision is None else jax.tree.map(rows, prompt.vision)
+    x_U = model.embed(rows(prompt.input_ids_BL), vision, constrain)
+    return _take_rows(x_U, shards, inv_sk)
 
 
 def _select(batch: "RolloutBatch", idx_sk, shards: int, group_size: int):
@@ -97,12 +116,12 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
     shards = batch_shards(mesh, N, B)
     C = chunk_size(N // shards, chunk // shards if chunk else 0)
     n_chunks = N // shards // C
-    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision)
+    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision, constrain)
 
     def one(idx_sk):
         resp = _take_rows(responses_NT, shards, idx_sk)
         prompt_global = (jnp.arange(shards)[:, None] * (B // shards) + idx_sk // group_size).reshape(-1)
-        x_prompt = None if x_all is None else x_all[prompt_global]
+        x_prompt = None if x_all is None else _take_rows(x_all, shards, idx_sk // group_size)
         return response_logprobs(model, prompt, resp, prompt_global, constrain=constrain, x_prompt=x_prompt)[0]
 
     local = jnp.arange(N // shards).reshape(n_chunks, 1, C)
@@ -119,8 +138,11 @@ def _grpo_micro_loss(params, graphdef, batch: RolloutBatch, idx_sk, weights, tok
                      group_size, loss_cfg, mesh):
     model = nnx.merge(graphdef, params)
     f, prompt_rows = _select(batch, idx_sk, shards, group_size)
+    # only this micro-batch's prompts go through the vision tower, each once
+    x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards, shd.batch_constraint(mesh))
     logp, ent = response_logprobs(
-        model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=shd.batch_constraint(mesh)
+        model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=shd.batch_constraint(mesh),
+        x_prompt=x_prompt,
     )
     ref = f["ref"] if loss_cfg.kl_coef > 0 else None
     loss, metrics = grpo.grpo_loss(

@@ -199,9 +199,9 @@ def _generate(
 ):
     model = nnx.merge(graphdef, params)
     B = inputs.input_ids_BL.shape[0]
-    # The images are encoded for the whole batch (the vision inputs are laid out per batch, not per
+    # Each image is encoded once, by the shard holding its row (the vision inputs are laid out per
     # row); everything after the embedding is per row.
-    x = model.embed(inputs.input_ids_BL, inputs.vision)
+    x = model.embed(inputs.input_ids_BL, inputs.vision, shd.batch_constraint(mesh))
     # all the randomness up front: one number per row and step, the same whatever the mesh
     uniforms = jax.random.uniform(rng, (gen_len, B * num_samples), jnp.float32)
     sample_rows = functools.partial(

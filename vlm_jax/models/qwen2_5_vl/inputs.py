@@ -19,18 +19,21 @@ PATCH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class VisionInputs(NamedTuple):
-    """Vision tower inputs, padded to a patch bucket P (merged M = P / merge_unit).
+    """Vision tower inputs, one row per batch row (its own images, in order), each padded to a
+    per-row patch budget P (merged M = P / merge_unit), so the arrays split over the batch like the
+    tokens and each shard encodes only its rows' images.
 
-    Patches are stored in window order (the order the blocks see them); `window_inverse` maps the merged
-    outputs back to image order. Padding patches get segment id -1 and are discarded.
+    Within a row, patches are stored in window order (the order the blocks see them);
+    `window_inverse_BM` maps the merged outputs back to image order. Padding patches get segment id
+    -1 and are discarded; a text-only row is all padding.
     """
 
-    patches_PC: np.ndarray  # float [P, C*tp*p*p], window order
-    rope_pos_P2: np.ndarray  # int32 [P, 2] (row, col) per patch, window order
-    window_seg_P: np.ndarray  # int32 [P] window segment id (window attention blocks)
-    full_seg_P: np.ndarray  # int32 [P] frame segment id (full attention blocks)
-    window_inverse_M: np.ndarray  # int32 [M] merged index in window order for each image-order slot
-    num_merged: np.ndarray  # int32 [] valid merged tokens
+    patches_BPC: np.ndarray  # float [B, P, C*tp*p*p], window order within the row
+    rope_pos_BP2: np.ndarray  # int32 [B, P, 2] (row, col) per patch, window order
+    window_seg_BP: np.ndarray  # int32 [B, P] window segment id within the row (window attention blocks)
+    full_seg_BP: np.ndarray  # int32 [B, P] frame segment id within the row (full attention blocks)
+    window_inverse_BM: np.ndarray  # int32 [B, M] merged index in window order for each image-order slot
+    num_merged_B: np.ndarray  # int32 [B] valid merged tokens per row
 
 
 class ModelInputs(NamedTuple):
@@ -94,55 +97,107 @@ def vision_layout(grid_thw: np.ndarray, cfg: Qwen25VLConfig):
     )
 
 
-def vision_input_specs(cfg: Qwen25VLConfig, num_patches: int) -> VisionInputs:
-    """(shape, numpy dtype) of every `VisionInputs` field for a bucket of `num_patches` patches (for
-    abstract inputs, e.g. the memory planner)."""
-    P, M = num_patches, num_patches // cfg.vision.merge_unit
+def vision_input_specs(cfg: Qwen25VLConfig, batch: int, num_patches: int) -> VisionInputs:
+    """(shape, numpy dtype) of every `VisionInputs` field for `batch` rows of `num_patches` patches
+    each (for abstract inputs, e.g. the memory planner)."""
+    B, P, M = batch, num_patches, num_patches // cfg.vision.merge_unit
     return VisionInputs(
-        ((P, cfg.vision.patch_dim), np.float32), ((P, 2), np.int32), ((P,), np.int32), ((P,), np.int32),
-        ((M,), np.int32), ((), np.int32),
+        ((B, P, cfg.vision.patch_dim), np.float32), ((B, P, 2), np.int32), ((B, P), np.int32),
+        ((B, P), np.int32), ((B, M), np.int32), ((B,), np.int32),
     )
 
 
-def prepare_vision(
-    pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig, num_patches: int | None = None
-) -> VisionInputs:
-    """Permutes patches into window order and pads them to a bucket of `num_patches` (default: auto)."""
-    grid_thw = np.asarray(grid_thw).reshape(-1, 3)
+def check_pixels(pixel_values: np.ndarray, grid_thw: np.ndarray, patch_dim: int) -> int:
+    """The number of patches `grid_thw` describes, after checking `pixel_values` against it."""
     n = int(np.prod(grid_thw, axis=-1).sum())
     if pixel_values.shape[0] != n:
         raise ValueError(
             f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw describes {n} patches"
         )
-    if pixel_values.shape[-1] != cfg.vision.patch_dim:
+    if pixel_values.shape[-1] != patch_dim:
         raise ValueError(
             f"pixel_values rows have {pixel_values.shape[-1]} values, the vision config "
-            f"expects {cfg.vision.patch_dim} (3 * temporal_patch_size * patch_size^2)"
+            f"expects {patch_dim} (3 * temporal_patch_size * patch_size^2)"
         )
+    return n
+
+
+def split_rows(pixel_values: np.ndarray, grid_thw: np.ndarray, images_per_row, merge_unit: int,
+               num_patches: int | None):
+    """Per row: (its grids [k, 3], its pixel rows), and the per-row patch budget P (default: the
+    smallest bucket holding the largest row)."""
+    counts = np.asarray(images_per_row, np.int64)
+    if counts.sum() != grid_thw.shape[0]:
+        raise ValueError(
+            f"rows hold {int(counts.sum())} images but image_grid_thw has {grid_thw.shape[0]} rows"
+        )
+    sizes = np.prod(grid_thw, axis=-1)
+    img_start = np.concatenate([[0], np.cumsum(counts)])
+    pix_start = np.concatenate([[0], np.cumsum(sizes)])
+    rows = []
+    for b in range(len(counts)):
+        i0, i1 = img_start[b], img_start[b + 1]
+        rows.append((grid_thw[i0:i1], pixel_values[pix_start[i0] : pix_start[i1]]))
+    largest = max((len(px) for _, px in rows), default=0)
+    P = num_patches or bucket(max(largest, 1), PATCH_BUCKETS)
+    if P % merge_unit:
+        raise ValueError(f"per-row patch budget {P} is not a multiple of the merge unit {merge_unit}")
+    for b, (_, px) in enumerate(rows):
+        if len(px) > P:
+            raise ValueError(
+                f"row {b} has {len(px)} image patches, over the per-row patch budget {P} "
+                f"(raise data.max_pixels_per_image or use smaller images)"
+            )
+    return rows, P
+
+
+def prepare_vision(
+    pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Qwen25VLConfig, num_patches: int | None = None,
+    images_per_row=None,
+) -> VisionInputs:
+    """Lays out each row's images in window order, padded to a per-row budget of `num_patches`
+    patches (default: the smallest bucket holding the largest row). `images_per_row` [B]: how many of
+    the images (in order) each row holds (default: all in one row)."""
+    grid_thw = np.asarray(grid_thw).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values)
+    check_pixels(pixel_values, grid_thw, cfg.vision.patch_dim)
+    if images_per_row is None:
+        images_per_row = [grid_thw.shape[0]]
     unit = cfg.vision.merge_unit
-    P = num_patches or bucket(n, PATCH_BUCKETS)
-    if P < n or P % unit:
-        raise ValueError(f"patch bucket {P} cannot hold {n} patches in merge units of {unit}")
-    lay = vision_layout(grid_thw, cfg)
-    pad = P - n
-    patches = np.concatenate(
-        [
-            np.asarray(pixel_values)[lay["patch_perm"]],
-            np.zeros((pad, pixel_values.shape[-1]), pixel_values.dtype),
-        ]
-    )
-    m_valid = n // unit
-    inverse = np.zeros(P // unit, np.int32)
-    inverse[:m_valid] = np.argsort(lay["window_index"])
-    inverse[m_valid:] = np.arange(m_valid, P // unit)
-    return VisionInputs(
-        patches_PC=patches.astype(np.float32),
-        rope_pos_P2=np.concatenate([lay["rope_pos"], np.zeros((pad, 2), np.int64)]).astype(np.int32),
-        window_seg_P=np.concatenate([lay["window_seg"], np.full(pad, -1)]).astype(np.int32),
-        full_seg_P=np.concatenate([lay["full_seg"], np.full(pad, -1)]).astype(np.int32),
-        window_inverse_M=inverse,
-        num_merged=np.asarray(m_valid, np.int32),
-    )
+    rows, P = split_rows(pixel_values, grid_thw, images_per_row, unit, num_patches)
+    B, M, C = len(rows), P // unit, cfg.vision.patch_dim
+    patches = np.zeros((B, P, C), np.float32)
+    rope = np.zeros((B, P, 2), np.int32)
+    wseg = np.full((B, P), -1, np.int32)
+    fseg = np.full((B, P), -1, np.int32)
+    inverse = np.tile(np.arange(M, dtype=np.int32), (B, 1))
+    merged = np.zeros(B, np.int32)
+    for b, (grids, px) in enumerate(rows):
+        n = len(px)
+        if n == 0:
+            continue
+        lay = vision_layout(grids, cfg)
+        patches[b, :n] = px[lay["patch_perm"]]
+        rope[b, :n] = lay["rope_pos"]
+        wseg[b, :n] = lay["window_seg"]
+        fseg[b, :n] = lay["full_seg"]
+        inverse[b, : n // unit] = np.argsort(lay["window_index"])
+        merged[b] = n // unit
+    return VisionInputs(patches, rope, wseg, fseg, inverse, merged)
+
+
+def images_per_row(input_ids: np.ndarray, attention_mask: np.ndarray, grid_thw: np.ndarray,
+                   image_token_id: int, merge_unit: int) -> np.ndarray:
+    """How many of the images (in order) each row holds, from its image-token count (the runs were
+    checked against the grids by `rope_index`)."""
+    tokens = ((input_ids == image_token_id) & (attention_mask > 0)).sum(1)
+    per_image = np.prod(grid_thw, axis=-1) // merge_unit
+    bounds = np.concatenate([[0], np.cumsum(per_image)])
+    ends = np.cumsum(tokens)
+    counts = np.searchsorted(bounds, ends, side="left")
+    if not np.all(bounds[counts] == ends):
+        raise ValueError("an image's tokens are split over two rows")
+    return np.diff(np.concatenate([[0], counts])).astype(np.int64)
 
 
 def rope_index(
@@ -218,7 +273,11 @@ def prepare_inputs(
                 f"Image features and image tokens do not match: {n_image_tokens} image tokens, "
                 f"{expected} merged image features from image_grid_thw"
             )
-        vision = (prepare_vision_fn or prepare_vision)(pixels, grid, cfg, num_patches)
+        positions = rope_index(input_ids, mask, grid, cfg)
+        per_row = images_per_row(input_ids, mask, grid, cfg.image_token_id, cfg.vision.merge_unit)
+        vision = (prepare_vision_fn or prepare_vision)(pixels, grid, cfg, num_patches, per_row)
     elif n_image_tokens:
         raise ValueError(f"batch has {n_image_tokens} image tokens but no image_grid_thw/pixel_values")
-    return ModelInputs(input_ids, mask, rope_index(input_ids, mask, grid, cfg), vision)
+    else:
+        positions = rope_index(input_ids, mask, grid, cfg)
+    return ModelInputs(input_ids, mask, positions, vision)

@@ -162,6 +162,68 @@ def rotate_half(x):
 # ----------------------------------------------------------------------------------------------
 
 
+# Vision attention runs over query chunks of this many patches (memory: chunk x key span per step).
+VISION_CHUNK = 128
+# Query chunks evaluated together in one step of the chunk loop: about this many scores per step.
+VISION_SCORES_PER_STEP = 1 << 22
+
+
+def segment_attention(q_BPHE, k_BPHE, v_BPHE, seg_BP, *, halo: int | None = None, chunk: int = VISION_CHUNK):
+    """Non-causal attention of each patch over the patches of its segment (same id in `seg_BP`, per
+    row), memory linear in the patches: queries in chunks of `chunk`, each chunk's keys a static
+    span of its own row. `halo=None`: the span is the whole row (full attention within each frame of
+    a row of one image or a few). `halo=W`: segments are contiguous runs of at most W patches
+    (windows), so a chunk [s, s + C) only needs keys [s - W, s + C + W). Masked keys get a finite
+    large negative score, so padding rows stay NaN-free; softmax in fp32. Returns [B, P, H, E]."""
+    B, P, H, E = q_BPHE.shape
+    C = chunk_size(P, chunk)
+    dt = q_BPHE.dtype
+    k, v = k_BPHE.astype(dt), v_BPHE.astype(dt)
+    if halo is None:
+        span, seg_k = P, seg_BP
+    else:
+        pad = ((0, 0), (halo, halo), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+        seg_k = jnp.pad(seg_BP, ((0, 0), (halo, halo)), constant_values=-2)
+        span = C + 2 * halo
+
+    def block(q_c, seg_c, start):  # one query chunk of every row: q_c [B, C, H, E], keys from `start`
+        k_c = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+        v_c = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+        s_c = jax.lax.dynamic_slice_in_dim(seg_k, start, span, axis=1)
+        scores = jnp.einsum("bchd,bshd->bhcs", q_c, k_c) * E**-0.5
+        allowed = seg_c[:, :, None] == s_c[:, None, :]  # [B, C, span]
+        scores = jnp.where(allowed[:, None], scores.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        return jnp.einsum("bhcs,bshd->bchd", probs, v_c)
+
+    # The loop runs over the chunk index; rows stay a batch dimension (split over the batch axes
+    # under a mesh, so each device loops over its own rows' chunks).
+    n = P // C
+    q_n = jnp.moveaxis(q_BPHE.reshape(B, n, C, H, E), 1, 0)
+    seg_n = jnp.moveaxis(seg_BP.reshape(B, n, C), 1, 0)
+    starts = jnp.arange(n) * C if halo is not None else jnp.zeros(n, jnp.int32)
+    per_step = max(1, min(n, VISION_SCORES_PER_STEP // (B * C * span * H)))
+    out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (q_n, seg_n, starts), batch_size=per_step)
+    return jnp.moveaxis(out, 0, 1).reshape(B, P, H, E)
+
+
+def image_slots(input_ids_BL, image_token_id: int, num_slots: int):
+    """(is_image [B, L], slot [B, L]): image token j of a row (in order) reads its row's merged
+    feature j (clipped into [0, num_slots))."""
+    is_img = input_ids_BL == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, num_slots - 1)
+    return is_img, slot
+
+
+def scatter_image_features(input_ids_BL, image_token_id: int, feats_BMD, x_BLD):
+    """(mask, features, x) for `jnp.where`: each row's image tokens take its own row's merged
+    features in order (a gather within the row, no global index)."""
+    is_img, slot = image_slots(input_ids_BL, image_token_id, feats_BMD.shape[1])
+    feats_BLD = jnp.take_along_axis(feats_BMD, slot[..., None], axis=1)
+    return is_img[..., None], feats_BLD, x_BLD
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs):
         v = cfg.vision
@@ -178,19 +240,17 @@ class VisionAttention(nnx.Module):
             v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x_PD, cos_PE, sin_PE, seg_P):
-        P = x_PD.shape[0]
-        qkv = self.qkv(x_PD).reshape(P, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        cos, sin = cos_PE[:, None, :], sin_PE[:, None, :]
+    def __call__(self, x_BPD, cos_BPE, sin_BPE, seg_BP, halo: int | None = None):
+        """Attention within segments of each row (`segment_attention`): frames (`halo=None`) or
+        windows of at most `halo` patches."""
+        B, P, _ = x_BPD.shape
+        qkv = self.qkv(x_BPD).reshape(B, P, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        cos, sin = cos_BPE[:, :, None, :], sin_BPE[:, :, None, :]
         q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-        q = (q32 * cos + rotate_half(q32) * sin).astype(x_PD.dtype)
-        k = (k32 * cos + rotate_half(k32) * sin).astype(x_PD.dtype)
-        scores = jnp.einsum("qhd,khd->hqk", q, k) * self.head_dim**-0.5
-        mask = seg_P[:, None] == seg_P[None, :]
-        scores = jnp.where(mask[None], scores.astype(jnp.float32), NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x_PD.dtype)
-        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(P, -1)
+        q = (q32 * cos + rotate_half(q32) * sin).astype(x_BPD.dtype)
+        k = (k32 * cos + rotate_half(k32) * sin).astype(x_BPD.dtype)
+        out = segment_attention(q, k, v, seg_BP, halo=halo).reshape(B, P, -1)
         return self.proj(out)
 
 
@@ -222,8 +282,8 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, seg):
-        x = x + self.attn(self.norm1(x), cos, sin, seg)
+    def __call__(self, x, cos, sin, seg, halo=None):
+        x = x + self.attn(self.norm1(x), cos, sin, seg, halo)
         return x + self.mlp(self.norm2(x))
 
 
@@ -239,8 +299,9 @@ class PatchMerger(nnx.Module):
             self.hidden, v.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x_PD):
-        x = self.ln_q(x_PD).reshape(-1, self.hidden)
+    def __call__(self, x_BPD):
+        x = self.ln_q(x_BPD)
+        x = x.reshape(*x.shape[:-2], -1, self.hidden)
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
@@ -256,23 +317,38 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(v.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-    def rope(self, pos_P2):
+    def rope(self, pos_BP2):
+        """2-D vision rope: cos/sin [..., P, E] in fp32 for (row, col) positions [..., P, 2]."""
         v = self.cfg.vision
         spatial = v.head_dim // 2
         inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-        f = pos_P2.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, E/4]
-        f = jnp.concatenate([f[:, 0], f[:, 1]], axis=-1)
+        f = pos_BP2.astype(jnp.float32)[..., None] * inv_freq  # [..., P, 2, E/4]
+        f = jnp.concatenate([f[..., 0, :], f[..., 1, :]], axis=-1)
         f = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(f), jnp.sin(f)
 
-    def __call__(self, patches_PC, rope_pos_P2, window_seg_P, full_seg_P, window_inverse_M):
-        """Returns merged features [M, D_text] in image order (padding slots at the end are garbage)."""
-        x = self.patch_embed(patches_PC.astype(self.compute_dtype))
-        cos, sin = self.rope(rope_pos_P2)
+    def window_patches(self) -> int:
+        """The most patches one attention window holds (the window-attention halo)."""
+        v = self.cfg.vision
+        vws = v.window_size // v.spatial_merge_size // v.patch_size
+        return vws * vws * v.merge_unit
+
+    def __call__(self, vision, constrain=None):
+        """Merged features [B, M, D_text] per row, in image order (`VisionInputs`: each row holds its
+        own images; the slots after a row's images are garbage). `constrain` pins the rows to the
+        batch axes at every block boundary (as the decoder's layers)."""
+        constrain = constrain or (lambda a: a)
+        x = constrain(self.patch_embed(vision.patches_BPC.astype(self.compute_dtype)))
+        cos, sin = self.rope(vision.rope_pos_BP2)
         full = set(self.cfg.vision.fullatt_block_indexes)
+        W = self.window_patches()
         for i, block in enumerate(self.blocks):
-            x = remat(block.__call__, self.remat_policy)(x, cos, sin, full_seg_P if i in full else window_seg_P)
-        return self.merger(x)[window_inverse_M]
+            seg, halo = (vision.full_seg_BP, None) if i in full else (vision.window_seg_BP, W)
+            run = remat(lambda x_, c, s_, g, b=block, h=halo: b(x_, c, s_, g, h), self.remat_policy)
+            x = run(x, cos, sin, seg)
+            x = constrain(x)
+        merged = constrain(self.merger(x))  # [B, M, D] window order
+        return jnp.take_along_axis(merged, vision.window_inverse_BM[..., None], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,23 +564,15 @@ class Qwen25VL(nnx.Module):
         n = t.num_hidden_layers
         return KVCache((zeros,) * n, (zeros,) * n, key_valid_BS)
 
-    def embed(self, input_ids_BL, vision):
-        """Token embeddings with image features written at image-token positions, row-major order."""
+    def embed(self, input_ids_BL, vision, constrain=None):
+        """Token embeddings with image features written at image-token positions: each row's image
+        tokens, in order, take its own row's merged features. `constrain`: the batch-axes pin."""
         emb = self.language_model.embed_tokens[...]
         x = jnp.take(emb, input_ids_BL, axis=0).astype(self.dtype)
         if vision is None:
             return x
-        feats_MD = self.visual(
-            vision.patches_PC,
-            vision.rope_pos_P2,
-            vision.window_seg_P,
-            vision.full_seg_P,
-            vision.window_inverse_M,
-        ).astype(self.dtype)
-        is_img = input_ids_BL == self.config.image_token_id
-        slot = jnp.cumsum(is_img.reshape(-1)) - 1
-        slot = jnp.clip(slot, 0, feats_MD.shape[0] - 1).reshape(input_ids_BL.shape)
-        return jnp.where(is_img[..., None], feats_MD[slot], x)
+        feats_BMD = self.visual(vision, constrain).astype(self.dtype)
+        return jnp.where(*scatter_image_features(input_ids_BL, self.config.image_token_id, feats_BMD, x))
 
     def decode(
         self,

@@ -2,7 +2,8 @@
 
 Same family interface as `qwen2_5_vl`: `MODEL_TYPES`, `ARCHITECTURES`, `parse_config(raw, source)`,
 `build(cfg, dtype, rngs, options)`, `ModelOptions` (Qwen2.5-VL's), `prepare_inputs(batch, cfg,
-num_patches=None)`, `vision_input_specs(cfg, num_patches)`, `ModelInputs`, `tensor_map(paths, cfg)`.
+num_patches=None)`, `vision_input_specs(cfg, batch, num_patches)` (`num_patches` is
+the per-row patch budget), `ModelInputs`, `tensor_map(paths, cfg)`.
 """
 
 from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs

@@ -11,19 +11,20 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from vlm_jax.models.qwen2_5_vl import inputs as q25_inputs
-from vlm_jax.models.qwen2_5_vl.inputs import PATCH_BUCKETS, ModelInputs, _merge_block_order
-from vlm_jax.shapes import bucket
+from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs, _merge_block_order, check_pixels, split_rows
 
 
 class VisionInputs(NamedTuple):
-    """Vision tower inputs padded to a patch bucket P; padding patches have segment -1 (discarded)."""
+    """Vision tower inputs, one row per batch row (its own images, in image order), each padded to
+    a per-row patch budget P; padding patches have segment -1 (discarded); a text-only row is all
+    padding."""
 
-    patches_PC: np.ndarray  # float [P, C*tp*p*p], image order (merge-block order within an image)
-    rope_pos_P2: np.ndarray  # int32 [P, 2] (row, col) per patch
-    pos_index_P4: np.ndarray  # int32 [P, 4] bilinear taps into the flattened pos_embed table
-    pos_weight_P4: np.ndarray  # float32 [P, 4] their weights
-    seg_P: np.ndarray  # int32 [P] frame segment id (attention stays inside a frame)
-    num_merged: np.ndarray  # int32 [] valid merged tokens
+    patches_BPC: np.ndarray  # float [B, P, C*tp*p*p], merge-block order within each image
+    rope_pos_BP2: np.ndarray  # int32 [B, P, 2] (row, col) per patch
+    pos_index_BP4: np.ndarray  # int32 [B, P, 4] bilinear taps into the flattened pos_embed table
+    pos_weight_BP4: np.ndarray  # float32 [B, P, 4] their weights
+    seg_BP: np.ndarray  # int32 [B, P] frame segment id within the row (attention stays inside a frame)
+    num_merged_B: np.ndarray  # int32 [B] valid merged tokens per row
 
 
 def _axis_taps(index: np.ndarray, size: int, side: int, align_corners: bool = True):
@@ -53,55 +54,48 @@ def pos_embed_taps(h: int, w: int, side: int, merge: int, align_corners: bool = 
     return index.astype(np.int32), weight
 
 
-def prepare_vision(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg, num_patches: int | None = None) -> VisionInputs:
+def prepare_vision(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg, num_patches: int | None = None,
+                   images_per_row=None) -> VisionInputs:
+    """Each row's images (`images_per_row` [B] of them, in order; default all in one row) padded
+    to a per-row budget of `num_patches` patches (default: the smallest bucket holding the largest row)."""
     grid_thw = np.asarray(grid_thw).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values)
     v = cfg.vision
-    n = int(np.prod(grid_thw, axis=-1).sum())
-    if pixel_values.shape[0] != n:
-        raise ValueError(
-            f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw describes {n} patches"
-        )
-    if pixel_values.shape[-1] != v.patch_dim:
-        raise ValueError(
-            f"pixel_values rows have {pixel_values.shape[-1]} values, the vision config "
-            f"expects {v.patch_dim} (3 * temporal_patch_size * patch_size^2)"
-        )
-    P = num_patches or bucket(n, PATCH_BUCKETS)
-    if P < n or P % v.merge_unit:
-        raise ValueError(f"patch bucket {P} cannot hold {n} patches in merge units of {v.merge_unit}")
-    pos, idx, wts, seg = [], [], [], []
-    frame = 0
-    for t, h, w in grid_thw.astype(np.int64).tolist():
-        rows, cols = _merge_block_order(h, w, v.spatial_merge_size)
-        i, wt = pos_embed_taps(h, w, v.grid_side, v.spatial_merge_size)
-        pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
-        idx.append(np.tile(i, (t, 1)))
-        wts.append(np.tile(wt, (t, 1)))
-        seg.append(np.repeat(np.arange(frame, frame + t), h * w))
-        frame += t
-    pad = P - n
+    check_pixels(pixel_values, grid_thw, v.patch_dim)
+    if images_per_row is None:
+        images_per_row = [grid_thw.shape[0]]
+    rows, P = split_rows(pixel_values, grid_thw, images_per_row, v.merge_unit, num_patches)
+    B = len(rows)
+    patches = np.zeros((B, P, v.patch_dim), np.float32)
+    rope = np.zeros((B, P, 2), np.int32)
+    index = np.zeros((B, P, 4), np.int32)
+    weight = np.zeros((B, P, 4), np.float32)
+    seg = np.full((B, P), -1, np.int32)
+    merged = np.zeros(B, np.int32)
+    for b, (grids, px) in enumerate(rows):
+        start, frame = 0, 0
+        for t, h, w in grids.astype(np.int64).tolist():
+            rows_, cols = _merge_block_order(h, w, v.spatial_merge_size)
+            i, wt = pos_embed_taps(h, w, v.grid_side, v.spatial_merge_size)
+            end = start + t * h * w
+            rope[b, start:end] = np.tile(np.stack([rows_, cols], -1), (t, 1))
+            index[b, start:end] = np.tile(i, (t, 1))
+            weight[b, start:end] = np.tile(wt, (t, 1))
+            seg[b, start:end] = np.repeat(np.arange(frame, frame + t), h * w)
+            frame += t
+            start = end
+        patches[b, : len(px)] = px
+        merged[b] = len(px) // v.merge_unit
+    return VisionInputs(patches, rope, index, weight, seg, merged)
 
-    def padded(parts, width, dtype, fill=0):
-        body = np.concatenate(parts).reshape(n, *width)
-        return np.concatenate([body, np.full((pad, *width), fill, body.dtype)]).astype(dtype)
 
+def vision_input_specs(cfg, batch: int, num_patches: int) -> VisionInputs:
+    """(shape, numpy dtype) of every `VisionInputs` field for `batch` rows of `num_patches` patches
+    each (for abstract inputs, e.g. the memory planner)."""
+    B, P = batch, num_patches
     return VisionInputs(
-        patches_PC=padded([np.asarray(pixel_values)], (v.patch_dim,), np.float32),
-        rope_pos_P2=padded(pos, (2,), np.int32),
-        pos_index_P4=padded(idx, (4,), np.int32),
-        pos_weight_P4=padded(wts, (4,), np.float32),
-        seg_P=padded(seg, (), np.int32, fill=-1),
-        num_merged=np.asarray(n // v.merge_unit, np.int32),
-    )
-
-
-def vision_input_specs(cfg, num_patches: int) -> VisionInputs:
-    """(shape, numpy dtype) of every `VisionInputs` field for a bucket of `num_patches` patches (for
-    abstract inputs, e.g. the memory planner)."""
-    P = num_patches
-    return VisionInputs(
-        ((P, cfg.vision.patch_dim), np.float32), ((P, 2), np.int32), ((P, 4), np.int32),
-        ((P, 4), np.float32), ((P,), np.int32), ((), np.int32),
+        ((B, P, cfg.vision.patch_dim), np.float32), ((B, P, 2), np.int32), ((B, P, 4), np.int32),
+        ((B, P, 4), np.float32), ((B, P), np.int32), ((B,), np.int32),
     )
 
 

@@ -37,6 +37,7 @@ from vlm_jax.models.qwen2_5_vl.model import (
     _init,
     causal_attention,
     decode_attention,
+    image_slots,
     remat,
     rotate_half,
     same_structure,
@@ -94,8 +95,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)  # Qwen2.5-VL's: qkv/proj with bias, fp32 rope
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, seg):
-        x = x + self.attn(self.norm1(x), cos, sin, seg)
+    def __call__(self, x, cos, sin, seg, halo=None):
+        x = x + self.attn(self.norm1(x), cos, sin, seg, halo)
         return x + self.mlp(self.norm2(x))
 
 
@@ -115,11 +116,12 @@ class PatchMerger(nnx.Module):
             self.hidden, v.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x_PD):
+    def __call__(self, x_BPD):
+        merged = (*x_BPD.shape[:-2], -1, self.hidden)
         if self.postshuffle:
-            x = self.norm(x_PD.reshape(-1, self.hidden))
+            x = self.norm(x_BPD.reshape(merged))
         else:
-            x = self.norm(x_PD).reshape(-1, self.hidden)
+            x = self.norm(x_BPD).reshape(merged)
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
 
 
@@ -141,31 +143,34 @@ class VisionTower(nnx.Module):
             [PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=rngs) for _ in v.deepstack_visual_indexes]
         )
 
-    def rope(self, pos_P2):
-        """2-D vision rope (as Qwen2.5-VL's): cos/sin [P, E] in fp32."""
+    def rope(self, pos_BP2):
+        """2-D vision rope (as Qwen2.5-VL's): cos/sin [..., P, E] in fp32."""
         v = self.cfg.vision
         spatial = v.head_dim // 2
         inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-        f = pos_P2.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, E/4]
-        f = jnp.concatenate([f[:, 0], f[:, 1]], axis=-1)
+        f = pos_BP2.astype(jnp.float32)[..., None] * inv_freq  # [..., P, 2, E/4]
+        f = jnp.concatenate([f[..., 0, :], f[..., 1, :]], axis=-1)
         f = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(f), jnp.sin(f)
 
-    def __call__(self, vision):
-        """(merged features [M, D_text], DeepStack features [n_deepstack, M, D_text]) in image order;
-        the padding slots at the end are garbage."""
-        x = self.patch_embed(vision.patches_PC.astype(self.compute_dtype))
+    def __call__(self, vision, constrain=None):
+        """(merged features [B, M, D_text], DeepStack features, each [B, M, D_text]) per row in
+        image order; the slots after a row's images are garbage. Attention within each frame of a
+        row (`segment_attention`), memory linear in the patches. `constrain` pins the rows to the
+        batch axes at every block boundary."""
+        constrain = constrain or (lambda a: a)
+        x = self.patch_embed(vision.patches_BPC.astype(self.compute_dtype))
         table = self.pos_embed[...]
-        pos = (table[vision.pos_index_P4].astype(jnp.float32) * vision.pos_weight_P4[..., None]).sum(1)
-        x = x + pos.astype(x.dtype)
-        cos, sin = self.rope(vision.rope_pos_P2)
+        pos = (table[vision.pos_index_BP4].astype(jnp.float32) * vision.pos_weight_BP4[..., None]).sum(-2)
+        x = constrain(x + pos.astype(x.dtype))
+        cos, sin = self.rope(vision.rope_pos_BP2)
         index = {k: j for j, k in enumerate(self.cfg.vision.deepstack_visual_indexes)}
         deep = [None] * len(index)
         for i, block in enumerate(self.blocks):
-            x = remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_P)
+            x = constrain(remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_BP))
             if i in index:
-                deep[index[i]] = self.deepstack_merger_list[index[i]](x)
-        return self.merger(x), deep
+                deep[index[i]] = constrain(self.deepstack_merger_list[index[i]](x))
+        return constrain(self.merger(x)), deep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +285,7 @@ class Qwen3VL(Qwen25VL):
             else Dense(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def embed(self, input_ids_BL, vision):
+    def embed(self, input_ids_BL, vision, constrain=None):
         """Token embeddings with the image features at image-token positions (row-major order),
         widened with the DeepStack features: [B, L, (1 + n_deepstack) * D] (see the module doc)."""
         emb = self.language_model.embed_tokens[...]
@@ -288,12 +293,12 @@ class Qwen3VL(Qwen25VL):
         n = self.config.num_deepstack
         if vision is None:
             return jnp.concatenate([x] + [jnp.zeros_like(x)] * n, axis=-1) if n else x
-        feats_MD, deep = self.visual(vision)
-        is_img = (input_ids_BL == self.config.image_token_id)[..., None]
-        slot = jnp.cumsum(is_img.reshape(-1)) - 1
-        slot = jnp.clip(slot, 0, feats_MD.shape[0] - 1).reshape(input_ids_BL.shape)
-        parts = [jnp.where(is_img, feats_MD.astype(self.dtype)[slot], x)]
-        parts += [jnp.where(is_img, d.astype(self.dtype)[slot], 0) for d in deep]
+        feats_BMD, deep = self.visual(vision, constrain)
+        is_img, slot = image_slots(input_ids_BL, self.config.image_token_id, feats_BMD.shape[1])
+        is_img, slot = is_img[..., None], slot[..., None]
+        row = lambda f: jnp.take_along_axis(f.astype(self.dtype), slot, axis=1)  # noqa: E731  (within the row)
+        parts = [jnp.where(is_img, row(feats_BMD), x)]
+        parts += [jnp.where(is_img, row(d), 0) for d in deep]
         return jnp.concatenate(parts, axis=-1)
 
     def decode(

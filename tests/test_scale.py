@@ -131,8 +131,8 @@ def test_scanned_layers_equal_the_layer_loop_in_prefill_and_with_bf16_compute(en
     h0, (k0, v0) = jax.jit(lambda: prefill({}))()
     h1, (k1, v1) = jax.jit(lambda: prefill(dict(scan_layers=True)))()
     assert len(k1) == len(k0) == e.model.config.text.num_hidden_layers
-    np.testing.assert_allclose(np.asarray(h1), np.asarray(h0), atol=1e-6, rtol=0)
-    assert_trees_close((k1, v1), (k0, v0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h0), atol=1e-5, rtol=0)  # fp32 round-off
+    assert_trees_close((k1, v1), (k0, v0), atol=1e-5)
     if which == "qwen3_vl":
         return  # the bf16 check below is family-independent (the stack's cast); once is enough
     # bf16 compute over fp32 weights (the stack is cast to bf16): as close to fp32 as the loop is

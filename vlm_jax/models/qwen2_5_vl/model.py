@@ -35,7 +35,8 @@ class ModelOptions:
     the sequence; 0 = one dense block). `logits_chunk`: log-probs, entropy and cross-entropy over
     sequence chunks of this many tokens, each chunk's [tokens, vocab] logits recomputed in the
     backward pass (0 = all at once). `scan_layers`: the decoder layers of training, scoring and
-    prefill run as one `jax.lax.scan` over their parameters stacked at call time (`scan_layers`
+    prefill (and the vision blocks, per run of one kind: `run_blocks`) run as one `jax.lax.scan`
+    over their parameters stacked at call time (`scan_layers`
     below), so the program holds one layer body and compile time stops growing with depth (layers
     of different structures, e.g. adapters on some layers only, run in the loop)."""
 
@@ -119,6 +120,29 @@ def scan_layers(layers, body, x, xs=None, *, policy: str = "none", dtype=None):
         return body(nnx.merge(graphdef, state_i), carry, xs_i)
 
     return jax.lax.scan(remat(step, policy), x, (stacked, xs))
+
+
+def run_blocks(blocks, x, call, *, kinds=None, cuts=(), scan: bool = False, policy: str = "none", dtype=None,
+               after=None):
+    """`x` through `blocks` with `call(block, x, i) -> x` (`i`: the index of the block, or of the
+    first block of its segment: `call` may only depend on `kinds[i]`). Without `scan`, a loop with
+    each block under the remat `policy`. With `scan`, each run of consecutive blocks of one kind
+    (`kinds`, e.g. window vs full attention) not crossing a cut (an index after which `after(i, x)`
+    needs the output, e.g. a DeepStack tap) is one `scan_layers`, so the program holds one body per
+    segment, not per block. `after(i, x)` runs after block i for every i in `cuts`."""
+    n = len(blocks)
+    kinds = kinds or [None] * n
+    starts = [0] + [i for i in range(1, n) if kinds[i] != kinds[i - 1] or (i - 1) in cuts]
+    for a, b in zip(starts, starts[1:] + [n]):
+        seg = list(blocks)[a:b]
+        if scan and same_structure(seg):
+            x, _ = scan_layers(seg, lambda blk, x_, _, i=a: (call(blk, x_, i), None), x, policy=policy, dtype=dtype)
+        else:
+            for i, blk in enumerate(seg, start=a):
+                x = remat(lambda x_, blk=blk, i=i: call(blk, x_, i), policy)(x)
+        if after is not None and (b - 1) in cuts:
+            after(b - 1, x)
+    return x
 
 
 def _init(rngs: nnx.Rngs, shape, scale: float, dtype):
@@ -306,11 +330,12 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none"):
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none", scan=False):
         v = cfg.vision
         self.cfg = cfg
         self.compute_dtype = compute_dtype or dtype
         self.remat_policy = remat_policy
+        self.scan = scan  # blocks of one kind in a row run as one scan (`run_blocks`)
         self.patch_embed = Dense(
             v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, dtype=dtype, rngs=rngs
         )
@@ -342,11 +367,13 @@ class VisionTower(nnx.Module):
         cos, sin = self.rope(vision.rope_pos_BP2)
         full = set(self.cfg.vision.fullatt_block_indexes)
         W = self.window_patches()
-        for i, block in enumerate(self.blocks):
+
+        def call(block, x, i):
             seg, halo = (vision.full_seg_BP, None) if i in full else (vision.window_seg_BP, W)
-            run = remat(lambda x_, c, s_, g, b=block, h=halo: b(x_, c, s_, g, h), self.remat_policy)
-            x = run(x, cos, sin, seg)
-            x = constrain(x)
+            return constrain(block(x, cos, sin, seg, halo))
+
+        x = run_blocks(self.blocks, x, call, kinds=[i in full for i in range(len(self.blocks))], scan=self.scan,
+                       policy=self.remat_policy, dtype=self.compute_dtype)
         merged = constrain(self.merger(x))  # [B, M, D] window order
         return jnp.take_along_axis(merged, vision.window_inverse_BM[..., None], axis=1)
 
@@ -537,7 +564,8 @@ class Qwen25VL(nnx.Module):
         self.param_dtype = dtype  # how the parameters are stored
         self.dtype = jnp.dtype(options.compute_dtype) if options.compute_dtype else dtype  # activations
         self.visual = VisionTower(
-            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat
+            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat,
+            scan=options.scan_layers,
         )
         self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = (

@@ -40,6 +40,7 @@ from vlm_jax.models.qwen2_5_vl.model import (
     image_slots,
     remat,
     rotate_half,
+    run_blocks,
     same_structure,
 )
 from vlm_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -126,11 +127,12 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: Qwen3VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none"):
+    def __init__(self, cfg: Qwen3VLConfig, *, dtype, rngs, compute_dtype=None, remat_policy="none", scan=False):
         v = cfg.vision
         self.cfg = cfg
         self.compute_dtype = compute_dtype or dtype
         self.remat_policy = remat_policy
+        self.scan = scan  # the blocks between DeepStack taps run as one scan each (`run_blocks`)
         self.patch_embed = Dense(
             v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, dtype=dtype, rngs=rngs
         )
@@ -166,10 +168,12 @@ class VisionTower(nnx.Module):
         cos, sin = self.rope(vision.rope_pos_BP2)
         index = {k: j for j, k in enumerate(self.cfg.vision.deepstack_visual_indexes)}
         deep = [None] * len(index)
-        for i, block in enumerate(self.blocks):
-            x = constrain(remat(block.__call__, self.remat_policy)(x, cos, sin, vision.seg_BP))
-            if i in index:
-                deep[index[i]] = constrain(self.deepstack_merger_list[index[i]](x))
+
+        def tap(i, x):
+            deep[index[i]] = constrain(self.deepstack_merger_list[index[i]](x))
+
+        x = run_blocks(self.blocks, x, lambda block, x_, i: constrain(block(x_, cos, sin, vision.seg_BP)),
+                       cuts=set(index), after=tap, scan=self.scan, policy=self.remat_policy, dtype=self.compute_dtype)
         return constrain(self.merger(x)), deep
 
 
@@ -275,7 +279,8 @@ class Qwen3VL(Qwen25VL):
         self.param_dtype = dtype  # how the parameters are stored
         self.dtype = jnp.dtype(options.compute_dtype) if options.compute_dtype else dtype  # activations
         self.visual = VisionTower(
-            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat
+            cfg, dtype=dtype, rngs=rngs, compute_dtype=self.dtype, remat_policy=options.remat,
+            scan=options.scan_layers,
         )
         self.language_model = TextModel(cfg, dtype=dtype, rngs=rngs)
         t = cfg.text

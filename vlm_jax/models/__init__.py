@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import sharding as shd
 from vlm_jax.models import hf_io
+from vlm_jax.models import lora
 from vlm_jax.models.hf_io import CheckpointError
 
 # Files copied from the source directory on save, so an export is a complete HF model directory.
@@ -80,7 +81,7 @@ class Model:
         return self.family.prepare_inputs(batch, self.config, **kw)
 
     def merge(self, params):
-        return nnx.merge(self.graphdef, params)
+        return lora.bind(self.graphdef, params)
 
     def with_options(self, **changes) -> "Model":
         """The same model (same parameters) computing with other `ModelOptions` (e.g. a stage's
@@ -170,7 +171,7 @@ def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 <
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, inputs):
-    module = nnx.merge(graphdef, params)
+    module = lora.bind(graphdef, params)
     return module(inputs.input_ids_BL, inputs.attention_mask_BL, inputs.positions_3BL, inputs.vision)
 
 

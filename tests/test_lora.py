@@ -98,6 +98,29 @@ def test_targets_select_modules_per_alias_and_bad_ones_are_named(env):
         lora.target_modules(env.params, ("q_proj(",))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+def test_peft_adapters_give_the_same_logits_in_transformers(family, env, tmp_path_factory, tmp_path):
+    """The adapters written in PEFT's format, loaded by `peft.PeftModel.from_pretrained` over the
+    transformers base, give vlm_jax's logits (fp32) on text, one-image and two-image rows."""
+    peft = pytest.importorskip("peft")
+    from hf_reference import reference_logits
+    from transformers import AutoModelForImageTextToText
+
+    e = env if family == "qwen2_5_vl" else family_env(tmp_path_factory, family)
+    adapters = randomized(lora.init_adapters(e.params, ALL, RANK, jax.random.key(0)), 2)
+    p = lora.LoraParams(e.params, adapters, 2.0)
+    out = models.save_peft_adapters(e.model, p, tmp_path / "adapter", base_model=str(e.path))
+    base = AutoModelForImageTextToText.from_pretrained(e.path, dtype="float32").eval()
+    tuned = peft.PeftModel.from_pretrained(base, out).eval()
+    assert tuned.peft_config["default"].r == RANK and tuned.peft_config["default"].lora_alpha == 2.0 * RANK
+    n_lora = sum(1 for n, _ in tuned.named_modules() if n.endswith(".lora_A.default"))
+    assert n_lora == len(lora.target_modules(e.params, ALL))  # every adapter found its module
+    ours = np.asarray(models.forward(e.model, p, e.batch))
+    theirs = reference_logits(tuned.base_model.model, e.batch)
+    mask = np.asarray(e.batch["attention_mask"], bool)
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # GRPO with adapters only: learns, base bitwise unchanged, optimizer state = adapter moments
 # ------------------------------------------------------------------------------------------------

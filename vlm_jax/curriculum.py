@@ -763,9 +763,11 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
     return status
 
 
-def restore_for_export(workdir: str | Path):
+def restore_for_export(workdir: str | Path, *, with_meta: bool = False):
     """(model, params, processor) of the newest checkpoint of a training workdir that restores
-    completely (a damaged newer one is reported and skipped, and left where it is)."""
+    completely (a damaged newer one is reported and skipped, and left where it is); `params` are a
+    `lora.LoraParams` (base and adapters) when the checkpoint comes from a LoRA stage. `with_meta`:
+    the checkpoint's metadata as a fourth element."""
     from vlm_jax.data.processor import Processor
 
     workdir = Path(workdir).resolve()
@@ -786,4 +788,4 @@ def restore_for_export(workdir: str | Path):
         with Checkpointer(workdir / "lora_base", keep=2, async_save=False) as bases:
             params = lora.with_adapters(lora_base(cfg, bases, meta["opt_stage"], base), params)
     processor = Processor.from_pretrained(cfg.model.path)
-    return model, params, processor
+    return (model, params, processor, meta) if with_meta else (model, params, processor)

@@ -191,3 +191,109 @@ def test_lora_optimizer_state_holds_only_adapter_moments(env, learned):
     assert float_bytes == 2 * 4 * n  # AdamW mu and nu, fp32, adapters only
     # full AdamW would hold 2 x the parameters' bytes (1.5 MB here); rank 4 of 64-wide layers: 111 kB
     assert float_bytes < 2 * lora.num_bytes(env.params) / 10
+
+
+# ------------------------------------------------------------------------------------------------
+# the curriculum with LoRA stages: GRPO (all towers) -> SFT (fresh LoRA on the merged weights)
+# ------------------------------------------------------------------------------------------------
+
+
+def lora_config(assets):
+    from test_curriculum import two_stage_config
+
+    cfg = two_stage_config(assets, **{
+        "stages.0.lora.rank": 4, "stages.0.lora.targets": '("language","vision","merger")',
+        "stages.0.optimizer.lr": 3e-3, "stages.1.lora.rank": 4, "stages.1.optimizer.lr": 3e-3,
+    })
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from test_curriculum import make_assets
+    from vlm_jax import curriculum
+
+    assets = make_assets(tmp_path_factory, "qwen2_5_vl")
+    wd = tmp_path_factory.mktemp("lora_full")
+    cfg = lora_config(assets)
+    assert curriculum.run(cfg, wd) == "finished"
+    return SimpleNamespace(assets=assets, wd=wd, cfg=cfg)
+
+
+def final(workdir):
+    from vlm_jax import curriculum
+
+    return curriculum.restore_for_export(workdir)[1]
+
+
+@pytest.mark.slow
+def test_lora_curriculum_trains_adapters_and_merges_them_at_the_boundary(lora_run):
+    import json
+
+    from vlm_jax.checkpoint import Checkpointer
+
+    rows = [json.loads(line) for line in (lora_run.wd / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["stage"] for r in train] == ["perception"] * 3 + ["textual_reasoning"] * 3
+    assert all(r["skipped_nonfinite"] == 0 for r in train)
+    p = final(lora_run.wd)
+    assert isinstance(p, lora.LoraParams) and p.scale == 16.0 / 4
+    assert set(p.adapters) == {"language_model"}  # stage 1 adapts the language model only
+    # stage 1's base (saved for a resume) is the loaded model with stage 0's adapters merged in: it
+    # differs from the loaded model in every adapted kernel of stage 0 and nowhere else
+    _, loaded = models.from_pretrained(lora_run.assets / "model")
+    assert Checkpointer(lora_run.wd / "lora_base").all_steps() == [1]
+    adapted = set(lora.target_modules(loaded, ("language", "vision", "merger")))
+    for path, a in jax.tree_util.tree_flatten_with_path(loaded)[0]:
+        keys = lora._keys(path)
+        b = dict(jax.tree_util.tree_flatten_with_path(p.base)[0])[path]
+        same = np.array_equal(np.asarray(a), np.asarray(b))
+        assert same == (keys[-1] != "kernel" or ".".join(keys[:-1]) not in adapted), keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [2, 3, 5])  # mid-GRPO-LoRA, stage boundary, mid-SFT-LoRA
+def test_lora_curriculum_resume_is_bitwise(lora_run, tmp_path, stop_after):
+    from test_curriculum import assert_bitwise
+    from vlm_jax import curriculum
+
+    assert curriculum.run(lora_run.cfg, tmp_path, stop_after=stop_after) == "preempted"
+    assert curriculum.run(lora_run.cfg, tmp_path) == "finished"
+    a, b = final(lora_run.wd), final(tmp_path)
+    assert_bitwise(a.adapters, b.adapters)
+    assert_bitwise(a.base, b.base)
+
+
+@pytest.mark.slow
+def test_lora_workdir_exports_merged_weights_and_peft_adapters(lora_run, tmp_path):
+    """export: the merged directory and PEFT adapters over `adapter_base` give the same logits in
+    transformers (and vlm_jax's)."""
+    import peft
+    from transformers import AutoModelForImageTextToText
+    from vlm_jax import export
+
+    assert export.main(["--workdir", str(lora_run.wd), "--out", str(tmp_path / "hf")]) == 0
+    for f in ("hf/config.json", "hf/adapter/adapter_config.json", "hf/adapter/adapter_model.safetensors",
+              "hf/adapter_base/config.json"):
+        assert (tmp_path / f).exists(), f
+    import torch
+    from PIL import Image
+    from vlm_jax import curriculum
+    from vlm_jax.data.processor import Processor
+
+    model, params, _ = curriculum.restore_for_export(lora_run.wd)
+    proc = Processor.from_pretrained(tmp_path / "hf")
+    img = Image.fromarray((np.arange(56 * 84 * 3) % 251).astype(np.uint8).reshape(56, 84, 3))
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red circles?"}]}])
+    batch = proc([text, "hello there"], [[img], []], padding_side="left")
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(models.forward(model, params, batch))
+    tb = {k: torch.as_tensor(v).long() if v.dtype.kind == "i" else torch.as_tensor(v) for k, v in batch.items()}
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf/adapter_base", dtype=torch.float32).eval()
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "hf/adapter").eval()
+    m = batch["attention_mask"].astype(bool)
+    with torch.no_grad():
+        for hf in (merged, tuned):
+            np.testing.assert_allclose(hf(**tb).logits.numpy()[m], ours[m], atol=1e-4, rtol=0)

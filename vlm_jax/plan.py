@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import config as config_lib
 from vlm_jax import sharding as shd
+from vlm_jax.models import lora
 
 GiB = 1 << 30
 
@@ -199,20 +200,40 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
         model = base_model.with_options(remat=st.remat)  # as `curriculum.build_stage` does
         graphdef = model.graphdef
-        init = init_fn(params, optimizer)
-        state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
+        kl = st.objective == "grpo" and st.grpo.kl_coef > 0
+        frozen, policy_params = None, params
+        if st.lora.enabled:  # the trained state is the adapters; the base is frozen (and the reference)
+            base_dtype = curriculum.dtype_of(st.lora.base_dtype or cfg.model.dtype)
+            base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype, sharding=x.sharding), params)
+            adapters = lora.abstract_adapters(params, st.lora.targets, st.lora.rank)
+            adapters = jax.tree.map(lambda x: _replicated(mesh, x.shape, x.dtype), adapters)
+            frozen = lora.Frozen(base, st.lora.scale)
+            policy_params = lora.LoraParams(base, adapters, st.lora.scale)
+            init = init_fn(adapters, optimizer)
+            state = jax.eval_shape(init, adapters)
+            ref_bytes = 0  # the reference is the base itself
+            # the loaded parameters stay resident beside a base of another dtype (cast at the stage start)
+            base_bytes = 0 if base_dtype == dtype else p_bytes
+            base_arg_bytes = nbytes(base)
+            log(f"{st.name}: LoRA rank {st.lora.rank} on {len(lora.target_modules(params, st.lora.targets))} "
+                f"layers, adapters {nbytes(adapters) / GiB:.3f} GiB, base {base_arg_bytes / GiB:.2f} GiB/chip "
+                f"({jnp.dtype(base_dtype).name})")
+        else:
+            init = init_fn(params, optimizer)
+            state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
+            ref_bytes = p_bytes if kl else 0
+            base_bytes = p_bytes  # env.base_params stay resident beside the trained parameters
+            base_arg_bytes = 0
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
-        kl = st.objective == "grpo" and st.grpo.kl_coef > 0
-        ref_bytes = p_bytes if kl else 0
-        base_bytes = p_bytes  # env.base_params stay resident beside the trained parameters
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)
         )
         if "init" in programs:
             # arguments: the loaded parameters; outputs: the state (parameter copy + moments)
-            run("init", init, (params,), {}, 0)
+            run("init", init, (state.params if frozen is not None else params,), {},
+                base_arg_bytes + base_bytes)
             if rows[-1].error is None:
                 rows[-1].detail["scalars"] = sum(1 for x in jax.tree.leaves(state) if x.ndim == 0)
         if st.objective == "sft" and "sft" in programs:
@@ -220,7 +241,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
             run("sft", sft_step, (state, batch),
                 dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,
-                     micro_batch=st.micro_batch_size, mesh=mesh), base_bytes)
+                     micro_batch=st.micro_batch_size, mesh=mesh, frozen=frozen), base_bytes)
         if st.objective == "grpo":
             g = st.grpo
             B, G, T = st.batch_size, g.num_samples, g.max_new_tokens
@@ -236,19 +257,19 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                 run("grpo", policy.grpo_step, (state, rbatch, key),
                     dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
                          loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
-                         micro_batch=st.micro_batch_size, mesh=mesh),
+                         micro_batch=st.micro_batch_size, mesh=mesh, frozen=frozen),
                     ref_bytes + base_bytes)
             if "score" in programs:
-                run("score", policy.score_responses, (graphdef, params, prompt, resp),
+                run("score", policy.score_responses, (graphdef, policy_params, prompt, resp),
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
-                    s_bytes + base_bytes)
+                    (opt_bytes if frozen is not None else s_bytes) + base_bytes)
             if "generate" in programs:
                 sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in
                                               (jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
                 gen_len = bucket(T, sampler.GEN_BUCKETS)
                 Bg = min(g.rollout_chunk or B, B)  # prompts per sampler call
                 gen_prompt = abstract_inputs(model, mesh, Bg, L, num_patches)
-                run("generate", sampler._generate, (graphdef, params, gen_prompt, key, sp),
+                run("generate", sampler._generate, (graphdef, policy_params, gen_prompt, key, sp),
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
                          eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
                          row_groups=1),

@@ -12,11 +12,10 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from vlm_jax import sharding as shd
-from vlm_jax.models import lora
 from vlm_jax.logprobs import batch_shards, token_logprobs
+from vlm_jax.models import lora
 from vlm_jax.train_state import TrainState, apply_gradients
 
 

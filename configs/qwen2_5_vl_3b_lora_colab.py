@@ -7,11 +7,15 @@ the sampler decodes with the adapters applied); textual reasoning on the languag
 reasoning on all three. The KL reference is the base with the adapters off (no second copy).
 
 Per-step sizes cut to one chip: 4 prompts x 4 samples per rollout, mini-batches of 8 completions
-(2 updates per rollout), micro-batches of 4, prompts up to 1024 tokens, responses of 512, at most
-200,704 pixels per image (256 vision tokens after the 2x2 merge; the patch bucket for a batch is 4,096
-patches). Per-layer remat, reference log-probs 8 completions at a time. lr 2e-5 (LoRA), constant.
+(2 updates per rollout), micro-batches of 2, prompts up to 1024 tokens, responses of 512, at most
+100,352 pixels per image (128 vision tokens after the 2x2 merge; the patch bucket for a batch is 2,048
+patches). Per-layer remat, reference log-probs 4 completions at a time. lr 2e-5 (LoRA), constant.
 
-Memory per chip, from the TPU compiler (`scripts/plan_memory.py`; README "What fits a Colab chip"):
+Memory per chip, from the TPU compiler (planner, 2026-12-03, perception stage; README "LoRA ...
+what fits a Colab chip"): the GRPO update needs 12.05 GiB of v5e-1's 16 (bf16 base 6.99 GiB, 414
+rank-16 adapters 0.15 GiB + AdamW moments 0.31 GiB, temporaries 4.59 GiB). With micro-batches of 4 and
+200,704 px per image it did not fit v5e-1 (17.97 GiB of temporaries); at those larger sizes scoring
+took 9.70 GiB and sampling 11.43 GiB. Re-check with:
   python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_lora_colab.py --topology v5e:1x1 \\
       --model_config configs/hf/Qwen2.5-VL-3B-Instruct --stages perception
 
@@ -26,7 +30,7 @@ import os
 from vlm_jax.config import LoraConfig, MeshConfig, load_config
 
 _3B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_3b_tpu.py")
-_PROMPTS, _GROUP, _MINI, _MICRO, _PROMPT_LEN, _RESPONSE = 4, 4, 8, 4, 1024, 512
+_PROMPTS, _GROUP, _MINI, _MICRO, _PROMPT_LEN, _RESPONSE = 4, 4, 8, 2, 1024, 512
 _TARGETS = {
     "perception": ("language", "vision", "merger"),
     "textual_reasoning": ("language",),
@@ -53,6 +57,6 @@ def get_config():
         model=dataclasses.replace(cfg.model, dtype="bfloat16", compute_dtype="bfloat16"),
         mesh=MeshConfig(data=1, fsdp=1, tensor=1),
         data=dataclasses.replace(cfg.data, max_prompt_len=_PROMPT_LEN, length_buckets=(256, 512, _PROMPT_LEN),
-                                 min_pixels_per_image=50_176, max_pixels_per_image=200_704),
+                                 min_pixels_per_image=50_176, max_pixels_per_image=100_352),
         stages=tuple(chip(s) for s in cfg.stages),
     )

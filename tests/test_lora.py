@@ -121,6 +121,25 @@ def test_peft_adapters_give_the_same_logits_in_transformers(family, env, tmp_pat
     np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
 
 
+def test_lora_configs_load_and_bad_lora_settings_are_named():
+    from pathlib import Path
+
+    from vlm_jax import config as config_lib
+
+    root = Path(__file__).resolve().parents[1]
+    demo = config_lib.load_config(str(root / "configs/demo_cpu_lora.py"))
+    assert [st.lora.rank for st in demo.stages] == [8, 8, 8]
+    assert demo.stages[0].lora.targets == ("language", "vision", "merger") and demo.stages[0].lora.scale == 2.0
+    colab = config_lib.load_config(str(root / "configs/qwen2_5_vl_3b_lora_colab.py"))
+    assert colab.model.dtype == "bfloat16" and all(st.lora.enabled for st in colab.stages)
+    with pytest.raises(config_lib.ConfigError, match=r"stages\.1\.reset_optimizer.*LoRA"):
+        config_lib.load_config(str(root / "configs/demo_cpu_lora.py"), ["stages.1.reset_optimizer=false"])
+    with pytest.raises(config_lib.ConfigError, match=r"model\.dtype.*bfloat16"):  # a full-weights stage
+        config_lib.load_config(str(root / "configs/qwen2_5_vl_3b_lora_colab.py"), ["stages.1.lora.rank=0"])
+    with pytest.raises(config_lib.ConfigError, match=r"stages\.0\.lora\.rank"):
+        config_lib.load_config(str(root / "configs/demo_cpu_lora.py"), ["stages.0.lora.rank=-1"])
+
+
 # ------------------------------------------------------------------------------------------------
 # GRPO with adapters only: learns, base bitwise unchanged, optimizer state = adapter moments
 # ------------------------------------------------------------------------------------------------

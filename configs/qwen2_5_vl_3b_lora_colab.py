@@ -13,7 +13,7 @@ patches). Per-layer remat, reference log-probs 4 completions at a time. lr 2e-5 
 
 Memory per chip, from the TPU compiler (planner, 2026-12-03, perception stage; README "LoRA ...
 what fits a Colab chip"): the GRPO update needs 12.05 GiB of v5e-1's 16 (bf16 base 6.99 GiB, 414
-rank-16 adapters 0.15 GiB + AdamW moments 0.31 GiB, temporaries 4.59 GiB). With micro-batches of 4 and
+rank-16 adapters 0.15 GiB + AdamW moments 0.31 GiB, temporaries 4.59 GiB), 11.89 of v6e-1's 32. With micro-batches of 4 and
 200,704 px per image it did not fit v5e-1 (17.97 GiB of temporaries); at those larger sizes scoring
 took 9.70 GiB and sampling 11.43 GiB. Re-check with:
   python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_lora_colab.py --topology v5e:1x1 \\

@@ -154,3 +154,35 @@ def test_planner_image_stage_has_a_vision_row_with_per_row_inputs_split_over_the
     # the vision inputs are split over the 4 chips: one row's patches on each, not all four rows'
     one_row_patches = 64 * 3 * 2 * 14 * 14 * 4
     assert one_row_patches <= v.detail["input_bytes"] < 2 * one_row_patches
+
+
+@pytest.mark.slow
+def test_planner_lora_stage_state_is_adapters_and_moments(tmp_path):
+    """A LoRA stage: the optimizer init takes and returns only adapters (+ AdamW moments), a small
+    fraction of the parameters; the GRPO update takes the frozen base as an argument, once."""
+    import dataclasses
+
+    raw = tiny_hf_config(tmp_path)
+    cfg = stages_config(tmp_path)
+    rl = dataclasses.replace(cfg.stages[1], lora=config_lib.LoraConfig(rank=4, targets=("language",)))
+    cfg = dataclasses.replace(cfg, stages=(cfg.stages[0], rl))
+    rows = plan.plan(cfg, "v5e:2x2", programs=("init", "grpo"), stages={"rl"}, log=lambda *_: None)
+    by = {r.program: r for r in rows}
+    p = sum(tpu_bytes(shape) for shape in hand_param_shards(raw, chips=4))
+    D, I = raw["hidden_size"], raw["intermediate_size"]
+    H, K = raw["num_attention_heads"], raw["num_key_value_heads"]
+    E = D // H
+    # adapters (replicated): a [in, 4] and b [4, out] of q, k, v, o, gate, up, down per layer
+    shapes = [(D, H * E), (D, K * E), (D, K * E), (H * E, D), (D, I), (D, I), (I, D)] * raw["num_hidden_layers"]
+    raw_adapters = sum((i + o) * 4 * 4 for i, o in shapes)  # unpadded fp32 bytes (the layout pads them)
+    init = by["init"]
+    assert init.error is None and init.fits
+    adapters = init.detail["argument"]
+    assert raw_adapters <= adapters <= 4 * raw_adapters
+    assert 3 * adapters <= init.detail["output"] <= 3 * adapters + 512 * 12  # copy + 2 moments + scalars
+    # the base stays resident beside it (counted unpadded, as the planner counts resident trees)
+    assert init.detail["resident_extra"] == sum(4 * math.prod(s) for s in hand_param_shards(raw, chips=4))
+    grpo = by["grpo"]
+    assert grpo.error is None and grpo.fits
+    # the base once (the unused vision tower of this text stage pruned), no reference copy
+    assert 3 * adapters < grpo.detail["argument"] < 1.5 * p

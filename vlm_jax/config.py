@@ -403,6 +403,37 @@ class EvalConfig(_Node):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(_Node):
+    """Low-rank adapters for a stage (`rank` 0 = off: the stage trains full weights). The stage
+    starts fresh adapters (a Kaiming-uniform, b zero: the model starts as it was) on the linear
+    layers `targets` selects: aliases "language" (q/k/v/o, gate/up/down of every decoder layer),
+    "attention" (q/k/v/o only), "vision" (vision blocks' qkv/proj/MLP), "merger" (the patch merger
+    and Qwen3-VL's DeepStack mergers), or full-match regexes over module paths such as
+    `visual.blocks.3.attn.qkv`. The base (the weights at the stage's start) stays frozen, stored as
+    `base_dtype` ("" = model.dtype); the adapters (fp32) and their optimizer moments are trained,
+    scaled by alpha / rank; at the stage's end they are merged into the weights the next stage
+    starts from. No dropout (the adapters are applied inside the linear layers)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("language",)
+    base_dtype: Literal["", "float32", "bfloat16"] = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def _check(self) -> None:
+        _at_least(self, 0, "rank")
+        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(not self.enabled or len(self.targets) > 0, "targets", "a LoRA stage needs targets")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StageConfig(_Node):
     """One capability stage: its data, objective, steps, optimizer, trainable modules and reward.
 
@@ -428,6 +459,7 @@ class StageConfig(_Node):
     eval: EvalConfig = EvalConfig()
     micro_batch_size: int = 0
     remat: Literal["none", "full", "save_dots"] = "none"
+    lora: LoraConfig = LoraConfig()
 
     def _check(self) -> None:
         who = f"stage {self.name!r}"
@@ -513,15 +545,20 @@ class Config(_Node):
 def validate(cfg: Config) -> Config:
     """Checks that span several config objects; returns `cfg`. Run by `Config` on construction."""
     _require(len(cfg.stages) > 0, "stages", "at least one stage is required")
-    _require(cfg.model.dtype != "bfloat16", "model.dtype",
+    _require(cfg.model.dtype != "bfloat16" or all(st.lora.enabled for st in cfg.stages), "model.dtype",
              "bfloat16 parameter storage loses small updates (an lr 1e-6 AdamW step is below bf16 "
              "resolution for weights of normal size); store float32 and set "
-             "model.compute_dtype=bfloat16 for bf16 compute")
+             "model.compute_dtype=bfloat16 for bf16 compute (bfloat16 is fine when every stage trains "
+             "LoRA adapters, which are fp32, over a frozen base)")
     first: dict[str, int] = {}
     for i, stage in enumerate(cfg.stages):
         _require(stage.name not in first, f"stages.{i}.name",
                  f"duplicate stage name {stage.name!r} (also stages.{first.get(stage.name)})")
         first[stage.name] = i
+        if i > 0 and not stage.reset_optimizer:
+            _require(not stage.lora.enabled and not cfg.stages[i - 1].lora.enabled, f"stages.{i}.reset_optimizer",
+                     "a LoRA stage starts fresh adapters and merges them at its end, so no optimizer state "
+                     "carries into or out of it; set reset_optimizer=True")
     seen: set[str] = set()
     for i, (logical, mesh_axes) in enumerate(cfg.logical_axis_rules):
         _require(logical not in seen, f"logical_axis_rules.{i}.0", f"logical axis {logical!r} given twice")

@@ -25,6 +25,7 @@ import numpy as np
 from vlm_jax import config as config_lib
 from vlm_jax import models, paths, sharding
 from vlm_jax.checkpoint import Checkpointer, PreemptionGuard
+from vlm_jax.models import lora
 from vlm_jax.metrics import MetricsWriter
 from vlm_jax.rl import grpo
 from vlm_jax.rl import rewards as rewards_lib
@@ -315,6 +316,11 @@ class Stage:
     model: Any = None  # the env's model with this stage's remat policy
     reward_fn: Any = None
     loss_cfg: grpo.GRPOLossConfig | None = None
+    frozen: lora.Frozen | None = None  # a LoRA stage's base (its TrainState's params are the adapters)
+
+    def policy(self, state: TrainState):
+        """The parameters the model runs with: the state's, or the base with the state's adapters."""
+        return lora.with_adapters(self.frozen, state.params)
 
 
 def make_iterator(env: Env, index: int, stop_check=None):
@@ -384,6 +390,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             normalize=st.sft.normalize,
             micro_batch=st.micro_batch_size,
             mesh=model.mesh,
+            frozen=stage.frozen,
         )
         host = {k: float(v) for k, v in sharding.to_host(m).items()}
     else:
@@ -392,7 +399,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
         roll_rng, upd_rng = jax.random.split(rng)
         rbatch, _, host = collect_rollout(
             model,
-            state.params,
+            stage.policy(state),
             ref_params,
             stage.iterator,
             cfg=g,
@@ -418,6 +425,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             minibatch=g.mini_batch_size,
             micro_batch=st.micro_batch_size,
             mesh=model.mesh,
+            frozen=stage.frozen,
         )
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
         host["reward/errors"] = sum(rewards_lib.reward_errors().values()) - errors_before
@@ -488,18 +496,68 @@ def _evaluate_one(env: Env, ev, ds, name: str, params, evaluate_source) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def fresh_adapters(cfg: config_lib.Config, index: int, base, mesh=None):
+    """Stage `index`'s adapters at its start (the same for a given seed and stage)."""
+    lc = cfg.stages[index].lora
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), 1_000_003 + index)
+    return lora.init_adapters(base, lc.targets, lc.rank, rng, mesh)
+
+
+def state_target(cfg: config_lib.Config, opt_index: int, base_params, mesh=None) -> TrainState:
+    """The restore target of a checkpoint written during (or at the end of) stage `opt_index`: its
+    parameters are the full weights, or the adapters of a LoRA stage."""
+    st = cfg.stages[opt_index]
+    optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
+    if st.lora.enabled:
+        return init_state(fresh_adapters(cfg, opt_index, base_params, mesh), optimizer)
+    return init_state(base_params, optimizer)
+
+
+def lora_base(cfg: config_lib.Config, bases: Checkpointer, index: int, base_params) -> lora.Frozen:
+    """LoRA stage `index`'s frozen base: the weights saved in `bases` at its start when an earlier
+    stage had changed them, else the loaded model (`base_params`), stored as `lora.base_dtype`."""
+    lc = cfg.stages[index].lora
+    base = lora.cast(base_params, dtype_of(lc.base_dtype or cfg.model.dtype))
+    if index in bases.all_steps():
+        base, _ = bases.restore(index, target=base)
+    return lora.Frozen(base, lc.scale)
+
+
+def check_lora(env: Env) -> None:
+    """Each LoRA stage's targets select adaptable layers of this model, in modules the stage trains."""
+    from vlm_jax.train_state import module_of
+
+    for i, st in enumerate(env.cfg.stages):
+        if not st.lora.enabled:
+            continue
+        try:
+            modules = lora.target_modules(env.base_params, st.lora.targets)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.lora.targets") from None
+        frozen = sorted({module_of(tuple(m.split("."))) for m in modules} - set(st.trainable))
+        if frozen:
+            raise config_lib.ConfigError(
+                f"stage {st.name!r}: lora.targets put adapters in {frozen}, which stages.{i}.trainable "
+                f"({', '.join(st.trainable)}) leaves frozen; add them to trainable or drop those targets",
+                f"stages.{i}.lora.targets",
+            )
+
+
 def _restore(env: Env, ckpt: Checkpointer, refs: Checkpointer):
     """(state, meta, ref_params) from the newest checkpoint that restores completely (damaged newer
     ones are reported and set aside), or None for a fresh run."""
 
-    def target_for(meta):  # abstract: placed by the init's output shardings, no device memory
-        opt_stage = env.cfg.stages[meta["opt_stage"]]
-        optimizer = make_optimizer(opt_stage.optimizer, opt_stage.steps, opt_stage.trainable)
+    def target_for(meta):  # full weights: abstract (placed by the init's output shardings, no memory)
+        st = env.cfg.stages[meta["opt_stage"]]
+        if st.lora.enabled:  # adapters and their moments: small, built for real
+            return state_target(env.cfg, meta["opt_stage"], env.base_params, env.model.mesh)
+        optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
         return jax.eval_shape(init_fn(env.base_params, optimizer), env.base_params)
 
     if ckpt.latest_step() is None:
         return None
-    drop_base_params(env)  # a resume trains the checkpoint's parameters, never the loaded ones
+    if not env.cfg.stages[0].lora.enabled:  # stage 0's LoRA base is the loaded model: kept for it
+        drop_base_params(env)  # a resume trains the checkpoint's parameters, never the loaded ones
     restored = ckpt.restore_newest(target_for)
     if restored is None:
         return None
@@ -550,6 +608,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     check_workdir(workdir)
     with PreemptionGuard() as guard, interrupt_data_waits():
         env = setup(cfg, workdir)
+        check_lora(env)
         check_optimizer_carry(env)
         check_first_batches(env, stop_check=lambda: guard.requested)
         (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
@@ -557,15 +616,17 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
             workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
         refs = Checkpointer(workdir / "reference", keep=1, async_save=False)
+        bases = Checkpointer(workdir / "lora_base", keep=2, async_save=False)
         writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         try:
-            status = _loop(env, cfg, ckpt, refs, writer, guard, stop_after)
+            status = _loop(env, cfg, ckpt, refs, bases, writer, guard, stop_after)
         except BaseException:
-            _close_quietly(ckpt, refs, writer, env.open_iterators)
+            _close_quietly(ckpt, (refs, bases), writer, env.open_iterators)
             raise
         ckpt.wait()
         ckpt.close()
         refs.close()
+        bases.close()
         writer.close()
     if status == "finished":
         from vlm_jax import report
@@ -576,21 +637,22 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     return status
 
 
-def _close_quietly(ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter, iterators=()) -> None:
+def _close_quietly(ckpt: Checkpointer, others: tuple[Checkpointer, ...], writer: MetricsWriter,
+                   iterators=()) -> None:
     """After an error: stop the data readers, let in-flight saves commit, close orbax (no threads or
     event loops left to fail at interpreter exit), drop uncommitted save directories; never mask the
     original error."""
-    for closer in (*(it.close for it in iterators), ckpt.close, refs.close, writer.close):
+    for closer in (*(it.close for it in iterators), ckpt.close, *(c.close for c in others), writer.close):
         try:
             closer()
         except Exception as e:  # noqa: BLE001 - the original error is the one to report
             log.warning("while closing after an error: %s: %s", type(e).__name__, e)
-    for c in (ckpt, refs):
+    for c in (ckpt, *others):
         remove_partial_checkpoints(Path(str(c.directory)))
 
 
-def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpointer, writer: MetricsWriter,
-          guard: PreemptionGuard, stop_after: int | None) -> str:
+def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpointer, bases: Checkpointer,
+          writer: MetricsWriter, guard: PreemptionGuard, stop_after: int | None) -> str:
     from vlm_jax.data.pipeline import BadRowError, StopRequested
 
     restored = _restore(env, ckpt, refs)
@@ -607,6 +669,10 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
             # the stage-start evaluation of this stage runs again: drop a record of it already logged
             writer.drop_records(meta["global_step"], cfg.stages[meta["stage_index"]].name)
     global_step = meta["global_step"]
+    # the base the state's adapters belong to, when the state comes from a LoRA stage
+    frozen = None
+    if state is not None and cfg.stages[meta["opt_stage"]].lora.enabled:
+        frozen = lora_base(cfg, bases, meta["opt_stage"], env.base_params)
     status = "finished"
     stop_check = lambda: guard.requested
     for index in range(meta["stage_index"], len(cfg.stages)):
@@ -614,29 +680,45 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
         resuming = index == meta["stage_index"] and meta["stage_step"] > 0
         stage = build_stage(env, index, meta["data_state"] if resuming else None, stop_check=stop_check)
         env.open_iterators.append(stage.iterator)
-        params = env.base_params if state is None else state.params
         if resuming:
-            pass  # state (params, optimizer, counters) comes from the checkpoint
-        elif state is None or st.reset_optimizer:
-            state = init_state(params, stage.optimizer)
-            del params
-            drop_base_params(env)  # the state holds its own copy of the weights
+            pass  # state (params or adapters, optimizer, counters) comes from the checkpoint
         else:
-            state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
+            if state is None:
+                params = env.base_params
+            elif frozen is not None:  # a LoRA stage ended: its adapters merged into the weights
+                params = lora.merge(lora.with_adapters(frozen, state.params), dtype=dtype_of(cfg.model.dtype))
+            else:
+                params = state.params
+            frozen = None
+            if st.lora.enabled:
+                base = lora.cast(params, dtype_of(st.lora.base_dtype or cfg.model.dtype))
+                if state is not None:  # weights changed by earlier stages: kept for a resume
+                    bases.save(index, base, {"stage_index": index}, force=True)
+                frozen = lora.Frozen(base, st.lora.scale)
+                state = init_state(fresh_adapters(cfg, index, base, env.model.mesh), stage.optimizer)
+            elif state is None or st.reset_optimizer:
+                state = init_state(params, stage.optimizer)
+            else:
+                state = TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
+            del params
+        stage.frozen = frozen
+        drop_base_params(env)  # the state (or the LoRA base) holds its own copy of the weights
         start = meta["stage_step"] if resuming else 0
         if st.objective != "grpo" or st.grpo.kl_coef == 0:
             ref_params = None  # no reference model kept in memory
+        elif frozen is not None:  # LoRA: the reference is the base with the adapters off (no copy)
+            ref_params = frozen.params
         elif not resuming:  # the reference is the policy at the start of this stage
             ref_params = jax.tree.map(jnp.copy, state.params)
             refs.save(index, ref_params, {"stage_index": index}, force=True)
-        if ref_params is not None and st.objective == "grpo" and st.grpo.offload_reference:
+        if ref_params is not None and frozen is None and st.objective == "grpo" and st.grpo.offload_reference:
             refs.wait()
             ref_params = sharding.to_memory(ref_params, "pinned_host")  # on the chips only while scoring
         if start == 0 and st.eval.datasets:
             evaluate_stage(
                 env,
                 stage,
-                state.params,
+                stage.policy(state),
                 global_step=global_step,
                 stage_step=0,
                 when="before",
@@ -681,7 +763,7 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
                     evaluate_stage(
                         env,
                         stage,
-                        state.params,
+                        stage.policy(state),
                         global_step=global_step,
                         stage_step=stage_step + 1,
                         when="during",
@@ -702,7 +784,7 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
             evaluate_stage(
                 env,
                 stage,
-                state.params,
+                stage.policy(state),
                 global_step=global_step,
                 stage_step=st.steps,
                 when="after",
@@ -716,9 +798,11 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
     return status
 
 
-def restore_for_export(workdir: str | Path):
+def restore_for_export(workdir: str | Path, *, with_meta: bool = False):
     """(model, params, processor) of the newest checkpoint of a training workdir that restores
-    completely (a damaged newer one is reported and skipped, and left where it is)."""
+    completely (a damaged newer one is reported and skipped, and left where it is); `params` are a
+    `lora.LoraParams` (base and adapters) when the checkpoint comes from a LoRA stage. `with_meta`:
+    the checkpoint's metadata as a fourth element."""
     from vlm_jax.data.processor import Processor
 
     workdir = Path(workdir).resolve()
@@ -730,13 +814,13 @@ def restore_for_export(workdir: str | Path):
     cfg = config_lib.config_from_dict(json.loads(cfg_file.read_text()))
     model, base = models.from_pretrained(cfg.model.path, dtype=dtype_of(cfg.model.dtype))
     with Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
-        def target_for(meta):
-            st = cfg.stages[meta["opt_stage"]]
-            return init_state(base, make_optimizer(st.optimizer, st.steps, st.trainable))
-
-        restored = ckpt.restore_newest(target_for, set_aside=False)
+        restored = ckpt.restore_newest(lambda meta: state_target(cfg, meta["opt_stage"], base), set_aside=False)
         if restored is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-        _, state, _ = restored
+        _, state, meta = restored
+    params = state.params
+    if cfg.stages[meta["opt_stage"]].lora.enabled:  # the adapters with the base they belong to
+        with Checkpointer(workdir / "lora_base", keep=2, async_save=False) as bases:
+            params = lora.with_adapters(lora_base(cfg, bases, meta["opt_stage"], base), params)
     processor = Processor.from_pretrained(cfg.model.path)
-    return model, state.params, processor
+    return (model, params, processor, meta) if with_meta else (model, params, processor)

@@ -1,7 +1,10 @@
 """python -m vlm_jax.export --workdir DIR --out HF_DIR
 
 Writes the latest checkpoint of a training workdir as a Hugging Face directory (safetensors,
-config.json, tokenizer, image processor, chat template) that transformers loads.
+config.json, tokenizer, image processor, chat template) that transformers loads. A checkpoint of a
+LoRA stage is written merged, and its adapters alone also in PEFT's format in `HF_DIR/adapter`
+(`peft.PeftModel.from_pretrained(base, HF_DIR/adapter)`); the base they belong to is the training's
+model directory, or, when earlier stages had changed the weights, `HF_DIR/adapter_base` (written too).
 """
 
 import argparse
@@ -10,14 +13,25 @@ import sys
 from pathlib import Path
 
 from vlm_jax import models
+from vlm_jax.models import lora
 
 
 def export(workdir, out_dir):
     from vlm_jax.curriculum import restore_for_export
 
-    model, params, _ = restore_for_export(workdir)
+    model, params, _, meta = restore_for_export(workdir, with_meta=True)
     out = models.save_pretrained(model, params, out_dir)
     share_files(out)
+    if isinstance(params, lora.LoraParams):
+        from vlm_jax.checkpoint import Checkpointer
+
+        with Checkpointer(Path(workdir).resolve() / "lora_base", keep=2, async_save=False) as bases:
+            saved = meta["opt_stage"] in bases.all_steps()
+        base_dir = str(model.source_dir)
+        if saved:  # the weights at the LoRA stage's start, not the training's model directory
+            base_dir = str(models.save_pretrained(model, params.base, Path(out) / "adapter_base"))
+            share_files(base_dir)
+        share_files(models.save_peft_adapters(model, params, Path(out) / "adapter", base_model=base_dir))
     return out
 
 

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import config as config_lib
 from vlm_jax import sharding as shd
+from vlm_jax.models import lora
 
 GiB = 1 << 30
 
@@ -286,32 +287,52 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
         model = base_model.with_options(remat=st.remat)  # as `curriculum.build_stage` does
         graphdef = model.graphdef
-        init = init_fn(params, optimizer)
-        state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
+        kl = st.objective == "grpo" and st.grpo.kl_coef > 0
+        frozen, policy_params = None, params
+        if st.lora.enabled:  # the trained state is the adapters; the base is frozen (and the reference)
+            base_dtype = curriculum.dtype_of(st.lora.base_dtype or cfg.model.dtype)
+            base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype, sharding=x.sharding), params)
+            adapters = lora.abstract_adapters(params, st.lora.targets, st.lora.rank)
+            adapters = jax.tree.map(lambda x: _replicated(mesh, x.shape, x.dtype), adapters)
+            frozen = lora.Frozen(base, st.lora.scale)
+            policy_params = lora.LoraParams(base, adapters, st.lora.scale)
+            init = init_fn(adapters, optimizer)
+            state = jax.eval_shape(init, adapters)
+            ref_bytes = 0  # the reference is the base itself
+            base_bytes = 0  # the loaded weights are freed once the (cast) base holds them (`drop_base_params`)
+            base_arg_bytes = nbytes(base)
+            log(f"{st.name}: LoRA rank {st.lora.rank} on {len(lora.target_modules(params, st.lora.targets))} "
+                f"layers, adapters {nbytes(adapters) / GiB:.3f} GiB, base {base_arg_bytes / GiB:.2f} GiB/chip "
+                f"({jnp.dtype(base_dtype).name})")
+        else:
+            init = init_fn(params, optimizer)
+            state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
+            # the reference is resident beside the update and the sampler unless it waits in host memory
+            ref_bytes = p_bytes if kl and not st.grpo.offload_reference else 0
+            base_bytes = 0  # the loaded weights are freed once the state holds its copy (`drop_base_params`)
+            base_arg_bytes = 0
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
-        kl = st.objective == "grpo" and st.grpo.kl_coef > 0
-        # the reference is resident beside the update and the sampler unless it waits in host memory
-        ref_bytes = p_bytes if kl and not st.grpo.offload_reference else 0
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)
         )
         if "init" in programs:
             # arguments: the loaded parameters; outputs: the state (parameter copy + moments)
-            run("init", init, (params,), {}, 0)
+            run("init", init, (state.params if frozen is not None else params,), {},
+                base_arg_bytes + base_bytes)
             if rows[-1].error is None:
                 rows[-1].detail["scalars"] = sum(1 for x in jax.tree.leaves(state) if x.ndim == 0)
         if st.objective == "sft" and "sft" in programs:
             B = st.batch_size
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
             sft_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,  # noqa: E731
-                                    micro_batch=m, mesh=mesh)
-            run("sft", sft_step, (state, batch), sft_kw(st.micro_batch_size), 0)
+                                    micro_batch=m, mesh=mesh, frozen=frozen)
+            run("sft", sft_step, (state, batch), sft_kw(st.micro_batch_size), base_bytes)
             if suggest:
                 rows[-1].detail.update(suggest_micro_batch(
-                    lambda m: compile_program(sft_step, (state, batch), sft_kw(m), resident_extra=0, hbm=hbm,
-                                              stage=st.name, program="sft"),
+                    lambda m: compile_program(sft_step, (state, batch), sft_kw(m), resident_extra=base_bytes,
+                                              hbm=hbm, stage=st.name, program="sft"),
                     st.micro_batch_size or B, B, batch_shards(mesh, B), hbm))
         if st.objective == "grpo":
             g = st.grpo
@@ -327,24 +348,26 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             if "grpo" in programs:
                 grpo_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, group_size=G,  # noqa: E731
                                          loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
-                                         micro_batch=m, mesh=mesh)
-                run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size), ref_bytes)
+                                         micro_batch=m, mesh=mesh, frozen=frozen)
+                run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size),
+                    ref_bytes + base_bytes)
                 if suggest:
                     rows[-1].detail.update(suggest_micro_batch(
                         lambda m: compile_program(policy.grpo_step, (state, rbatch, key), grpo_kw(m),
-                                                  resident_extra=ref_bytes, hbm=hbm, stage=st.name, program="grpo"),
+                                                  resident_extra=ref_bytes + base_bytes, hbm=hbm, stage=st.name,
+                                                  program="grpo"),
                         st.micro_batch_size or mb, mb, batch_shards(mesh, N, mb), hbm))
             if "score" in programs:
-                run("score", policy.score_responses, (graphdef, params, prompt, resp),
+                run("score", policy.score_responses, (graphdef, policy_params, prompt, resp),
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
-                    s_bytes)
+                    (opt_bytes if frozen is not None else s_bytes) + base_bytes)
             if "generate" in programs:
                 sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in
                                               (jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
                 gen_len = bucket(T, sampler.GEN_BUCKETS)
                 Bg = min(g.rollout_chunk or B, B)  # prompts per sampler call
                 gen_prompt = abstract_inputs(model, mesh, Bg, L, num_patches)
-                run("generate", sampler._generate, (graphdef, params, gen_prompt, key, sp),
+                run("generate", sampler._generate, (graphdef, policy_params, gen_prompt, key, sp),
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
                          eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
                          row_groups=1),

@@ -12,10 +12,10 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from vlm_jax import sharding as shd
 from vlm_jax.logprobs import batch_shards, token_logprobs
+from vlm_jax.models import lora
 from vlm_jax.train_state import TrainState, apply_gradients
 
 
@@ -48,10 +48,10 @@ def sft_loss_weights(mask_BT, normalize: Literal["token", "sequence"] = "token")
     return mask / jnp.maximum(per_row_n, 1.0) / jnp.maximum(has, 1.0)
 
 
-def sft_loss(params, graphdef, inputs, weights_BT, x_BLD=None, mesh=None):
+def sft_loss(params, graphdef, inputs, weights_BT, x_BLD=None, mesh=None, frozen=None):
     """sum(-log p(target) * weights) over a (micro-)batch; `x_BLD`: its embeddings when already
-    computed."""
-    model = nnx.merge(graphdef, params)
+    computed; `frozen`: the base when `params` are adapters."""
+    model = lora.bind(graphdef, lora.with_adapters(frozen, params))
     constrain = shd.batch_constraint(mesh)
     x = model.embed(inputs.input_ids_BL, inputs.vision, constrain) if x_BLD is None else x_BLD
     h, _ = model.decode(
@@ -77,10 +77,11 @@ def _micro(x, shards: int, n_micro: int, axis: int = 0):
     donate_argnums=(0,),
 )
 def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normalize="token", micro_batch=0,
-             mesh=None):
+             mesh=None, frozen: lora.Frozen | None = None):
     """One guarded optimizer update on the SFT loss, its gradient accumulated over micro-batches of
     `micro_batch` rows (0 = the whole batch; the result is the same, the memory that of one
-    micro-batch)."""
+    micro-batch). With `frozen` (a LoRA stage) `state.params` are the adapters, the only thing
+    differentiated and updated; the base stays as it is."""
     inputs = batch.inputs
     B = inputs.input_ids_BL.shape[0]
     mask = batch.loss_mask_BL[:, 1:]
@@ -92,7 +93,7 @@ def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normali
     n_micro = B // micro
     grad_fn = jax.value_and_grad(sft_loss)
     if n_micro == 1:
-        loss, grads = grad_fn(state.params, graphdef, inputs, weights, None, mesh)
+        loss, grads = grad_fn(state.params, graphdef, inputs, weights, None, mesh, frozen)
     else:
         shards = batch_shards(mesh, B, micro)
         split = functools.partial(_micro, shards=shards, n_micro=n_micro)
@@ -110,7 +111,7 @@ def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normali
 
         def micro_step(acc, x):
             inputs_u, w_u = x
-            loss_u, g = grad_fn(state.params, graphdef, inputs_u, w_u, None, mesh)
+            loss_u, g = grad_fn(state.params, graphdef, inputs_u, w_u, None, mesh, frozen)
             g_acc, l_acc = acc
             return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), l_acc + loss_u), None
 

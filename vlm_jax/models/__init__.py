@@ -18,11 +18,13 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from vlm_jax import sharding as shd
 from vlm_jax.models import hf_io
+from vlm_jax.models import lora
 from vlm_jax.models.hf_io import CheckpointError
 
 # Files copied from the source directory on save, so an export is a complete HF model directory.
@@ -80,7 +82,7 @@ class Model:
         return self.family.prepare_inputs(batch, self.config, **kw)
 
     def merge(self, params):
-        return nnx.merge(self.graphdef, params)
+        return lora.bind(self.graphdef, params)
 
     def with_options(self, **changes) -> "Model":
         """The same model (same parameters) computing with other `ModelOptions` (e.g. a stage's
@@ -147,8 +149,11 @@ def from_pretrained(
 
 def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 << 30) -> Path:
     """Writes an HF directory transformers loads: safetensors (legacy file names), config.json and,
-    when the model came from a directory, its tokenizer / processor / chat-template files."""
+    when the model came from a directory, its tokenizer / processor / chat-template files. LoRA
+    parameters (`lora.LoraParams`) are written merged."""
     out_dir = Path(out_dir)
+    if isinstance(params, lora.LoraParams):  # adapters merged into the weights
+        params = lora.merge(params, dtype=model.dtype)
     flat = nnx.to_flat_state(params)
     specs = model.family.tensor_map([_path(p) for p, _ in flat], model.config)
     tensors = {}
@@ -168,9 +173,47 @@ def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 <
     return out_dir
 
 
+def hf_module_name(spec) -> str:
+    """The transformers (5.x) module name of a linear layer's `TensorSpec` (its in-memory name,
+    `model.language_model.*` / `model.visual.*`, without `.weight`)."""
+    name = next((n for n in spec.names if n.startswith(("model.language_model.", "model.visual."))), spec.names[0])
+    return name[: -len(".weight")]
+
+
+def save_peft_adapters(model: Model, params: lora.LoraParams, out_dir, *, base_model: str = "") -> Path:
+    """Writes the adapters of `params` in PEFT's LoRA format (`adapter_config.json` +
+    `adapter_model.safetensors`), which `peft.PeftModel.from_pretrained(base, out_dir)` loads over
+    the transformers model of the base (`base_model`, recorded as `base_model_name_or_path`)."""
+    out_dir = Path(out_dir)
+    adapters = list(lora.iter_adapters(params.adapters))
+    names = [f"{m}.kernel" for m, _, _ in adapters]
+    specs = model.family.tensor_map(names, model.config)
+    tensors, targets, rank = {}, [], 0
+    for (module, a, b), key in zip(adapters, names):
+        name = hf_module_name(specs[key])
+        a, b = hf_io.to_host(a), hf_io.to_host(b)
+        rank = a.shape[1]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(np.float32))
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(np.float32))
+        targets.append(name)
+    if jax.process_index() == 0:
+        from safetensors.numpy import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = dict(
+            peft_type="LORA", task_type=None, r=rank, lora_alpha=params.scale * rank, lora_dropout=0.0,
+            target_modules=targets, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+            init_lora_weights=True, inference_mode=True, modules_to_save=None,
+            base_model_name_or_path=base_model or None,
+        )
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, inputs):
-    module = nnx.merge(graphdef, params)
+    module = lora.bind(graphdef, params)
     return module(inputs.input_ids_BL, inputs.attention_mask_BL, inputs.positions_3BL, inputs.vision)
 
 

@@ -14,10 +14,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from vlm_jax import sharding as shd
 from vlm_jax.logprobs import batch_shards, token_logprobs
+from vlm_jax.models import lora
 from vlm_jax.rl import grpo
 from vlm_jax.shapes import chunk_size
 from vlm_jax.train_state import TrainState, apply_gradients
@@ -109,7 +109,7 @@ def _select(batch: "RolloutBatch", idx_sk, shards: int, group_size: int):
 def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, chunk: int = 0, mesh=None):
     """Log-probs of all N responses (e.g. under the frozen reference model), `chunk` completions
     at a time (0 = all at once): memory set by the chunk, not by N."""
-    model = nnx.merge(graphdef, params)
+    model = lora.bind(graphdef, params)
     constrain = shd.batch_constraint(mesh)
     N = responses_NT.shape[0]
     B = prompt.input_ids_BL.shape[0]
@@ -135,8 +135,8 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
 
 
 def _grpo_micro_loss(params, graphdef, batch: RolloutBatch, idx_sk, weights, token_weights, shards,
-                     group_size, loss_cfg, mesh):
-    model = nnx.merge(graphdef, params)
+                     group_size, loss_cfg, mesh, frozen=None):
+    model = lora.bind(graphdef, lora.with_adapters(frozen, params))
     f, prompt_rows = _select(batch, idx_sk, shards, group_size)
     # only this micro-batch's prompts go through the vision tower, each once
     x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards, shd.batch_constraint(mesh))
@@ -175,13 +175,15 @@ def grpo_step(
     minibatch: int = 0,
     micro_batch: int = 0,
     mesh=None,
+    frozen: lora.Frozen | None = None,
 ):
     """`mu` passes over the rollout batch, each split into shuffled mini-batches of `minibatch`
     completions (0 = all), one guarded optimizer update per mini-batch; each mini-batch's gradient is
     accumulated over micro-batches of `micro_batch` completions (0 = the mini-batch), which changes
     memory, not the result. On a mesh, rows are shuffled within each batch shard and every mini- and
     micro-batch takes the same number of rows from every shard, so no row moves between devices.
-    Returns the new state and the metrics averaged over updates."""
+    With `frozen` (a LoRA stage) `state.params` are the adapters, the only thing differentiated and
+    updated. Returns the new state and the metrics averaged over updates."""
     N = batch.responses_NT.shape[0]
     B = batch.prompt.input_ids_BL.shape[0]
     mb = N if minibatch in (0, None) else minibatch
@@ -222,7 +224,7 @@ def grpo_step(
         def micro_step(acc, xs):
             idx_sk, w_u, tw_u = xs
             (loss, metrics), grads = grad_fn(
-                state.params, graphdef, batch, idx_sk, w_u, tw_u, shards, group_size, loss_cfg, mesh
+                state.params, graphdef, batch, idx_sk, w_u, tw_u, shards, group_size, loss_cfg, mesh, frozen
             )
             g_acc, m_acc = acc
             g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), g_acc, grads)
@@ -236,7 +238,7 @@ def grpo_step(
 
         if n_micro == 1:
             (loss, metrics), grads = grad_fn(
-                state.params, graphdef, batch, idx_u[0], w, tw, shards, group_size, loss_cfg, mesh
+                state.params, graphdef, batch, idx_u[0], w, tw, shards, group_size, loss_cfg, mesh, frozen
             )
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding as shd
+from vlm_jax.models import lora
 from vlm_jax.shapes import bucket
 
 # Three prompt buckets per doubling (x1, x1.25, x1.5): the prefill costs the padded length, so a
@@ -197,7 +197,7 @@ def _generate(
     mesh=None,
     row_groups: int = 1,
 ):
-    model = nnx.merge(graphdef, params)
+    model = lora.bind(graphdef, params)
     B = inputs.input_ids_BL.shape[0]
     # Each image is encoded once, by the shard holding its row (the vision inputs are laid out per
     # row); everything after the embedding is per row.
@@ -258,7 +258,7 @@ def _sample_rows(
 ):
     """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1);
     returns (tokens [N, T], lengths [N], logprobs [N, T], done [N])."""
-    model = nnx.merge(graphdef, params)
+    model = lora.bind(graphdef, params)
     B, L = attention_mask_BL.shape
     N = B * num_samples
     if B % row_groups:

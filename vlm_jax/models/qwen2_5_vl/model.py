@@ -90,8 +90,11 @@ def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int):
 
 
 def same_structure(layers) -> bool:
-    """Whether `layers` can run as one scan: the same modules and parameter shapes in each (e.g. not
-    when adapters sit on some layers only)."""
+    """Whether `layers` can run as one scan: the same modules and parameter shapes in each, and no
+    LoRA adapters attached (they are attributes, not parameters, so the stacked state would miss
+    them: a LoRA forward runs the layers in the loop)."""
+    if any(getattr(m, "lora", None) is not None for layer in layers for _, m in nnx.iter_graph(layer)):
+        return False  # adapters attached for one forward (`lora.bind`) are not in the split state
     first = nnx.split(layers[0])
     shapes = lambda st: jax.tree.map(lambda a: (a.shape, a.dtype), st)  # noqa: E731
     return all(
@@ -158,9 +161,24 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(_init(rngs, (din, dout), din**-0.5, dtype), sharding_names=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), sharding_names=(axes[1],)) if bias else None
 
+    # Low-rank adapter (a [in, r], b [r, out], scale) or None: set only on a transient module bound
+    # by `vlm_jax.models.lora.bind` (never part of the parameters); applied, not merged.
+    lora = None
+
     def __call__(self, x):
         y = x @ self.kernel[...].astype(x.dtype)
+        if self.lora is not None:
+            a, b, scale = self.lora
+            y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * scale
         return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+
+    def weight(self):
+        """The effective kernel [in, out] (the adapter merged in, when one is bound)."""
+        w = self.kernel[...]
+        if self.lora is None:
+            return w
+        a, b, scale = self.lora
+        return (w.astype(jnp.float32) + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale).astype(w.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -688,9 +706,9 @@ class Qwen25VL(nnx.Module):
         for layer in self.language_model.layers:
             a, mlp = layer.self_attn, layer.mlp
             parts = ((a.q_proj, Hg), (a.k_proj, 1), (a.v_proj, 1))
-            w = jnp.concatenate([p.kernel[...].reshape(-1, K, n, E) for p, n in parts], axis=2)
+            w = jnp.concatenate([p.weight().reshape(-1, K, n, E) for p, n in parts], axis=2)
             b = jnp.concatenate([p.bias[...].reshape(K, n, E) for p, n in parts], axis=1)
-            gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1)
+            gate_up = jnp.stack([mlp.gate_proj.weight(), mlp.up_proj.weight()], axis=1)
             out.append(DecodeLayer(w, b, gate_up))
         return tuple(out)
 

@@ -354,11 +354,11 @@ class Qwen3VL(Qwen25VL):
         for layer in self.language_model.layers:
             a, mlp = layer.self_attn, layer.mlp
             parts = ((a.q_proj, Hg), (a.k_proj, 1), (a.v_proj, 1))
-            w = jnp.concatenate([p.kernel[...].reshape(-1, K, n, E) for p, n in parts], axis=2)
+            w = jnp.concatenate([p.weight().reshape(-1, K, n, E) for p, n in parts], axis=2)
             b = None
             if t.attention_bias:
                 b = jnp.concatenate([p.bias[...].reshape(K, n, E) for p, n in parts], axis=1)
-            gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1)
+            gate_up = jnp.stack([mlp.gate_proj.weight(), mlp.up_proj.weight()], axis=1)
             out.append(DecodeLayer(w, b, gate_up))
         return tuple(out)
 

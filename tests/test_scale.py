@@ -89,7 +89,8 @@ def test_memory_saving_paths_equal_the_plain_computation(env, options):
     [
         dict(attention_chunk=5, logits_chunk=2, remat="full"),
         dict(remat="save_dots"),
-        dict(scan_layers=True, remat="save_dots"),  # DeepStack layers 0, 1 in the loop, layer 2 scanned
+        # DeepStack layers 0, 1 in the loop, layer 2 scanned (slow: the suite's time budget)
+        pytest.param(dict(scan_layers=True, remat="save_dots"), marks=pytest.mark.slow),
     ],
 )
 def test_qwen3_memory_saving_paths_equal_the_plain_computation(qwen3_env, options):
@@ -111,7 +112,7 @@ def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-@pytest.mark.parametrize("which", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("which", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
 def test_scanned_layers_equal_the_layer_loop_in_prefill_and_with_bf16_compute(env, qwen3_env, which):
     """The sampler's prefill (dense mask, written caches) and a bf16-compute forward give the same
     hidden states and per-layer caches through the layer scan as through the loop."""

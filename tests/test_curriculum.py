@@ -164,6 +164,7 @@ def test_reference_offloaded_to_host_memory_trains_the_same(assets, tmp_path, mo
     assert_bitwise(finals[0], finals[1])
 
 
+@pytest.mark.slow  # a four-stage run (test_two_stages_swap_step_functions_without_recompiling is the quick check)
 def test_nothing_compiles_after_a_stage_first_step_nor_when_a_stage_repeats_the_shapes(assets, tmp_path, monkeypatch):
     """GRPO -> SFT -> GRPO -> SFT, the last two with the first two's settings and shapes but fewer
     steps (a constant schedule does not depend on the stage length): XLA compiles (JAX's

@@ -34,13 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(ROOT))
 
 
-def pin_cpus(n: int | None) -> list[int]:
-    allowed = sorted(os.sched_getaffinity(0))
-    if n is not None:
-        if not 1 <= n <= len(allowed):
-            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
-        os.sched_setaffinity(0, allowed[:n])
-    return sorted(os.sched_getaffinity(0))
+from bench_rollout import pin_cpus  # noqa: E402  (scripts/ is on sys.path: stdlib-only import)
 
 
 def config(assets: Path, steps: int, cache: str):

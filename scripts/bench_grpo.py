@@ -90,13 +90,7 @@ def prompts(n: int, seed: int = 0):
     return out
 
 
-def pin_cpus(n: int | None) -> list[int]:
-    allowed = sorted(os.sched_getaffinity(0))
-    if n is not None:
-        if not 1 <= n <= len(allowed):
-            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
-        os.sched_setaffinity(0, allowed[:n])
-    return sorted(os.sched_getaffinity(0))
+from bench_rollout import pin_cpus  # noqa: E402  (scripts/ is on sys.path: stdlib-only import)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,13 +42,7 @@ MFU_SPEC = dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hi
                 fullatt_block_indexes=(1,), tie_word_embeddings=False)
 
 
-def pin_cpus(n: int | None) -> list[int]:
-    allowed = sorted(os.sched_getaffinity(0))
-    if n is not None:
-        if not 1 <= n <= len(allowed):
-            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
-        os.sched_setaffinity(0, allowed[:n])
-    return sorted(os.sched_getaffinity(0))
+from bench_rollout import pin_cpus  # noqa: E402  (scripts/ is on sys.path: stdlib-only import)
 
 
 def forward_flops(spec: dict, rows: int, seq: int, logit_tokens: int) -> float:

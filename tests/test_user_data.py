@@ -320,6 +320,31 @@ def test_relative_defaults_do_not_depend_on_the_current_folder(tmp_path, monkeyp
     assert paths.data_dir(None) == tmp_path / "mine" and paths.data_dir("x") == tmp_path / "sub" / "x"
 
 
+def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
+    """The processes of a multi-host run check one shared workdir at the same moment: one's probe
+    file must never be removed by another (CI saw `workdir ... not writable (No such file or
+    directory)` from a fixed probe name)."""
+    import threading
+
+    from vlm_jax import curriculum
+
+    errors, start = [], threading.Barrier(8)
+
+    def check():
+        start.wait()
+        for _ in range(200):
+            try:
+                curriculum.check_workdir(tmp_path / "wd")
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and list((tmp_path / "wd").iterdir()) == []
+
 # ------------------------------------------------------------------------------------------------
 # 3. rows dropped silently: datasets-written parquet paths, evaluate's denominator
 # ------------------------------------------------------------------------------------------------

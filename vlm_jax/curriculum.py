@@ -109,10 +109,7 @@ def open_sources(cfg: config_lib.Config) -> dict:
 def check_workdir(workdir: Path) -> None:
     """The workdir exists (created) and is writable, or a ConfigError naming it."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".vlm_jax_write_check"
-        probe.write_text("ok")
-        probe.unlink()
+        paths.check_writable(workdir)
     except OSError as e:
         raise config_lib.ConfigError(f"{workdir} is not writable ({e.strerror or e})", "workdir") from None
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from vlm_jax import paths
 from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.rollout import generate_and_grade
 
@@ -189,10 +190,7 @@ def pick_split(name: str, data_dir) -> str:
 def check_writable(out: Path) -> None:
     """Creates the folder of `out` and checks a file can be written there (before any evaluation)."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.write_check"
-        probe.write_text("ok")
-        probe.unlink()
+        paths.check_writable(out.parent)
     except OSError as e:
         raise ValueError(f"--out {str(out)!r} cannot be written ({e.strerror or e})") from None
 
@@ -213,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max_new_tokens", type=int, default=128)
     args = ap.parse_args(argv)
     try:
-        from vlm_jax import data, paths
+        from vlm_jax import data
         from vlm_jax.data.prepare import SUFFIXES as FILE_SUFFIXES
 
         check_writable(Path(args.out))

@@ -13,6 +13,7 @@ commands print the data directory they use. No JAX here (imported by every CLI b
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 DATA_DIR_ENV = "VLM_JAX_DATA_DIR"
@@ -47,3 +48,16 @@ def describe_data_dir(value: str | os.PathLike[str] | None = None) -> str:
     where = ("--data_dir / data.data_dir" if value else
              f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else f"default (${HOME_ENV}/data)")
     return f"data dir: {data_dir(value)} (from {where})"
+
+
+def check_writable(folder: Path) -> None:
+    """Creates `folder` (with its parents) and writes then removes a probe file in it; raises OSError
+    when it cannot. The probe has a unique name, so processes of one run that share the folder (a
+    multi-host workdir) never remove each other's probe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".vlm_jax_write_check.", dir=folder)
+    try:
+        os.write(fd, b"ok")
+    finally:
+        os.close(fd)
+        os.unlink(probe)

@@ -4,8 +4,10 @@ session-private VLM_JAX_HOME (default data directory and compilation cache)."""
 import os
 import tempfile
 
-# The one default data directory / compilation cache (vlm_jax.paths) of this test session, never ~.
-os.environ.setdefault("VLM_JAX_HOME", tempfile.mkdtemp(prefix="vlm_jax_home_"))
+# The one default data directory / compilation cache (vlm_jax.paths) of this test session, never ~;
+# each pytest-xdist worker its own (workers inherit the controller's environment).
+if os.environ.get("PYTEST_XDIST_WORKER") or "VLM_JAX_HOME" not in os.environ:
+    os.environ["VLM_JAX_HOME"] = tempfile.mkdtemp(prefix="vlm_jax_home_")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the planner tests beside another libtpu user

@@ -95,7 +95,8 @@ def uninterrupted(assets, tmp_path_factory):
     return run_uninterrupted(assets, tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+# Qwen3-VL runs with -m slow (the suite's 10-minute budget); the Qwen2.5-VL run is the quick check.
+@pytest.fixture(scope="module", params=["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
 def family_run(request, tmp_path_factory):
     """(family, assets, uninterrupted run) per model family; Qwen2.5-VL reuses the fixtures above."""
     if request.param == "qwen2_5_vl":
@@ -242,7 +243,8 @@ def preempted_at_2(assets, uninterrupted, tmp_path_factory):
     return wd
 
 
-@pytest.mark.parametrize("damage", ["truncated_array_file", "meta_removed", "half_written"])
+@pytest.mark.parametrize("damage", ["truncated_array_file", pytest.param("meta_removed", marks=pytest.mark.slow),
+                                    pytest.param("half_written", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
         uninterrupted, preempted_at_2, tmp_path, damage, caplog):
     import shutil

@@ -211,7 +211,7 @@ def test_sharded_greedy_equals_single_device(ref, batches, greedy_g2):
   np.testing.assert_allclose(run.logprobs, greedy_g2.logprobs, atol=1e-5)
 
 
-@pytest.mark.parametrize("data", [2, 4])
+@pytest.mark.parametrize("data", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_data_parallel_sampling_equals_single_device(ref, batches, data):
   """On a mesh that only splits the batch, each device runs its own decode loop (shard_map, no
   per-token all-reduce); greedy and sampled rows, end tokens included, match one device."""

@@ -99,7 +99,7 @@ def tiny(tmp_path_factory):
   return models.from_pretrained(path)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 0.8])
 def test_row_groups_give_the_same_rollout(tiny, monkeypatch, temperature):
   model, params = tiny
   batch = make_batch([[], [(4, 4)], [(6, 10)], []], padding="left", seed=4)

@@ -72,10 +72,11 @@ def assert_trees_close(a, b, atol):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(attention_chunk=4),  # several query chunks (and a remainder-free divisor of L)
-        dict(logits_chunk=3),
-        dict(remat="full"),
-        dict(remat="save_dots"),
+        # each path alone runs with -m slow (the suite's time budget); the combinations stay quick
+        pytest.param(dict(attention_chunk=4), marks=pytest.mark.slow),  # a remainder-free divisor of L
+        pytest.param(dict(logits_chunk=3), marks=pytest.mark.slow),
+        pytest.param(dict(remat="full"), marks=pytest.mark.slow),
+        pytest.param(dict(remat="save_dots"), marks=pytest.mark.slow),  # quick in the Qwen3-VL test
         dict(attention_chunk=5, logits_chunk=2, remat="full"),
         dict(scan_layers=True, attention_chunk=5, remat="full"),
     ],
@@ -87,7 +88,7 @@ def test_memory_saving_paths_equal_the_plain_computation(env, options):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(attention_chunk=5, logits_chunk=2, remat="full"),
+        pytest.param(dict(attention_chunk=5, logits_chunk=2, remat="full"), marks=pytest.mark.slow),
         dict(remat="save_dots"),
         # DeepStack layers 0, 1 in the loop, layer 2 scanned (slow: the suite's time budget)
         pytest.param(dict(scan_layers=True, remat="save_dots"), marks=pytest.mark.slow),
@@ -190,7 +191,8 @@ def rollout_batch(model, batch, G, T, seed=0):
     )
 
 
-@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize(
+    "loss_agg", ["seq_mean_token_mean", pytest.param("seq_mean_token_sum_norm", marks=pytest.mark.slow)])
 def test_micro_batched_grpo_step_equals_one_batch(env, loss_agg):
     G, T = 2, 6
     rb = rollout_batch(env.model, env.batch, G, T)

@@ -222,7 +222,7 @@ def _results(type_text: str, op: str, start: bool) -> list[tuple[str, tuple[int,
     return arrays
 
 
-def loop_collectives(hlo_text: str, op_name: str = "jit(_generate)/while") -> list[tuple[str, str, tuple]]:
+def loop_collectives(hlo_text: str, op_name: str = "jit(_generate)/decode_loop/while") -> list[tuple[str, str, tuple]]:
     """(op, dtype, per-device shape) of every array that the collectives of one iteration of the
     while loops named `op_name` produce (their bodies and what those call), in a compiled SPMD
     module's text (`compiled.as_text()`); for the sampler, the collectives of one decode step."""
@@ -262,7 +262,10 @@ def decode_loop_traffic(compiled) -> dict:
     try:
         found = loop_collectives(compiled.as_text())
     except Exception as e:  # noqa: BLE001 - optional information
-        return dict(decode_step_collectives_error=f"{type(e).__name__}: {e}"[:300])
+        # e.g. libtpu 0.0.52 on the 7B sampler: "async-update instruction should have 1 operands";
+        # the same text comes from XLA's dump (XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"):
+        # `loop_collectives(open("DIR/...jit__generate...after_optimizations.txt").read())`
+        return dict(decode_step_collectives_error=f"compiled.as_text() failed: {type(e).__name__}: {e}"[:300])
     counts: dict[str, int] = {}
     for op, _, _ in found:
         counts[op] = counts.get(op, 0) + 1
@@ -485,6 +488,8 @@ def format_row(r: Row) -> str:
     if "rollout_tensor" in d:
         layout = "training layout" if not d["rollout_tensor"] else f"decoding mesh {d['mesh']}"
         parts += f"  sampler: {layout}, its parameters {d['sampler_param_bytes'] / GiB:.2f} GiB"
+    if "decode_step_collectives_error" in d:
+        parts += "; per-token collectives not counted (the compiled text is unavailable, see the --json)"
     if "decode_step_collectives" in d:
         parts += (f"; per token {d['decode_step_collectives']} moving "
                   f"{d['decode_step_collective_bytes'] / 2**20:.1f} MiB, largest all-gather "

@@ -339,7 +339,8 @@ def _sample_rows(
         logprobs=jnp.zeros((N, gen_len), jnp.float32),
         lengths=jnp.zeros((N,), jnp.int32),
     )
-    out = jax.lax.while_loop(cond, body, record(state, logits))
+    with jax.named_scope("decode_loop"):  # names the loop in compiled HLO (`plan.loop_collectives`)
+        out = jax.lax.while_loop(cond, body, record(state, logits))
     return out.tokens, out.lengths, out.logprobs, out.done
 
 

@@ -137,3 +137,27 @@ def test_bad_rollout_tensor_is_refused_before_compiling(env):
   cfg = SimpleNamespace(stages=[stage(2), stage(0), stage(3)])
   with pytest.raises(ConfigError, match=r"stages.2.grpo.rollout_tensor: 3 does not divide the 8 devices"):
     curriculum.check_rollout_layouts(cfg, env.model.config, 8)
+
+
+def test_lora_policy_is_resharded_with_its_adapters(env):
+  """A LoRA stage's policy (base + adapters, applied): the base resharded by the rules, the
+  adapters replicated on the decoding mesh, the same greedy tokens as the training layout."""
+  from vlm_jax.models import lora
+
+  adapters = lora.init_adapters(env.params, ("attention",), 4, jax.random.key(1), env.model.mesh)
+  adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # b != 0: the adapters change the outputs
+  policy = lora.LoraParams(env.params, adapters, 2.0)
+  model, params = sampler.decode_layout(env.model, policy, 2)
+  assert isinstance(params, lora.LoraParams) and params.scale == 2.0
+  a = jax.tree.leaves(params.adapters)[0]
+  assert a.sharding.mesh.shape == model.mesh.shape and a.sharding.is_fully_replicated
+  kw = dict(max_new_tokens=4, temperature=0.0, num_samples=1, rng=jax.random.key(0), eos_token_ids=(),
+            pad_token_id=env.proc.pad_token_id)
+  batch = env.proc(PROMPTS * 2, None)
+  with jax.default_matmul_precision("highest"):
+    want = sampler.generate(env.model, policy, batch, **kw)
+    got = sampler.generate(model, params, batch, **kw)
+    base = sampler.generate(model, params.base, batch, **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+  assert np.abs(base.logprobs - got.logprobs).max() > 1e-3  # the adapters were really applied

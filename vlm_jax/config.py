@@ -343,8 +343,10 @@ class GRPOConfig(_Node):
     decoding layout: before each rollout the policy parameters are resharded once to a mesh over the
     same devices with axes (data = devices / rollout_tensor, fsdp = 1, tensor = rollout_tensor),
     heads and MLP split over `tensor` by the logical-axis rules, and the sampler (prefill and
-    decode, KV cache split over batch and KV heads) runs there, so no decode step all-gathers FSDP
-    weights; the copy is dropped before scoring and the update, which stay in the training layout.
+    decode, KV cache split over batch and KV heads) runs there, each device decoding its own rows
+    (in the FSDP layout every device computes every row against its weight slices and all-reduces
+    the partial products at each token); the copy is dropped before scoring and the update, which
+    stay in the training layout.
     It must divide the device count and the model's KV heads. 0 (default) samples in the training
     layout.
     """

@@ -464,8 +464,10 @@ def decode_shardings(model, params, mesh, rules=None):
 def decode_layout(model, params, tensor: int, rules=None):
     """(model, params) for sampling in a decoding layout: the model on `decode_mesh(model.mesh,
     tensor)` and a copy of `params` resharded there once (heads, KV heads and MLP over `tensor`,
-    nothing over `fsdp`), so the decode steps use their weight shards in place instead of
-    all-gathering FSDP-sharded weights at every token. The copy is the caller's to drop."""
+    nothing over `fsdp`), so each device decodes its own rows with its weight shards in place. With
+    FSDP-sharded weights the compiler instead has every device compute all rows against its slice of
+    each weight's hidden dim and all-reduce the partial products at every token (docs/scale.md).
+    The copy is the caller's to drop."""
     if model.mesh is None:
         raise ValueError("a decoding layout needs a model on a mesh")
     check_decode_layout(model.config, model.mesh.devices.size, tensor)

@@ -17,7 +17,7 @@ Memory (checked by the TPU compiler on a CPU machine, see docs/scale.md):
 fp32 parameters and moments with bf16 compute, decoder/vision remat, gradients accumulated over
 micro-batches of 64 completions (one per chip of a v5p-64), reference log-probs scored 640 at a time,
 rollouts sampled on a (data 16, fsdp 1, tensor 4) decoding mesh (`grpo.rollout_tensor=4`: the text
-stage's sampler 17.88 GiB per chip instead of 77.34 in the FSDP layout).
+stage's sampler 17.69 GiB per chip instead of 77.34 in the FSDP layout).
 
 Run (every host of the slice runs the same command):
   python -m vlm_jax.train --config configs/qwen2_5_vl_7b_tpu.py --workdir gs://BUCKET/runs/staged_7b \\

@@ -40,9 +40,10 @@ def env(tmp_path_factory):
   return SimpleNamespace(proc=proc, model=model, params=params)
 
 
-def rollout(env, tensor: int):
-  """A greedy GRPO rollout (8 prompts x G) with `grpo.rollout_tensor=tensor`."""
-  cfg = GRPOConfig(num_samples=G, max_new_tokens=NEW, temperature=0.0, kl_coef=0.0, rollout_tensor=tensor)
+def rollout(env, tensor: int, temperature: float = 0.0):
+  """A GRPO rollout (8 prompts x G) with `grpo.rollout_tensor=tensor` (greedy by default)."""
+  cfg = GRPOConfig(num_samples=G, max_new_tokens=NEW, temperature=temperature, kl_coef=0.0,
+                   rollout_tensor=tensor)
   batch = {**env.proc(PROMPTS * 2, None), "answer": ["1"] * 8, "task": ["t"] * 8,
            "answer_type": ["number"] * 8}
   reward = lambda texts, answers, **_: (np.arange(len(texts), dtype=np.float32), {})  # noqa: E731
@@ -56,14 +57,18 @@ def rollout(env, tensor: int):
 
 @pytest.fixture(scope="module")
 def training_layout(env):
-  return rollout(env, 0)
+  """temperature -> the FSDP-layout rollout, computed when first asked for."""
+  runs = {}
+  return lambda t: runs[t] if t in runs else runs.setdefault(t, rollout(env, 0, t))
 
 
-@pytest.mark.parametrize("tensor", [2, 4])
-def test_decoding_layout_rollout_equals_the_training_layout(env, training_layout, tensor):
-  want_rb, want = training_layout
+@pytest.mark.parametrize("tensor,temperature", [(2, 0.0), (4, 0.0), (2, 1.0)])
+def test_decoding_layout_rollout_equals_the_training_layout(env, training_layout, tensor, temperature):
+  """Greedy, and sampled from the same uniforms (the token draw's blocks stay inside each device's
+  part of the vocabulary; only the sums' rounding could move a draw, far from it here)."""
+  want_rb, want = training_layout(temperature)
   before = jax.tree.map(lambda x: x.sharding, env.params)
-  got_rb, got = rollout(env, tensor)
+  got_rb, got = rollout(env, tensor, temperature)
   np.testing.assert_array_equal(got.rollout.tokens, want.rollout.tokens)
   np.testing.assert_array_equal(got.rollout.lengths, want.rollout.lengths)
   np.testing.assert_allclose(got.rollout.logprobs, want.rollout.logprobs, atol=1e-5, rtol=0)

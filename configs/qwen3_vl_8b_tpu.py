@@ -28,7 +28,8 @@ def get_config() -> Config:
     cfg = load_config(_PAPER)
     # sampling in the training (FSDP) layout: the 7B's decoding layout (`grpo.rollout_tensor`) is not
     # planned for this model yet
-    stages = tuple(dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, rollout_tensor=0)) for s in cfg.stages)
+    stages = tuple(dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, rollout_tensor=0))
+                   for s in cfg.stages)
     # fp32 parameters and AdamW moments, bf16 compute, as the 7B recipe
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct"),
-                               stages=stages)
+    model = dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct")
+    return dataclasses.replace(cfg, model=model, stages=stages)

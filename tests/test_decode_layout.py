@@ -100,7 +100,9 @@ def test_decode_layout_places_weights_and_cache_over_heads(env):
 
 def decode_step_collectives(env, tensor: int):
   """(collectives of one decode step, rows per device) of the compiled greedy sampler."""
-  model, params = (env.model, env.params) if tensor == 0 else sampler.decode_layout(env.model, env.params, tensor)
+  model, params = env.model, env.params
+  if tensor:
+    model, params = sampler.decode_layout(model, params, tensor)
   inputs = models.place_inputs(model, sampler.prepare_prompts(model, env.proc(PROMPTS * 2, None), pad_id=0))
   sp = sampler.SamplingParams(jnp.int32(NEW), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
   text = sampler._generate.lower(model.graphdef, params, inputs, jax.random.key(0), sp, gen_len=16,

@@ -205,7 +205,8 @@ def compile_program(fn, args, kwargs, *, resident_extra: int, hbm: int, stage: s
     return Row(stage, program, total, hbm, total <= hbm, dt, _flops(compiled), None, mem)
 
 
-_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
 _ARRAY = re.compile(r"(\w+)\[([0-9,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -222,7 +223,8 @@ def _results(type_text: str, op: str, start: bool) -> list[tuple[str, tuple[int,
     return arrays
 
 
-def loop_collectives(hlo_text: str, op_name: str = "jit(_generate)/decode_loop/while") -> list[tuple[str, str, tuple]]:
+def loop_collectives(hlo_text: str,
+                     op_name: str = "jit(_generate)/decode_loop/while") -> list[tuple[str, str, tuple]]:
     """(op, dtype, per-device shape) of every array that the collectives of one iteration of the
     while loops named `op_name` produce (their bodies and what those call), in a compiled SPMD
     module's text (`compiled.as_text()`); for the sampler, the collectives of one decode step."""
@@ -246,7 +248,8 @@ def loop_collectives(hlo_text: str, op_name: str = "jit(_generate)/decode_loop/w
         for line in comps[c]:
             m = _COLLECTIVE.search(line)
             if m:
-                out += [(m.group(2), d, shape) for d, shape in _results(m.group(1), m.group(2), bool(m.group(3)))]
+                op = m.group(2)
+                out += [(op, d, shape) for d, shape in _results(m.group(1), op, bool(m.group(3)))]
             todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.-]+)", line)
     return out
 
@@ -442,7 +445,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                 tensor = g.rollout_tensor
                 gmesh, gen_params, resident = mesh, policy_params, opt_bytes + ref_bytes
                 if tensor:  # the sampler on its decoding mesh, with a resharded copy of the policy
-                    sampler.check_decode_layout(mcfg, len(devices), tensor, f"stages.{index}.grpo.rollout_tensor")
+                    sampler.check_decode_layout(mcfg, len(devices), tensor,
+                                                f"stages.{index}.grpo.rollout_tensor")
                     gmesh = sampler.decode_mesh(mesh, tensor)
                     gen_params = _abstract(policy_params, sampler.decode_shardings(
                         model, policy_params, gmesh, cfg.logical_axis_rules))

@@ -490,7 +490,8 @@ def decode_layout(model, params, tensor: int, rules=None):
         raise ValueError("a decoding layout needs a model on a mesh")
     check_decode_layout(model.config, model.mesh.devices.size, tensor)
     mesh = decode_mesh(model.mesh, tensor)
-    return dataclasses.replace(model, mesh=mesh), jax.device_put(params, decode_shardings(model, params, mesh, rules))
+    resharded = jax.device_put(params, decode_shardings(model, params, mesh, rules))
+    return dataclasses.replace(model, mesh=mesh), resharded
 
 
 def default_eos_ids(model) -> tuple[int, ...]:

@@ -24,7 +24,11 @@ def get_config():
     stages = tuple(
         dataclasses.replace(s, micro_batch_size=8,
                             grpo=dataclasses.replace(s.grpo, score_chunk=16, rollout_chunk=64,
-                                                     offload_reference=True))
+                                                     offload_reference=True,
+                                                     # sampling in the training (FSDP) layout: the 7B's
+                                                     # 4 does not divide the 3B's 2 KV heads, and a
+                                                     # decoding copy (tensor 2) was not planned for v5e-8
+                                                     rollout_tensor=0))
         for s in cfg.stages
     )
     return dataclasses.replace(

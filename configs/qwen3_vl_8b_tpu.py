@@ -26,5 +26,10 @@ _PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b
 def get_config() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     cfg = load_config(_PAPER)
+    # sampling in the training (FSDP) layout: the 7B's decoding layout (`grpo.rollout_tensor`) is not
+    # planned for this model yet
+    stages = tuple(dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, rollout_tensor=0))
+                   for s in cfg.stages)
     # fp32 parameters and AdamW moments, bf16 compute, as the 7B recipe
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct"))
+    model = dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct")
+    return dataclasses.replace(cfg, model=model, stages=stages)

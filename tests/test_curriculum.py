@@ -478,10 +478,11 @@ def test_distributed_flags_are_checked(tmp_path, capsys, flags, message):
 @pytest.mark.slow
 def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
     """The 3B recipe's CPU smoke variant (remat, micro-batches, chunked scoring and sampling, fp32
-    storage) trains its text-only GRPO stage through the trainer."""
+    storage) trains its text-only GRPO stage through the trainer, sampling in a decoding layout
+    (`grpo.rollout_tensor=2`, as the 7B recipe's 4, on the 8 fake devices)."""
     cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_smoke_cpu.py"), [
         f"model.path={assets / 'model'}", f"data.data_dir={assets / 'data'}", "compilation_cache_dir=",
-        "stages.1.steps=2"])
+        "stages.1.steps=2", "stages.1.grpo.rollout_tensor=2"])
     st = cfg.stages[1]
     assert (st.remat, st.micro_batch_size, st.grpo.score_chunk, st.grpo.rollout_chunk) == ("full", 2, 4, 2)
     cfg = cfg.__class__(**{**cfg.__dict__, "stages": (st,)})

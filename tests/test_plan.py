@@ -186,3 +186,38 @@ def test_planner_lora_stage_state_is_adapters_and_moments(tmp_path):
     assert grpo.error is None and grpo.fits
     # the base once (the unused vision tower of this text stage pruned), no reference copy
     assert 3 * adapters < grpo.detail["argument"] < 1.5 * p
+
+
+def test_planner_generate_row_in_the_decoding_layout(tmp_path):
+    """`grpo.rollout_tensor`: the generate row compiles the sampler on the decoding mesh (data 2,
+    tensor 2 on 4 chips) with the resharded policy as its argument and the whole training state
+    (parameters + moments, training layout) resident beside it; the FSDP row takes the training
+    parameters and counts only the moments (and reference) beside them. Both count the decode step's
+    collectives. A size that does not divide the KV heads is refused before compiling."""
+    import dataclasses
+
+    raw = tiny_hf_config(tmp_path)
+    cfg = stages_config(tmp_path)
+
+    def with_tensor(n):
+        rl = cfg.stages[1]
+        return dataclasses.replace(cfg, stages=(cfg.stages[0], dataclasses.replace(
+            rl, grpo=dataclasses.replace(rl.grpo, rollout_tensor=n))))
+
+    rows = {n: plan.plan(with_tensor(n), "v5e:2x2", programs=("generate",), stages={"rl"},
+                         log=lambda *_: None)[0] for n in (0, 2)}
+    fsdp, tp = rows[0], rows[2]
+    for r in rows.values():
+        assert r.error is None and r.fits, r
+        assert r.detail["decode_step_collective_bytes"] > 0 and r.detail["decode_step_collectives"]
+    assert fsdp.detail["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert tp.detail["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    p = sum(4 * math.prod(s) for s in hand_param_shards(raw, chips=4))  # training layout, unpadded
+    assert fsdp.detail["sampler_param_bytes"] == p
+    assert 1.5 * p < tp.detail["sampler_param_bytes"] <= 4 * p  # halves (or whole) instead of quarters
+    kl = cfg.stages[1].grpo.kl_coef > 0
+    assert tp.detail["resident_extra"] >= 3 * p + kl * p  # parameters + 2 moments (+ reference)
+    assert fsdp.detail["resident_extra"] < tp.detail["resident_extra"] - p
+    with pytest.raises(config_lib.ConfigError, match=r"stages.1.grpo.rollout_tensor: 4 does not divide "
+                                                      r"the model's 2 KV heads"):
+        plan.plan(with_tensor(4), "v5e:2x2", programs=("generate",), stages={"rl"}, log=lambda *_: None)

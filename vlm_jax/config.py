@@ -339,7 +339,16 @@ class GRPOConfig(_Node):
     samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
     `offload_reference` keeps the KL reference parameters in host memory ("pinned_host") and moves
     them to the chips only for the reference scoring, so the update and the sampler run without
-    them resident (one host-to-chip copy per rollout step).
+    them resident (one host-to-chip copy per rollout step). `rollout_tensor` > 0 samples on a
+    decoding layout: before each rollout the policy parameters are resharded once to a mesh over the
+    same devices with axes (data = devices / rollout_tensor, fsdp = 1, tensor = rollout_tensor),
+    heads and MLP split over `tensor` by the logical-axis rules, and the sampler (prefill and
+    decode, KV cache split over batch and KV heads) runs there, each device decoding its own rows
+    (in the FSDP layout every device computes every row against its weight slices and all-reduces
+    the partial products at each token); the copy is dropped before scoring and the update, which
+    stay in the training layout.
+    It must divide the device count and the model's KV heads. 0 (default) samples in the training
+    layout.
     """
 
     num_samples: int = 5
@@ -365,11 +374,12 @@ class GRPOConfig(_Node):
     score_chunk: int = 0
     rollout_chunk: int = 0
     offload_reference: bool = False
+    rollout_tensor: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk")
+                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
@@ -798,7 +808,8 @@ def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
     objectives, trainable modules, precision policy, remat, micro-batching, chunked scoring and
     chunked sampling (scaled to 4 prompts x 2 samples), 2 steps per stage, short sequences. It runs
     the recipe's code path after `bash scripts/demo.sh` (or `python -m vlm_jax.demo_setup`) built
-    the tiny model and data."""
+    the tiny model and data. A decoding layout (`grpo.rollout_tensor`) becomes 1 (the reshard to a
+    decoding mesh of whole-weight copies, valid for any device count and the tiny model's heads)."""
     synthetic = {"perception": "synthetic_perception", "textual_reasoning": "synthetic_textual_reasoning",
                  "visual_reasoning": "synthetic_visual_reasoning"}
     stages = []
@@ -813,7 +824,8 @@ def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
             micro_batch_size=2 if s.micro_batch_size else 0,
             grpo=dataclasses.replace(g, num_samples=2, max_new_tokens=16, mini_batch_size=4 if g.mini_batch_size else 0,
                                      score_chunk=4 if g.score_chunk else 0,
-                                     rollout_chunk=2 if g.rollout_chunk else 0),
+                                     rollout_chunk=2 if g.rollout_chunk else 0,
+                                     rollout_tensor=1 if g.rollout_tensor else 0),
             eval=EvalConfig(),
         ))
     return dataclasses.replace(

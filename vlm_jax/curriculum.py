@@ -176,8 +176,19 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
         rules=cfg.logical_axis_rules,
         options=model_options(cfg),
     )
+    check_rollout_layouts(cfg, model.config, mesh.devices.size)
     patch = int(processor.image_processor.patch_size)  # 14 (Qwen2.5-VL) or 16 (Qwen3-VL)
     return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg, patch))
+
+
+def check_rollout_layouts(cfg: config_lib.Config, model_config, n_devices: int) -> None:
+    """Each GRPO stage's `grpo.rollout_tensor` divides the device count and the model's KV heads."""
+    from vlm_jax.rl import sampler
+
+    for i, st in enumerate(cfg.stages):
+        if st.objective == "grpo" and st.grpo.rollout_tensor:
+            sampler.check_decode_layout(model_config, n_devices, st.grpo.rollout_tensor,
+                                        f"stages.{i}.grpo.rollout_tensor")
 
 
 def model_options(cfg: config_lib.Config) -> dict:
@@ -409,6 +420,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             batch_size=st.batch_size,
             prompt_buckets=env.cfg.data.length_buckets,
             num_patches=env.num_patches,
+            rules=env.cfg.logical_axis_rules,
         )
         state, m = grpo_step(
             state,

@@ -10,7 +10,10 @@ topology's mesh and compiles what the trainer runs, through the same functions:
   sft       `sft.sft_step` on one batch
   grpo      `rl.policy.grpo_step` on a rollout batch (its scan runs one mini-batch at a time)
   score     `rl.policy.score_responses` on the stage's completions (reference / old log-probs)
-  generate  `rl.sampler._generate` for the stage's prompts x samples and lengths
+  generate  `rl.sampler._generate` for the stage's prompts x samples and lengths; with
+            `grpo.rollout_tensor` on its decoding mesh with the resharded policy as its argument
+            and the whole training state resident beside it; the row also counts the collectives
+            of one decode step (per token)
   vision    the vision tower's share of an update (stages with images): the prompts of one micro-batch
             embedded (images encoded), with the gradient when the stage trains the vision tower
 
@@ -181,8 +184,10 @@ def _flops(compiled) -> float | None:
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED.*?)(?:\n|$)")
 
 
-def compile_program(fn, args, kwargs, *, resident_extra: int, hbm: int, stage: str, program: str) -> Row:
-    """Lowers and compiles `fn(*args, **kwargs)`; a compiler OOM becomes a not-fitting row."""
+def compile_program(fn, args, kwargs, *, resident_extra: int, hbm: int, stage: str, program: str,
+                    inspect=None) -> Row:
+    """Lowers and compiles `fn(*args, **kwargs)`; a compiler OOM becomes a not-fitting row.
+    `inspect(compiled) -> dict` adds to the row's detail."""
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(*args, **kwargs).compile()
@@ -195,7 +200,81 @@ def compile_program(fn, args, kwargs, *, resident_extra: int, hbm: int, stage: s
     mem = _memory(compiled)
     total = mem["program"] + resident_extra
     mem["resident_extra"] = resident_extra
+    if inspect is not None:
+        mem.update(inspect(compiled))
     return Row(stage, program, total, hbm, total <= hbm, dt, _flops(compiled), None, mem)
+
+
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"(\w+)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _results(type_text: str, op: str, start: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each array a collective produces, from its result type: one array, a tuple
+    of them (combined collectives), or for async all-gather / collective-permute starts the tuple
+    (operands, results[, u32 context scalars]) of which the results are kept."""
+    arrays = [(d, tuple(int(n) for n in dims.split(",") if n)) for d, dims in _ARRAY.findall(type_text)]
+    if start and op in ("all-gather", "collective-permute"):
+        arrays = [a for a in arrays if a != ("u32", ())]
+        arrays = arrays[len(arrays) // 2:]
+    return arrays
+
+
+def loop_collectives(hlo_text: str,
+                     op_name: str = "jit(_generate)/decode_loop/while") -> list[tuple[str, str, tuple]]:
+    """(op, dtype, per-device shape) of every array that the collectives of one iteration of the
+    while loops named `op_name` produce (their bodies and what those call), in a compiled SPMD
+    module's text (`compiled.as_text()`); for the sampler, the collectives of one decode step."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    todo = [m.group(1) for m in re.finditer(r"while\(.*body=%?([\w.-]+).*op_name=\"([^\"]*)\"", hlo_text)
+            if m.group(2) == op_name]
+    seen, out = set(), []
+    while todo:
+        c = todo.pop()
+        if c in seen or c not in comps:
+            continue
+        seen.add(c)
+        for line in comps[c]:
+            m = _COLLECTIVE.search(line)
+            if m:
+                op = m.group(2)
+                out += [(op, d, shape) for d, shape in _results(m.group(1), op, bool(m.group(3)))]
+            todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.-]+)", line)
+    return out
+
+
+def collective_bytes(collectives) -> int:
+    return sum(math.prod(shape) * _DTYPE_BYTES.get(dtype, 4) for _, dtype, shape in collectives)
+
+
+def decode_loop_traffic(compiled) -> dict:
+    """The sampler's per-token collectives (one decode step, per chip): how many arrays each kind of
+    op produces, their bytes, and the largest all-gather (a parameter-sized one means weights are
+    gathered at every token)."""
+    try:
+        found = loop_collectives(compiled.as_text())
+    except Exception as e:  # noqa: BLE001 - optional information
+        # e.g. libtpu 0.0.52 on the 7B sampler: "async-update instruction should have 1 operands";
+        # the same text comes from XLA's dump (XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"):
+        # `loop_collectives(open("DIR/...jit__generate...after_optimizations.txt").read())`
+        return dict(decode_step_collectives_error=f"compiled.as_text() failed: {type(e).__name__}: {e}"[:300])
+    counts: dict[str, int] = {}
+    for op, _, _ in found:
+        counts[op] = counts.get(op, 0) + 1
+    gathers = [math.prod(s) * _DTYPE_BYTES.get(d, 4) for op, d, s in found if op == "all-gather"]
+    return dict(decode_step_collectives=counts, decode_step_collective_bytes=collective_bytes(found),
+                decode_step_largest_all_gather_bytes=max(gathers, default=0))
 
 
 def load_model_config(path: str | Path):
@@ -314,8 +393,9 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
-        run = lambda program, fn, args, kwargs, extra: rows.append(  # noqa: E731
-            compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program)
+        run = lambda program, fn, args, kwargs, extra, inspect=None: rows.append(  # noqa: E731
+            compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program,
+                            inspect=inspect)
         )
         if "init" in programs:
             # arguments: the loaded parameters; outputs: the state (parameter copy + moments)
@@ -362,16 +442,29 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
                     (opt_bytes if frozen is not None else s_bytes) + base_bytes)
             if "generate" in programs:
-                sp = sampler.SamplingParams(*(_replicated(mesh, (), d) for d in
+                tensor = g.rollout_tensor
+                gmesh, gen_params, resident = mesh, policy_params, opt_bytes + ref_bytes
+                if tensor:  # the sampler on its decoding mesh, with a resharded copy of the policy
+                    sampler.check_decode_layout(mcfg, len(devices), tensor,
+                                                f"stages.{index}.grpo.rollout_tensor")
+                    gmesh = sampler.decode_mesh(mesh, tensor)
+                    gen_params = _abstract(policy_params, sampler.decode_shardings(
+                        model, policy_params, gmesh, cfg.logical_axis_rules))
+                    # the training state (and a LoRA stage's base) stays resident in its own layout
+                    resident = s_bytes + base_arg_bytes + ref_bytes
+                sp = sampler.SamplingParams(*(_replicated(gmesh, (), d) for d in
                                               (jnp.int32, jnp.float32, jnp.float32, jnp.int32)))
+                gkey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(gmesh, P()))
                 gen_len = bucket(T, sampler.GEN_BUCKETS)
                 Bg = min(g.rollout_chunk or B, B)  # prompts per sampler call
-                gen_prompt = abstract_inputs(model, mesh, Bg, L, num_patches)
-                run("generate", sampler._generate, (graphdef, policy_params, gen_prompt, key, sp),
+                gen_prompt = abstract_inputs(model, gmesh, Bg, L, num_patches)
+                run("generate", sampler._generate, (graphdef, gen_params, gen_prompt, gkey, sp),
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
-                         eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=mesh,
+                         eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=gmesh,
                          row_groups=1),
-                    opt_bytes + ref_bytes)
+                    resident, inspect=decode_loop_traffic)
+                rows[-1].detail.update(rollout_tensor=tensor, mesh=dict(gmesh.shape),
+                                       sampler_param_bytes=nbytes(gen_params))
         if num_patches and "vision" in programs:
             R = update_vision_rows(st, mesh.shape["data"] * mesh.shape["fsdp"])
             train = "vision" in st.trainable
@@ -396,6 +489,15 @@ def format_row(r: Row) -> str:
     if "suggested_micro_batch" in d:
         m = d["suggested_micro_batch"]
         parts += f"  largest micro-batch that fits: {m if m is not None else 'none'} ({d['basis']})"
+    if "rollout_tensor" in d:
+        layout = "training layout" if not d["rollout_tensor"] else f"decoding mesh {d['mesh']}"
+        parts += f"  sampler: {layout}, its parameters {d['sampler_param_bytes'] / GiB:.2f} GiB"
+    if "decode_step_collectives_error" in d:
+        parts += "; per-token collectives not counted (the compiled text is unavailable, see the --json)"
+    if "decode_step_collectives" in d:
+        parts += (f"; per token {d['decode_step_collectives']} moving "
+                  f"{d['decode_step_collective_bytes'] / 2**20:.1f} MiB, largest all-gather "
+                  f"{d['decode_step_largest_all_gather_bytes'] / 2**20:.2f} MiB")
     flops = f"{r.flops:.3g}" if r.flops and r.flops > 0 else "-"
     if "flops_note" in d:
         flops += " (one layer body)"

@@ -251,13 +251,20 @@ def collect_rollout(
     batch_size: int,
     prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
     num_patches: int | None = None,
+    rules=None,
 ) -> tuple[RolloutBatch, Graded, dict]:
-    """One GRPO rollout batch of `batch_size` prompts x `cfg.num_samples` samples (`cfg`: GRPOConfig)."""
+    """One GRPO rollout batch of `batch_size` prompts x `cfg.num_samples` samples (`cfg`: GRPOConfig).
+    With `cfg.rollout_tensor` > 0 the sampler runs on a decoding mesh with a copy of `params`
+    resharded there once for the whole rollout (`sampler.decode_layout`, by the logical-axis `rules`);
+    the copy is dropped before the reference scoring, which stays in the training layout."""
     G = cfg.num_samples
+    sample_model, sample_params = model, params
+    if cfg.rollout_tensor:
+        sample_model, sample_params = sampler.decode_layout(model, params, cfg.rollout_tensor, rules)
     gen = functools.partial(
         generate_and_grade,
-        model,
-        params,
+        sample_model,
+        sample_params,
         tokenizer=tokenizer,
         reward_fn=reward_fn,
         num_samples=G,
@@ -302,6 +309,7 @@ def collect_rollout(
             take = list(range(min(n, batch_size - n_kept)))
             kept.append(_take_groups(g, take, image_token_id))
             n_kept += len(take)
+    del gen, sample_model, sample_params  # the decoding copy is freed here, before the scoring and update
     filled = 0
     if n_kept < batch_size:  # cap reached (or data exhausted): fill with equal-reward groups
         if not dropped:

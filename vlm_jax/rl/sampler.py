@@ -19,6 +19,7 @@ and a `data` mesh; on a single device, two independent row groups that XLA runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -103,37 +104,52 @@ def filter_logits(logits_NV, top_p, top_k):
     return jnp.where(logits_NV >= threshold, logits_NV, -jnp.inf)
 
 
-def inverse_cdf(uniform_N, weights_NV):
+def block_size(V: int, shards: int = 1) -> int:
+    """The inner block of `inverse_cdf` for a vocabulary of V split into `shards` equal parts: about
+    sqrt(V) (a power of two), smaller where needed so that blocks never straddle two parts."""
+    C = 1 << max(0, math.ceil(math.log2(math.sqrt(V))))
+    if shards > 1 and V % shards == 0:
+        while C > 1 and (V // shards) % C:
+            C //= 2
+    return C
+
+
+def inverse_cdf(uniform_N, weights_NV, shards: int = 1):
     """Per row, an index drawn with probability weights / sum(weights) (weights >= 0, some > 0),
     given one uniform [0, 1) number per row.
 
     The uniform is located in two levels: the block of C ~ sqrt(V) tokens holding it, then
     the token inside that block. Costs O(V) per row and N random numbers per step, where
     Gumbel-max (`jax.random.categorical`) draws N * V. A zero-weight token is never returned,
-    even when float round-off puts the target past the last cumulative sum."""
+    even when float round-off puts the target past the last cumulative sum. With the vocabulary
+    split over `shards` devices (the decoding layout), blocks stay inside a device's part and the
+    chosen block is selected by a masked sum, so only [N, blocks] and [N, C] arrays cross devices,
+    never a whole [N, V] row."""
     N, V = weights_NV.shape
-    C = 1 << max(0, math.ceil(math.log2(math.sqrt(V))))
+    C = block_size(V, shards)
     nb = -(-V // C)
-    w = jnp.pad(weights_NV, ((0, 0), (0, nb * C - V))).reshape(N, nb, C)
+    w = jnp.pad(weights_NV, ((0, 0), (0, nb * C - V))) if nb * C > V else weights_NV
+    w = w.reshape(N, nb, C)
     block = w.sum(-1)  # [N, nb]
     cum = jnp.cumsum(block, -1)
     target = uniform_N.astype(cum.dtype) * cum[:, -1]
     last = lambda x: jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), -1)
     b = jnp.minimum(jnp.sum(cum <= target[:, None], -1), last(block))
-    inside = jnp.take_along_axis(w, b[:, None, None], 1)[:, 0]  # [N, C]
+    inside = jnp.sum(jnp.where((jnp.arange(nb) == b[:, None])[:, :, None], w, 0.0), 1)  # [N, C] block b
     before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0.0)
     icum = jnp.cumsum(inside, -1)
     i = jnp.minimum(jnp.sum(icum <= (target - before)[:, None], -1), last(inside))
     return (b * C + i).astype(jnp.int32)
 
 
-def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filtered: bool):
+def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filtered: bool, shards: int = 1):
     """(token [N], its log-probability under softmax(logits) at temperature 1 [N]); `uniform_N`
     holds one uniform [0, 1) number per row (unused when greedy).
 
     Greedy argmax, or a draw from softmax(logits / temperature) truncated to top-k then top-p.
     Temperature is applied before truncation (transformers' and vLLM's order), so the nucleus is
-    the top-p mass of the distribution actually sampled from."""
+    the top-p mass of the distribution actually sampled from. `shards`: the vocabulary's split over
+    devices (see `inverse_cdf`); the token's logit is read by a masked sum, which stays on them."""
     logits = logits_NV.astype(jnp.float32)
     top = logits.max(-1, keepdims=True)
     lse = top[:, 0] + jnp.log(jnp.exp(logits - top).sum(-1))
@@ -143,8 +159,9 @@ def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filt
         scaled = logits / sp.temperature
         if filtered:
             scaled = filter_logits(scaled, sp.top_p, sp.top_k)
-        tok = inverse_cdf(uniform_N, jnp.exp(scaled - scaled.max(-1, keepdims=True)))
-    return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
+        tok = inverse_cdf(uniform_N, jnp.exp(scaled - scaled.max(-1, keepdims=True)), shards)
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == tok[:, None], logits, 0.0), -1)
+    return tok, picked - lse
 
 
 def _constrain(x, mesh, names):
@@ -296,13 +313,15 @@ def _sample_rows(
     weights = model.decode_weights()  # fused once here, not per step
     eos = jnp.asarray(eos_ids, jnp.int32)
     limit = jnp.minimum(sp.max_new_tokens, gen_len)
+    vocab_shards = 1 if mesh is None else mesh.shape["tensor"]  # the logits' vocab split (`vocab` rule)
 
     def record(s: _Loop, group_logits) -> _Loop:
         """Samples token `s.t` of every row from its group's logits [Ng, V] (each group on its own)
         and books it (pad once a row stopped)."""
         u = jax.lax.dynamic_index_in_dim(uniforms_TN, s.t, keepdims=False)
         drawn = [
-            sample_token(u[r], lg, sp, greedy=greedy, filtered=filtered) for r, lg in zip(rows, group_logits)
+            sample_token(u[r], lg, sp, greedy=greedy, filtered=filtered, shards=vocab_shards)
+            for r, lg in zip(rows, group_logits)
         ]
         tok, logp = (jnp.concatenate(a) for a in zip(*drawn))
         live = ~s.done
@@ -338,7 +357,8 @@ def _sample_rows(
         logprobs=jnp.zeros((N, gen_len), jnp.float32),
         lengths=jnp.zeros((N,), jnp.int32),
     )
-    out = jax.lax.while_loop(cond, body, record(state, logits))
+    with jax.named_scope("decode_loop"):  # names the loop in compiled HLO (`plan.loop_collectives`)
+        out = jax.lax.while_loop(cond, body, record(state, logits))
     return out.tokens, out.lengths, out.logprobs, out.done
 
 
@@ -415,6 +435,63 @@ def generate(
         np.asarray(logprobs)[:, :max_new_tokens],
         ~np.asarray(done),
     )
+
+
+def check_decode_layout(model_config, n_devices: int, tensor: int, key: str = "grpo.rollout_tensor") -> None:
+    """Raises `ConfigError` (naming `key`) unless `tensor` divides the device count and the model's
+    KV heads (each decoding shard then holds whole KV heads with their query heads)."""
+    from vlm_jax.config import ConfigError
+
+    kv = model_config.text.num_key_value_heads
+    if n_devices % tensor:
+        raise ConfigError(f"{tensor} does not divide the {n_devices} devices", key)
+    if kv % tensor:
+        raise ConfigError(f"{tensor} does not divide the model's {kv} KV heads", key)
+
+
+def decode_mesh(mesh, tensor: int):
+    """The decoding mesh over `mesh`'s devices: (data = devices / tensor, fsdp = 1, tensor)."""
+    from vlm_jax.config import MeshConfig
+
+    n = mesh.devices.size
+    return shd.make_mesh(MeshConfig(data=n // tensor, fsdp=1, tensor=tensor), devices=list(mesh.devices.flat))
+
+
+def decode_shardings(model, params, mesh, rules=None):
+    """Shardings on `mesh` for every array of `params` (plain parameters or `lora.LoraParams`): the
+    parameters by their logical axis names under `rules`, LoRA adapters replicated (they are small)."""
+    from vlm_jax.models import abstract_model
+
+    _, abstract = abstract_model(model.family, model.config, model.dtype, model.options)
+    places = jax.tree.leaves(shd.param_shardings(abstract, mesh, rules),
+                             is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+    def like(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        if len(leaves) != len(places):
+            raise ValueError(f"{len(leaves)} parameter arrays but the model has {len(places)}")
+        return jax.tree.unflatten(treedef, places)
+
+    if isinstance(params, lora.LoraParams):
+        replicated = jax.sharding.NamedSharding(mesh, P())
+        return lora.LoraParams(like(params.base), jax.tree.map(lambda _: replicated, params.adapters),
+                               params.scale)
+    return like(params)
+
+
+def decode_layout(model, params, tensor: int, rules=None):
+    """(model, params) for sampling in a decoding layout: the model on `decode_mesh(model.mesh,
+    tensor)` and a copy of `params` resharded there once (heads, KV heads and MLP over `tensor`,
+    nothing over `fsdp`), so each device decodes its own rows with its weight shards in place. With
+    FSDP-sharded weights the compiler instead has every device compute all rows against its slice of
+    each weight's hidden dim and all-reduce the partial products at every token (docs/scale.md).
+    The copy is the caller's to drop."""
+    if model.mesh is None:
+        raise ValueError("a decoding layout needs a model on a mesh")
+    check_decode_layout(model.config, model.mesh.devices.size, tensor)
+    mesh = decode_mesh(model.mesh, tensor)
+    resharded = jax.device_put(params, decode_shardings(model, params, mesh, rules))
+    return dataclasses.replace(model, mesh=mesh), resharded
 
 
 def default_eos_ids(model) -> tuple[int, ...]:

@@ -549,26 +549,23 @@ class DecodeLayer(NamedTuple):
 def decode_attention(q_NKGE, pk_BKEL, pv_BKLE, prompt_mask_BL, gk_NKET, gv_NKTE, gen_valid_T, num_samples):
     """Attention of one new query per row over its prompt's shared keys/values and its own
     generated ones (`DecodeCache` layouts), with one softmax over both parts (a common max, one
-    normaliser). A prompt's G samples x Hg query heads form one [G * Hg, E] block against that
-    prompt's keys. Returns [N, K, Hg, E]."""
+    normaliser). A prompt's G samples x Hg query heads attend to that prompt's keys together
+    (rows split as [B, G], never transposed, so a batch / KV-head sharding carries through without
+    moving queries between devices). Returns [N, K, Hg, E]."""
     N, K, Hg, E = q_NKGE.shape
     G, B, dt, f32 = num_samples, N // num_samples, q_NKGE.dtype, jnp.float32
+    prompt = lambda a: a.reshape(B, G, *a.shape[1:])  # noqa: E731  [N, ...] -> [B, G, ...]
+    rows = lambda a: a.reshape(N, *a.shape[2:])  # noqa: E731  inverse of `prompt`
 
-    def to_prompt(a):  # [N, K, Hg, ...] -> [B, K, G * Hg, ...]
-        return jnp.swapaxes(a.reshape(B, G, K, Hg, *a.shape[3:]), 1, 2).reshape(B, K, G * Hg, *a.shape[3:])
-
-    def to_rows(a):  # inverse of to_prompt
-        return jnp.swapaxes(a.reshape(B, K, G, Hg, *a.shape[3:]), 1, 2).reshape(N, K, Hg, *a.shape[3:])
-
-    s_p = jnp.einsum("bkqe,bkel->bkql", to_prompt(q_NKGE), pk_BKEL.astype(dt)).astype(f32) * E**-0.5
-    s_p = jnp.where(prompt_mask_BL[:, None, None, :], s_p, NEG_INF)  # [B, K, G*Hg, L]
+    s_p = jnp.einsum("bgkhe,bkel->bgkhl", prompt(q_NKGE), pk_BKEL.astype(dt)).astype(f32) * E**-0.5
+    s_p = jnp.where(prompt_mask_BL[:, None, None, None, :], s_p, NEG_INF)  # [B, G, K, Hg, L]
     s_g = jnp.einsum("nkhe,nket->nkht", q_NKGE, gk_NKET.astype(dt)).astype(f32) * E**-0.5
     s_g = jnp.where(gen_valid_T, s_g, NEG_INF)  # [N, K, Hg, T]
-    m = jnp.maximum(to_rows(s_p.max(-1)), s_g.max(-1))  # [N, K, Hg]
-    e_p = jnp.exp(s_p - to_prompt(m)[..., None])
+    m = jnp.maximum(rows(s_p.max(-1)), s_g.max(-1))  # [N, K, Hg]
+    e_p = jnp.exp(s_p - prompt(m)[..., None])
     e_g = jnp.exp(s_g - m[..., None])
-    denom = to_rows(e_p.sum(-1)) + e_g.sum(-1)
-    out = to_rows(jnp.einsum("bkql,bkle->bkqe", e_p.astype(dt), pv_BKLE.astype(dt)))
+    denom = rows(e_p.sum(-1)) + e_g.sum(-1)
+    out = rows(jnp.einsum("bgkhl,bkle->bgkhe", e_p.astype(dt), pv_BKLE.astype(dt)))
     out = out + jnp.einsum("nkht,nkte->nkhe", e_g.astype(dt), gv_NKTE.astype(dt))
     return (out.astype(f32) / denom[..., None]).astype(dt)
 

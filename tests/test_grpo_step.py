@@ -117,6 +117,11 @@ def test_training_logprobs_equal_sampler_logprobs_with_images(env, first_update)
                                       jnp.asarray(roll.tokens), group_size=G))
   real = np.arange(T)[None] < roll.lengths[:, None]
   np.testing.assert_allclose(scored[real], roll.logprobs[real], atol=1e-5, rtol=0)
+  # scored in chunks, each encoding only its own prompts' images: the same log-probs
+  for chunk in (G, 1):  # one prompt per chunk; a prompt's group spread over G chunks
+    chunked = np.asarray(score_responses(env.model.graphdef, env.params, env.prompt,
+                                         jnp.asarray(roll.tokens), group_size=G, chunk=chunk))
+    np.testing.assert_allclose(chunked[real], scored[real], atol=1e-5, rtol=0, err_msg=f"chunk {chunk}")
   # The check can fail: scoring the responses against the wrong prompts (rows of another image
   # layout) gives different log-probs.
   shuffled = np.asarray(score_responses(env.model.graphdef, env.params, env.prompt,

@@ -116,12 +116,22 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
     shards = batch_shards(mesh, N, B)
     C = chunk_size(N // shards, chunk // shards if chunk else 0)
     n_chunks = N // shards // C
-    x_all = None if prompt.vision is None else model.embed(prompt.input_ids_BL, prompt.vision, constrain)
+    # images: all prompts' at once when one chunk scores everything, else each chunk encodes only its
+    # own prompts (once each; a prompt whose group straddles two chunks is encoded in both), so the
+    # vision tower's memory is set by the chunk too
+    x_all = None
+    if prompt.vision is not None and n_chunks == 1:
+        x_all = model.embed(prompt.input_ids_BL, prompt.vision, constrain)
 
     def one(idx_sk):
         resp = _take_rows(responses_NT, shards, idx_sk)
         prompt_global = (jnp.arange(shards)[:, None] * (B // shards) + idx_sk // group_size).reshape(-1)
-        x_prompt = None if x_all is None else _take_rows(x_all, shards, idx_sk // group_size)
+        if prompt.vision is None:
+            x_prompt = None
+        elif x_all is not None:
+            x_prompt = _take_rows(x_all, shards, idx_sk // group_size)
+        else:
+            x_prompt = embed_prompts(model, prompt, idx_sk // group_size, shards, constrain)
         return response_logprobs(model, prompt, resp, prompt_global, constrain=constrain, x_prompt=x_prompt)[0]
 
     local = jnp.arange(N // shards).reshape(n_chunks, 1, C)

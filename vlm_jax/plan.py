@@ -378,7 +378,6 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             init = init_fn(adapters, optimizer)
             state = jax.eval_shape(init, adapters)
             ref_bytes = 0  # the reference is the base itself
-            base_bytes = 0  # the loaded weights are freed once the (cast) base holds them (`drop_base_params`)
             base_arg_bytes = nbytes(base)
             log(f"{st.name}: LoRA rank {st.lora.rank} on {len(lora.target_modules(params, st.lora.targets))} "
                 f"layers, adapters {nbytes(adapters) / GiB:.3f} GiB, base {base_arg_bytes / GiB:.2f} GiB/chip "
@@ -388,8 +387,9 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             state = jax.eval_shape(init, params)  # abstract, placed by init's output shardings
             # the reference is resident beside the update and the sampler unless it waits in host memory
             ref_bytes = p_bytes if kl and not st.grpo.offload_reference else 0
-            base_bytes = 0  # the loaded weights are freed once the state holds its copy (`drop_base_params`)
             base_arg_bytes = 0
+        # the loaded weights count nowhere: they are freed once the state (or the LoRA base) holds its
+        # copy (`curriculum.drop_base_params`)
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
         num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
@@ -400,7 +400,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if "init" in programs:
             # arguments: the loaded parameters; outputs: the state (parameter copy + moments)
             run("init", init, (state.params if frozen is not None else params,), {},
-                base_arg_bytes + base_bytes)
+                base_arg_bytes)
             if rows[-1].error is None:
                 rows[-1].detail["scalars"] = sum(1 for x in jax.tree.leaves(state) if x.ndim == 0)
         if st.objective == "sft" and "sft" in programs:
@@ -408,10 +408,10 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             batch = SFTBatch(abstract_inputs(model, mesh, B, L, num_patches), _batched(mesh, (B, L), jnp.float32))
             sft_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, normalize=st.sft.normalize,  # noqa: E731
                                     micro_batch=m, mesh=mesh, frozen=frozen)
-            run("sft", sft_step, (state, batch), sft_kw(st.micro_batch_size), base_bytes)
+            run("sft", sft_step, (state, batch), sft_kw(st.micro_batch_size), 0)
             if suggest:
                 rows[-1].detail.update(suggest_micro_batch(
-                    lambda m: compile_program(sft_step, (state, batch), sft_kw(m), resident_extra=base_bytes,
+                    lambda m: compile_program(sft_step, (state, batch), sft_kw(m), resident_extra=0,
                                               hbm=hbm, stage=st.name, program="sft"),
                     st.micro_batch_size or B, B, batch_shards(mesh, B), hbm))
         if st.objective == "grpo":
@@ -430,17 +430,17 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                                          loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
                                          micro_batch=m, mesh=mesh, frozen=frozen)
                 run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size),
-                    ref_bytes + base_bytes)
+                    ref_bytes)
                 if suggest:
                     rows[-1].detail.update(suggest_micro_batch(
                         lambda m: compile_program(policy.grpo_step, (state, rbatch, key), grpo_kw(m),
-                                                  resident_extra=ref_bytes + base_bytes, hbm=hbm, stage=st.name,
+                                                  resident_extra=ref_bytes, hbm=hbm, stage=st.name,
                                                   program="grpo"),
                         st.micro_batch_size or mb, mb, batch_shards(mesh, N, mb), hbm))
             if "score" in programs:
                 run("score", policy.score_responses, (graphdef, policy_params, prompt, resp),
                     dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
-                    (opt_bytes if frozen is not None else s_bytes) + base_bytes)
+                    opt_bytes if frozen is not None else s_bytes)
             if "generate" in programs:
                 tensor = g.rollout_tensor
                 gmesh, gen_params, resident = mesh, policy_params, opt_bytes + ref_bytes

@@ -339,7 +339,13 @@ class GRPOConfig(_Node):
     samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
     `offload_reference` keeps the KL reference parameters in host memory ("pinned_host") and moves
     them to the chips only for the reference scoring, so the update and the sampler run without
-    them resident (one host-to-chip copy per rollout step).
+    them resident (one host-to-chip copy per rollout step). `share_prompt` runs each distinct
+    prompt of a micro-batch (update) or scoring chunk through the decoder once, its completions
+    attending to its keys and values, instead of once per [prompt + completion] row: the same
+    log-probs, loss and gradients (tested), less work the more completions of one prompt a
+    micro-batch holds (unshuffled micro-batches hold whole groups; with shuffled mini-batches,
+    `mini_batch_size` < batch_size * num_samples, a micro-batch can hold G different prompts and
+    gains little).
     """
 
     num_samples: int = 5
@@ -365,6 +371,7 @@ class GRPOConfig(_Node):
     score_chunk: int = 0
     rollout_chunk: int = 0
     offload_reference: bool = False
+    share_prompt: bool = False
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")

@@ -96,7 +96,7 @@ def prompts(n: int, seed: int = 0):
     return out
 
 
-from bench_rollout import pin_cpus  # noqa: E402  (scripts/ is on sys.path: stdlib-only import)
+from cpu_pinning import pin_cpus  # noqa: E402  (scripts/ is on sys.path; stdlib only: the TRL side imports it)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from flax import nnx
 
 from hf_reference import build_reference, make_batch
 from vlm_jax import models, sharding
+from vlm_jax.models import lora
 from vlm_jax.config import MeshConfig, OptimizerConfig
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import (RolloutBatch, distinct_prompts, grpo_step, response_logprobs, score_responses,
@@ -93,7 +94,7 @@ SCAN = dict(attention_chunk=4, logits_chunk=2, remat="full", scan_layers=True)
         ("qwen2_5_vl", {}),
         # chunked attention (several query chunks of the prompt and of the response), chunked
         # log-probs, remat; DeepStack features added to the prompt rows
-        ("qwen3_vl", dict(attention_chunk=4, logits_chunk=2, remat="full")),
+        pytest.param("qwen3_vl", dict(attention_chunk=4, logits_chunk=2, remat="full"), marks=pytest.mark.slow),
         # the layer scan (Qwen3-VL: the DeepStack layers 0, 1 loop, layer 2 is scanned)
         pytest.param("qwen2_5_vl", SCAN, marks=pytest.mark.slow),
         pytest.param("qwen3_vl", SCAN, marks=pytest.mark.slow),
@@ -130,14 +131,24 @@ def on_mesh(env):
     return SimpleNamespace(**{**vars(env), "model": model, "params": params, "rb": rb, "mesh": mesh})
 
 
-def run_grpo(env, share, *, options=None, micro=0, mu=1, minibatch=0):
+def lora_start(env, rank):
+    """Adapters on every adaptable layer, b moved off zero so that a gets a gradient too."""
+    params = lora.init_adapters(env.params, ("language", "vision", "merger"), rank, jax.random.key(1))
+    return jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), params)
+
+
+def run_grpo(env, share, *, options=None, micro=0, mu=1, minibatch=0, lora_rank=0):
     model = env.model.with_options(**(options or {}))
     opt = make_optimizer(OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0, max_grad_norm=0.0), 10, ALL)
-    state = init_state(jax.tree.map(jnp.copy, env.params), opt)
+    frozen = None
+    params = jax.tree.map(jnp.copy, env.params)
+    if lora_rank:
+        frozen, params = lora.Frozen(env.params, 2.0), lora_start(env, lora_rank)
+    state = init_state(params, opt)
     loss_cfg = grpo.GRPOLossConfig(kl_coef=0.05, loss_agg="seq_mean_token_mean", norm_length=T)
     state, m = grpo_step(state, env.rb, jax.random.key(3), graphdef=model.graphdef, optimizer=opt, group_size=G,
                          loss_cfg=loss_cfg, mu=mu, minibatch=minibatch, micro_batch=micro,
-                         mesh=getattr(env, "mesh", None), share_prompt=share)
+                         mesh=getattr(env, "mesh", None), share_prompt=share, frozen=frozen)
     return state, {k: float(v) for k, v in m.items()}
 
 
@@ -148,7 +159,8 @@ def check_grpo_equal(env, **kw):
         np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # the updates agree to 1e-5 of each tensor's largest step, up to the round-off of adding them
     # to parameters of magnitude ~1
-    before, p0, p1 = (jax.device_get(p) for p in (env.params, s0.params, s1.params))
+    start = env.params if not kw.get("lora_rank") else lora_start(env, kw["lora_rank"])
+    before, p0, p1 = (jax.device_get(p) for p in (start, s0.params, s1.params))
     for (path, a), b, c in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(p1), jax.tree.leaves(before)):
         step, param = float(np.abs(np.asarray(a) - c).max()), float(np.abs(c).max())
         assert step > 0, jax.tree_util.keystr(path)
@@ -176,16 +188,31 @@ def test_grpo_step_shared_with_shuffled_minibatches_remat_scan_and_a_mesh(env):
     check_grpo_equal(on_mesh(env), options=SCAN, micro=3, mu=2, minibatch=6)
 
 
+@pytest.mark.slow
+def test_grpo_step_shared_with_lora_adapters(env):
+    """A LoRA stage (adapters attached to the decoder's, the vision tower's and the merger's linear
+    layers, the layers run in the loop): the adapters' update equals the full rows'."""
+    if env.family == "qwen3_vl":
+        pytest.skip("one family")
+    check_grpo_equal(env, micro=6, lora_rank=2)
+
+
 def test_scoring_with_shared_prompts_equals_full_rows(env):
-    """Reference scoring in chunks of 4 completions (chunks that cut groups of 3) and whole, and on
-    a 2-device batch mesh (gathers within each shard)."""
+    """Reference scoring in chunks of 4 completions (chunks that cut groups of 3)."""
     if env.family == "qwen3_vl":
         pytest.skip("the scoring calls the same shared path as the checks above")
     args = (env.model.graphdef, env.params, env.prompt, env.rb.responses_NT)
-    for chunk in (0, 4):
-        want = np.asarray(score_responses(*args, group_size=G, chunk=chunk))
-        got = np.asarray(score_responses(*args, group_size=G, chunk=chunk, share_prompt=True))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk}")
+    want = np.asarray(score_responses(*args, group_size=G, chunk=4))
+    got = np.asarray(score_responses(*args, group_size=G, chunk=4, share_prompt=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_scoring_with_shared_prompts_on_a_mesh_equals_full_rows(env):
+    """Whole and chunked scoring on a 2-device batch mesh (gathers within each shard)."""
+    if env.family == "qwen3_vl":
+        pytest.skip("one family")
+    args = (env.model.graphdef, env.params, env.prompt, env.rb.responses_NT)
     want = np.asarray(score_responses(*args, group_size=G))
     m = on_mesh(env)
     for chunk in (0, 4):  # per shard: 6 completions, 2 prompts; chunk 4 = 2 per shard (cuts a group)

@@ -5,8 +5,9 @@ responses. The prompt embedding (vision tower included) is computed once per pro
 its G responses, so images are never encoded G times; a GRPO micro-batch encodes only its own
 prompts' images. With `share_prompt` the decoder also runs each distinct prompt once per
 micro-batch / scoring chunk, its completions attending to its keys and values
-(`shared_response_logprobs`), instead of once per [prompt + completion] row. Under a mesh, rows stay on the batch shard they
-were placed on: mini- and micro-batches take the same number of rows from every shard.
+(`shared_response_logprobs`), instead of once per [prompt + completion] row. Under a mesh, rows
+stay on the batch shard they were placed on: mini- and micro-batches take the same number of rows
+from every shard.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def shared_response_logprobs(model, prompt, responses_nT, prompt_local_sk, shard
         x_prompt = model.embed(rows(prompt.input_ids_BL), vision, constrain)
     else:
         x_prompt = rows(x_all)
-    pos_prompt = rows(prompt.positions_3BL, axis=1)  # [3, U', L]
+    pos_prompt = rows(prompt.positions_3BL, axis=1)  # [3, shards * U, L]
     start = take(pos_prompt.max(axis=(0, 2)) + 1)
     pos_resp = jnp.broadcast_to((start[:, None] + jnp.arange(T))[None], (3, n, T))
     h_prompt, h_resp = model.decode_shared(

@@ -2,6 +2,7 @@
 
     python scripts/bench_grpo.py [--prompts 4] [--num_samples 4] [--new_tokens 32] [--iters 3]
                                  [--spec grpo] [--cpus N] [--json OUT] [--peer_venv .venv-peer]
+                                 [--share_prompt | --no-share_prompt] [--share_prompt_ab]
 
 An iteration is what a GRPO training step does: sample `--num_samples` completions for each of
 `--prompts` prompts (one image each), decode them and score them with a host reward, score the
@@ -32,6 +33,11 @@ later ones is the figure. The split is rollout (sampling + decoding), rewards, s
 log-probs and the rest of batch preparation) and update, measured by wrapping each side's own
 functions (vlm_jax: `generate_and_grade`, the reward, `score_responses`, `grpo_step`; TRL:
 `_generate`, `_calculate_rewards`, `_generate_and_score_completions`, the step).
+
+`--share_prompt` / `--no-share_prompt` (default: `GRPOConfig.share_prompt`) sets vlm_jax's
+`grpo.share_prompt` (each prompt run once for its G completions in the scoring and the update).
+`--share_prompt_ab` runs no TRL side: vlm_jax with the flag off against vlm_jax with it on, in one
+process, alternating iteration by iteration, with the same split (no peer venv needed).
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def prompts(n: int, seed: int = 0):
     return out
 
 
-from bench_rollout import pin_cpus  # noqa: E402  (scripts/ is on sys.path: stdlib-only import)
+from cpu_pinning import pin_cpus  # noqa: E402  (scripts/ is on sys.path; stdlib only: the TRL side imports it)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +237,9 @@ def ensure_peer_venv(venv: Path) -> Path:
 class VlmJax:
     """One GRPO iteration as `curriculum.train_step` runs it, with the split timed."""
 
-    def __init__(self, model_dir: Path, args):
+    current = None  # the instance whose step runs (the timed wrappers below are installed once)
+
+    def __init__(self, model_dir: Path, args, share_prompt: bool):
         import jax
         import numpy as np
         from PIL import Image
@@ -254,7 +262,8 @@ class VlmJax:
         self.batch = {**self.proc(texts, images, padding_side="left"), "answer": [""] * args.prompts}
         self.cfg = config_lib.GRPOConfig(
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
-            kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean")
+            kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
+            share_prompt=share_prompt)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -272,23 +281,25 @@ class VlmJax:
             return r, {"bench": r}
 
         self.reward_fn = reward_fn
+        if getattr(rollout, "_bench_timed", False):
+            return
         # timed wrappers of the functions collect_rollout looks up at call time
-        self._generate_and_grade = rollout.generate_and_grade
-        self._score = rollout.score_responses
+        generate_and_grade, score_responses = rollout.generate_and_grade, rollout.score_responses
 
         def gen(*a, **k):
             start = time.perf_counter()
-            out = self._generate_and_grade(*a, **k)
-            self.times["gen_and_rewards"] = time.perf_counter() - start
+            out = generate_and_grade(*a, **k)
+            VlmJax.current.times["gen_and_rewards"] = time.perf_counter() - start
             return out
 
         def score(*a, **k):
             start = time.perf_counter()
-            out = jax.block_until_ready(self._score(*a, **k))
-            self.times["score"] = time.perf_counter() - start
+            out = jax.block_until_ready(score_responses(*a, **k))
+            VlmJax.current.times["score"] = time.perf_counter() - start
             return out
 
         rollout.generate_and_grade, rollout.score_responses = gen, score
+        rollout._bench_timed = True
 
     def policy_loss_config(self):
         from vlm_jax.rl import grpo
@@ -302,6 +313,7 @@ class VlmJax:
         jax, np = self.jax, self.np
         from vlm_jax import sharding
 
+        VlmJax.current = self
         self.times.clear()
         rng = jax.random.fold_in(jax.random.key(0), self.step_index)
         self.step_index += 1
@@ -317,7 +329,7 @@ class VlmJax:
         self.state, m = self.policy.grpo_step(
             self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
             group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
-            mesh=self.mesh)
+            mesh=self.mesh, share_prompt=self.cfg.share_prompt)
         metrics = {k: float(v) for k, v in sharding.to_host(m).items()}
         end = time.perf_counter()
         if not np.isfinite(metrics["loss"]):
@@ -347,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JAX CPU devices for vlm_jax (default: one per pinned core; > 1: a data mesh)")
     parser.add_argument("--peer_venv", type=Path, default=ROOT / ".venv-peer")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--share_prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="vlm_jax's grpo.share_prompt (default: the config default)")
+    parser.add_argument("--share_prompt_ab", action="store_true",
+                        help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
     args = parser.parse_args(argv)
     cpus = pin_cpus(args.cpus)
@@ -358,8 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         return peer_main(args)
 
     sys.path.insert(0, str(ROOT))
-    python = ensure_peer_venv(args.peer_venv)
+    python = None if args.share_prompt_ab else ensure_peer_venv(args.peer_venv)
     import jax
+
+    from vlm_jax.config import GRPOConfig
+
+    if args.share_prompt is None:
+        args.share_prompt = GRPOConfig.share_prompt
 
     if args.devices > 1:
         jax.config.update("jax_num_cpu_devices", args.devices)
@@ -369,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model", spec=spec, seed=0)
         n_params = None
-        ours = VlmJax(model_dir, args)
+        ours = VlmJax(model_dir, args, args.share_prompt)
         n_params = sum(x.size for x in jax.tree.leaves(ours.ref))
+        if args.share_prompt_ab:
+            return share_prompt_ab(VlmJax(model_dir, args, False), VlmJax(model_dir, args, True), args,
+                                   n_params, cpus, argv)
         peer = Peer(python, model_dir, args, Path(tmp) / "peer.log")
         try:
             runs: dict[str, list[dict]] = {"vlm_jax": [], "trl": []}
@@ -389,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     config = dict(spec=args.spec, tiny_spec=SPECS[args.spec], params=int(n_params), prompts=args.prompts,
                   num_samples=args.num_samples, new_tokens=args.new_tokens, images_per_prompt=1,
                   kl_coef=KL_COEF, lr=LR, optimizer="adamw, clip 1.0", updates_per_iter=1, dtype="float32",
-                  iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads)
+                  iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads,
+                  share_prompt=args.share_prompt)
     print(f"command: {cmd}")
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}; "
@@ -398,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters): {SPECS[args.spec]}")
     print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x "
           f"{args.new_tokens} new tokens, reward on host, reference log-probs (KL {KL_COEF}), "
-          f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32")
+          f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32; vlm_jax "
+          f"grpo.share_prompt={args.share_prompt}")
     print()
     print(f"{'':<10}{'first s':>10}{'s/iter':>10}{'rollout':>10}{'rewards':>10}{'scoring':>10}{'update':>10}"
           "   later iterations s")
@@ -418,6 +444,40 @@ def main(argv: list[str] | None = None) -> int:
             cores=cpus, config=config, split={s: {k: med[s][k] for k in parts} for s in med},
             first_iter_s={s: runs[s][0]["total"] for s in runs}, command=cmd,
             peer={k: v for k, v in peer.info.items() if k != "ready"}), indent=2) + "\n")
+    return 0
+
+
+def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
+    """vlm_jax with `grpo.share_prompt` off against on, alternating; prints the split and ratios."""
+    import jax
+
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(1 + args.iters):
+        runs["off"].append(off.step())
+        runs["on"].append(on.step())
+    parts = ("rollout", "rewards", "scoring", "update")
+    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
+    pairs = [a["total"] / b["total"] for a, b in zip(runs["off"][1:], runs["on"][1:])]
+    print(f"command: python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; "
+          f"jax {jax.__version__}; load average {os.getloadavg()}")
+    print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters); {args.prompts} prompts x "
+          f"{args.num_samples} samples x {args.new_tokens} new tokens; vlm_jax only, grpo.share_prompt off vs on")
+    print()
+    print(f"{'share':<10}{'first s':>10}{'s/iter':>10}{'rollout':>10}{'rewards':>10}{'scoring':>10}{'update':>10}"
+          "   later iterations s")
+    for side in ("off", "on"):
+        m = med[side]
+        print(f"{side:<10}{runs[side][0]['total']:>10.2f}{m['total']:>10.3f}"
+              + "".join(f"{m[k]:>10.3f}" for k in parts)
+              + "   " + ", ".join(f"{r['total']:.3f}" for r in runs[side][1:]))
+    print(f"speed-up (off / on, medians): {med['off']['total'] / med['on']['total']:.2f}x; per part: "
+          + ", ".join(f"{k} {med['off'][k] / med['on'][k]:.2f}x" for k in parts if med["on"][k] > 0))
+    print(f"per alternating pair: {', '.join(f'{r:.2f}x' for r in pairs)}")
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            split={s: med[s] for s in med}, pair_ratios=pairs, load_average=os.getloadavg(), cores=cpus,
+            first_iter_s={s: runs[s][0]["total"] for s in runs}), indent=2) + "\n")
     return 0
 
 

@@ -40,17 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def pin_cpus(n: int | None) -> list[int]:
-    """Restricts this process to its first `n` allowed cores; threads started later inherit it,
-    so this runs before numpy, JAX or torch start their thread pools."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if n is not None:
-        if not 1 <= n <= len(allowed):
-            raise SystemExit(f"--cpus {n}: this process may use {len(allowed)} cores {allowed}")
-        os.sched_setaffinity(0, allowed[:n])
-    return sorted(os.sched_getaffinity(0))
-
+from cpu_pinning import pin_cpus  # noqa: E402  (re-exported: other scripts import it from here)
 
 if __name__ == "__main__":
     _early = argparse.ArgumentParser(add_help=False)

@@ -143,6 +143,31 @@ def test_loaded_weights_are_not_kept_beside_the_trained_copy(assets, tmp_path, m
     assert len(loaded) > 10 and seen == [(True, 0)]
 
 
+@pytest.mark.slow  # two GRPO runs
+def test_shared_prompt_trains_the_same(assets, tmp_path):
+    """`grpo.share_prompt` through the trainer (reference scoring and update): the same metrics and
+    the same parameters as the [prompt + completion] rows, to fp32 round-off. SGD: AdamW divides by
+    each element's gradient RMS, which turns the round-off of a near-zero gradient into a step of
+    ~lr either way."""
+    out = []
+    for share in (False, True):
+        cfg = two_stage_config(assets, **{"stages.0.steps": 2, "stages.0.grpo.share_prompt": share,
+                                          "stages.0.optimizer.name": "sgd", "stages.0.optimizer.lr": 0.1})
+        cfg = cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[:1]})
+        assert cfg.stages[0].grpo.share_prompt is share
+        wd = tmp_path / f"wd{share}"
+        assert curriculum.run(cfg, wd) == "finished"
+        rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        out.append((rows, final_params(wd)[1]))
+    (rows0, p0), (rows1, p1) = out
+    assert len(rows0) == len(rows1) == 2
+    for r0, r1 in zip(rows0, rows1):
+        for k in ("loss", "kl", "entropy", "grad_norm", "reward/mean"):
+            np.testing.assert_allclose(r1[k], r0[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow  # two GRPO runs: ~1 min on a quiet 2-core machine
 def test_reference_offloaded_to_host_memory_trains_the_same(assets, tmp_path, monkeypatch):
     """`grpo.offload_reference`: the KL reference sits in host memory between its uses and the run

@@ -346,9 +346,13 @@ class GRPOConfig(_Node):
     decode, KV cache split over batch and KV heads) runs there, each device decoding its own rows
     (in the FSDP layout every device computes every row against its weight slices and all-reduces
     the partial products at each token); the copy is dropped before scoring and the update, which
-    stay in the training layout.
-    It must divide the device count and the model's KV heads. 0 (default) samples in the training
-    layout.
+    stay in the training layout. It must divide the device count and the model's KV heads. 0
+    (default) samples in the training layout. `share_prompt` runs each distinct prompt of a
+    micro-batch (update) or scoring chunk through the decoder once, its completions attending to its
+    keys and values, instead of once per [prompt + completion] row: the same log-probs, loss and
+    gradients (tested), less work the more completions of one prompt a micro-batch holds
+    (unshuffled micro-batches hold whole groups; with shuffled mini-batches, `mini_batch_size` <
+    batch_size * num_samples, a micro-batch can hold G different prompts and gains little).
     """
 
     num_samples: int = 5
@@ -375,6 +379,7 @@ class GRPOConfig(_Node):
     rollout_chunk: int = 0
     offload_reference: bool = False
     rollout_tensor: int = 0
+    share_prompt: bool = False
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")

@@ -435,6 +435,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             micro_batch=st.micro_batch_size,
             mesh=model.mesh,
             frozen=stage.frozen,
+            share_prompt=g.share_prompt,
         )
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
         host["reward/errors"] = sum(rewards_lib.reward_errors().values()) - errors_before

@@ -428,7 +428,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             if "grpo" in programs:
                 grpo_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, group_size=G,  # noqa: E731
                                          loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
-                                         micro_batch=m, mesh=mesh, frozen=frozen)
+                                         micro_batch=m, mesh=mesh, frozen=frozen, share_prompt=g.share_prompt)
                 run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size),
                     ref_bytes)
                 if suggest:
@@ -439,7 +439,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                         st.micro_batch_size or mb, mb, batch_shards(mesh, N, mb), hbm))
             if "score" in programs:
                 run("score", policy.score_responses, (graphdef, policy_params, prompt, resp),
-                    dict(group_size=G, chunk=g.score_chunk, mesh=mesh),
+                    dict(group_size=G, chunk=g.score_chunk, mesh=mesh, share_prompt=g.share_prompt),
                     opt_bytes if frozen is not None else s_bytes)
             if "generate" in programs:
                 tensor = g.rollout_tensor

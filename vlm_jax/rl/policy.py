@@ -3,8 +3,11 @@
 A `RolloutBatch` holds B prompts (model inputs, images once per prompt, laid out per row) and N = B * G
 responses. The prompt embedding (vision tower included) is computed once per prompt and gathered for
 its G responses, so images are never encoded G times; a GRPO micro-batch encodes only its own
-prompts' images. Under a mesh, rows stay on the batch shard they
-were placed on: mini- and micro-batches take the same number of rows from every shard.
+prompts' images. With `share_prompt` the decoder also runs each distinct prompt once per
+micro-batch / scoring chunk, its completions attending to its keys and values
+(`shared_response_logprobs`), instead of once per [prompt + completion] row. Under a mesh, rows
+stay on the batch shard they were placed on: mini- and micro-batches take the same number of rows
+from every shard.
 """
 
 from __future__ import annotations
@@ -57,6 +60,39 @@ def response_logprobs(model, prompt, responses_nT, prompt_of_n, *, entropy=False
     )
 
 
+def shared_response_logprobs(model, prompt, responses_nT, prompt_local_sk, shards: int, *, num_prompts: int,
+                             entropy=False, constrain=None, x_all=None):
+    """`response_logprobs` with each distinct prompt computed once for all its completions
+    (`decode_shared`): completion rows `responses_nT` [shards * k, T] of prompts `prompt_local_sk`
+    [shards, k] (local rows of each contiguous row shard of `prompt`), at most `num_prompts`
+    (static, `distinct_prompts`) distinct ones per shard. The decoder runs shards * U prompt rows
+    of length L and n response rows of length T instead of n rows of L + T; each response token
+    sees the same keys, positions and mask, so the values equal `response_logprobs`' (tested), and
+    in the backward pass a prompt's activations receive the sum over its completions. `x_all`
+    [B, L, D]: all prompts' embeddings when already computed. Gathers stay within the shard."""
+    constrain = constrain or (lambda a: a)
+    B = prompt.input_ids_BL.shape[0]
+    n, T = responses_nT.shape
+    uniq_sU, inv_sk = prompt_groups(prompt_local_sk, B // shards, num_prompts)
+    rows = functools.partial(_take_rows, shards=shards, idx_sk=uniq_sU)  # prompt rows [shards * U]
+    take = functools.partial(_take_rows, shards=shards, idx_sk=inv_sk)  # prompt rows -> completion rows
+    if x_all is None:
+        vision = None if prompt.vision is None else jax.tree.map(rows, prompt.vision)
+        x_prompt = model.embed(rows(prompt.input_ids_BL), vision, constrain)
+    else:
+        x_prompt = rows(x_all)
+    pos_prompt = rows(prompt.positions_3BL, axis=1)  # [3, shards * U, L]
+    start = take(pos_prompt.max(axis=(0, 2)) + 1)
+    pos_resp = jnp.broadcast_to((start[:, None] + jnp.arange(T))[None], (3, n, T))
+    h_prompt, h_resp = model.decode_shared(
+        x_prompt, pos_prompt, rows(prompt.attention_mask_BL) > 0, model.embed(responses_nT, None), pos_resp, take,
+        constrain=constrain,
+    )
+    # the prompt's last position predicts response token 0, response position t - 1 token t
+    h = jnp.concatenate([take(h_prompt[:, -1:]), h_resp[:, : T - 1]], axis=1)
+    return token_logprobs(model.logits, h, responses_nT, chunk=model.options.logits_chunk, entropy=entropy)
+
+
 def _take_rows(x, shards: int, idx_sk, axis: int = 0):
     """Rows `idx_sk` [shards, k] (indices within each contiguous row shard) of `x` along `axis`:
     a gather that stays on each shard's devices. Returns [shards * k] rows along `axis`."""
@@ -68,20 +104,37 @@ def _take_rows(x, shards: int, idx_sk, axis: int = 0):
     return jnp.moveaxis(out.reshape(-1, *x.shape[1:]), 0, axis)
 
 
+def distinct_prompts(rows: int, per_shard: int, group_size: int, *, contiguous: bool) -> int:
+    """A static bound on the distinct prompts among `rows` completions of one shard (of `per_shard`
+    completions, G = `group_size` per prompt, a prompt's completions adjacent): the blocks
+    [s, s + rows) for s = 0, rows, 2 * rows, ... when `contiguous` (unshuffled micro-batches,
+    scoring chunks), else any `rows` completions."""
+    B_local = per_shard // group_size
+    if not contiguous:
+        return min(rows, B_local)
+    return min(B_local, max((s + rows - 1) // group_size - s // group_size + 1 for s in range(0, per_shard, rows)))
+
+
+def prompt_groups(prompt_local_sk, B_local: int, size: int):
+    """(uniq_sU, inv_sk): per shard, the distinct prompts (local rows) named in `prompt_local_sk`
+    [shards, k] and each entry's index among them, `size` >= the distinct count per shard (static;
+    all B_local prompts in order when size >= B_local, unused slots repeat a named prompt)."""
+    shards, k = prompt_local_sk.shape
+    if size >= B_local:
+        return jnp.broadcast_to(jnp.arange(B_local), (shards, B_local)), prompt_local_sk
+    uniq_sU, inv_sk = jax.vmap(lambda p: jnp.unique(p, size=size, fill_value=p[0], return_inverse=True))(
+        prompt_local_sk
+    )
+    return uniq_sU, inv_sk.reshape(shards, k)
+
+
 def embed_prompts(model, prompt, prompt_local_sk, shards: int, constrain=None):
     """Embeddings [shards * k, L, D] of the prompts `prompt_local_sk` [shards, k] (rows within each
     shard), each distinct prompt of a shard embedded (its images encoded) once: all the shard's
     prompts when k covers them, else the at most k distinct ones it names. Gathers stay within the
     shard."""
     B_local = prompt.input_ids_BL.shape[0] // shards
-    k = prompt_local_sk.shape[1]
-    if k >= B_local:
-        uniq_sU, inv_sk = jnp.broadcast_to(jnp.arange(B_local), (shards, B_local)), prompt_local_sk
-    else:
-        uniq_sU, inv_sk = jax.vmap(lambda p: jnp.unique(p, size=k, fill_value=p[0], return_inverse=True))(
-            prompt_local_sk
-        )
-        inv_sk = inv_sk.reshape(shards, k)
+    uniq_sU, inv_sk = prompt_groups(prompt_local_sk, B_local, prompt_local_sk.shape[1])
     rows = functools.partial(_take_rows, shards=shards, idx_sk=uniq_sU)
     vision = None if prompt.vision is None else jax.tree.map(rows, prompt.vision)
     x_U = model.embed(rows(prompt.input_ids_BL), vision, constrain)
@@ -105,10 +158,12 @@ def _select(batch: "RolloutBatch", idx_sk, shards: int, group_size: int):
     return fields, prompt_global
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "chunk", "mesh"))
-def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, chunk: int = 0, mesh=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "chunk", "mesh", "share_prompt"))
+def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, chunk: int = 0, mesh=None,
+                    share_prompt: bool = False):
     """Log-probs of all N responses (e.g. under the frozen reference model), `chunk` completions
-    at a time (0 = all at once): memory set by the chunk, not by N."""
+    at a time (0 = all at once): memory set by the chunk, not by N. `share_prompt`: each chunk's
+    distinct prompts run once for their completions (`shared_response_logprobs`; same values)."""
     model = lora.bind(graphdef, params)
     constrain = shd.batch_constraint(mesh)
     N = responses_NT.shape[0]
@@ -123,8 +178,13 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
     if prompt.vision is not None and n_chunks == 1:
         x_all = model.embed(prompt.input_ids_BL, prompt.vision, constrain)
 
+    num_prompts = distinct_prompts(C, N // shards, group_size, contiguous=True)
+
     def one(idx_sk):
         resp = _take_rows(responses_NT, shards, idx_sk)
+        if share_prompt:
+            return shared_response_logprobs(model, prompt, resp, idx_sk // group_size, shards,
+                                            num_prompts=num_prompts, constrain=constrain, x_all=x_all)[0]
         prompt_global = (jnp.arange(shards)[:, None] * (B // shards) + idx_sk // group_size).reshape(-1)
         if prompt.vision is None:
             x_prompt = None
@@ -145,15 +205,21 @@ def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, 
 
 
 def _grpo_micro_loss(params, graphdef, batch: RolloutBatch, idx_sk, weights, token_weights, shards,
-                     group_size, loss_cfg, mesh, frozen=None):
+                     group_size, loss_cfg, mesh, frozen=None, share_prompts: int = 0):
+    """The loss of one micro-batch. `share_prompts` > 0: each distinct prompt runs once for its
+    completions in the micro-batch, at most that many per shard (`shared_response_logprobs`)."""
     model = lora.bind(graphdef, lora.with_adapters(frozen, params))
     f, prompt_rows = _select(batch, idx_sk, shards, group_size)
-    # only this micro-batch's prompts go through the vision tower, each once
-    x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards, shd.batch_constraint(mesh))
-    logp, ent = response_logprobs(
-        model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=shd.batch_constraint(mesh),
-        x_prompt=x_prompt,
-    )
+    constrain = shd.batch_constraint(mesh)
+    if share_prompts:  # the micro-batch's prompts run (and go through the vision tower) once each
+        logp, ent = shared_response_logprobs(model, batch.prompt, f["responses"], idx_sk // group_size, shards,
+                                             num_prompts=share_prompts, entropy=True, constrain=constrain)
+    else:
+        # only this micro-batch's prompts go through the vision tower, each once
+        x_prompt = embed_prompts(model, batch.prompt, idx_sk // group_size, shards, constrain)
+        logp, ent = response_logprobs(
+            model, batch.prompt, f["responses"], prompt_rows, entropy=True, constrain=constrain, x_prompt=x_prompt,
+        )
     ref = f["ref"] if loss_cfg.kl_coef > 0 else None
     loss, metrics = grpo.grpo_loss(
         logp, f["old"], ref, f["adv"], f["mask"], loss_cfg, weights_BT=weights, token_weights_BT=token_weights
@@ -169,7 +235,7 @@ _MAX_METRICS, _MIN_METRICS = ("ratio/max",), ("ratio/min",)
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "optimizer", "group_size", "loss_cfg", "mu", "minibatch", "micro_batch",
-                     "mesh"),
+                     "mesh", "share_prompt"),
     donate_argnums=(0,),
 )
 def grpo_step(
@@ -186,6 +252,7 @@ def grpo_step(
     micro_batch: int = 0,
     mesh=None,
     frozen: lora.Frozen | None = None,
+    share_prompt: bool = False,
 ):
     """`mu` passes over the rollout batch, each split into shuffled mini-batches of `minibatch`
     completions (0 = all), one guarded optimizer update per mini-batch; each mini-batch's gradient is
@@ -193,7 +260,10 @@ def grpo_step(
     memory, not the result. On a mesh, rows are shuffled within each batch shard and every mini- and
     micro-batch takes the same number of rows from every shard, so no row moves between devices.
     With `frozen` (a LoRA stage) `state.params` are the adapters, the only thing differentiated and
-    updated. Returns the new state and the metrics averaged over updates."""
+    updated. `share_prompt`: each distinct prompt of a micro-batch runs through the decoder once
+    for its completions there (`shared_response_logprobs`; the same loss and gradients, less work
+    when a micro-batch holds several completions of one prompt, as unshuffled ones do). Returns the
+    new state and the metrics averaged over updates."""
     N = batch.responses_NT.shape[0]
     B = batch.prompt.input_ids_BL.shape[0]
     mb = N if minibatch in (0, None) else minibatch
@@ -219,7 +289,8 @@ def grpo_step(
     # [updates, micro-batches, shards, rows per shard in a micro-batch]
     idx_all = perms.reshape(mu, shards, n_mb, n_micro, micro // shards)
     idx_all = idx_all.transpose(0, 2, 3, 1, 4).reshape(mu * n_mb, n_micro, shards, micro // shards)
-    grad_fn = jax.value_and_grad(_grpo_micro_loss, has_aux=True)
+    share = distinct_prompts(micro // shards, per, group_size, contiguous=n_mb == 1) if share_prompt else 0
+    grad_fn = jax.value_and_grad(functools.partial(_grpo_micro_loss, share_prompts=share), has_aux=True)
 
     def update(state, idx_u):  # idx_u: [n_micro, shards, k] one mini-batch
         idx_mb = jnp.moveaxis(idx_u, 0, 1).reshape(shards, -1)  # the mini-batch's rows per shard

@@ -358,6 +358,7 @@ def collect_rollout(
             responses,
             group_size=G,
             chunk=cfg.score_chunk,
+            share_prompt=cfg.share_prompt,
             mesh=model.mesh,
         )
     else:

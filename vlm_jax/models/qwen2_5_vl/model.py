@@ -62,20 +62,24 @@ def remat(fn, policy: str):
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
-def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int):
-    """Causal GQA attention of L queries over S = L keys (query i sees keys <= i that are valid),
-    over query chunks: each chunk's scores [B, K, G, C, S] and mask are built, used and (in the
-    backward pass) rebuilt inside the chunk, so no [L, S] mask or score tensor over the whole
-    sequence exists. Softmax in fp32 as in the dense path; returns [B, L, K, G, E]."""
+def causal_attention(q_BLKGE, k_BSKE, v_BSKE, key_valid_BS, chunk: int, q_offset: int = 0):
+    """Causal GQA attention of L queries over S = q_offset + L keys (query i sits at key position
+    q_offset + i and sees the valid keys at or before it; q_offset > 0: the keys start with a
+    prefix, e.g. a shared prompt, that every query may see), over query chunks: each chunk's
+    scores [B, K, G, C, S] and mask are built, used and (in the backward pass) rebuilt inside the
+    chunk, so no [L, S] mask or score tensor over the whole sequence exists. Softmax in fp32 as
+    in the dense path; returns [B, L, K, G, E]."""
     B, L, K, G, E = q_BLKGE.shape
     S = k_BSKE.shape[1]
+    if S != q_offset + L:
+        raise ValueError(f"causal attention needs q_offset + queries = keys, got {q_offset} + {L} vs {S}")
     C = chunk_size(L, chunk)
     dt = q_BLKGE.dtype
     k, v = k_BSKE.astype(dt), v_BSKE.astype(dt)
 
     def block(q_c, start):
         scores = jnp.einsum("bckgd,bskd->bkgcs", q_c, k) * E**-0.5
-        allowed = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]  # [C, S]
+        allowed = (q_offset + start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]  # [C, S]
         allowed = allowed[None] & key_valid_BS[:, None, :]  # [B, C, S]
         scores = jnp.where(allowed[:, None, None], scores.astype(jnp.float32), NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -441,6 +445,15 @@ class Attention(nnx.Module):
             self.H * self.E, t.hidden_size, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs
         )
 
+    def project(self, x_BLD, cos_BLE, sin_BLE):
+        """Queries [B, L, H, E], keys and values [B, L, K, E], rotary applied to q and k."""
+        B, L, _ = x_BLD.shape
+        q = self.q_proj(x_BLD).reshape(B, L, self.H, self.E)
+        k = self.k_proj(x_BLD).reshape(B, L, self.K, self.E)
+        v = self.v_proj(x_BLD).reshape(B, L, self.K, self.E)
+        cos, sin = cos_BLE[:, :, None, :], sin_BLE[:, :, None, :]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
     def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None, key_valid_BS=None,
                  chunk: int = 0):
         """Causal GQA attention. Without `kv`, keys are this call's tokens (S = L). With `kv` = (k, v)
@@ -449,12 +462,7 @@ class Attention(nnx.Module):
         `key_valid_BS[:, j]` (S = L), computed per query chunk of `chunk` (`causal_attention`).
         Returns (out, new_kv)."""
         B, L, _ = x_BLD.shape
-        q = self.q_proj(x_BLD).reshape(B, L, self.H, self.E)
-        k = self.k_proj(x_BLD).reshape(B, L, self.K, self.E)
-        v = self.v_proj(x_BLD).reshape(B, L, self.K, self.E)
-        cos, sin = cos_BLE[:, :, None, :], sin_BLE[:, :, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.project(x_BLD, cos_BLE, sin_BLE)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
@@ -499,6 +507,34 @@ class DecoderLayer(nnx.Module):
         h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, write_index, key_valid, chunk)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+def shared_prompt_layer(layer, x, rope, prompt_valid_UL, take, chunk: int):
+    """One decoder layer (either family's: norms, `self_attn.project` / `o_proj`, MLP) over the
+    two streams of a shared-prompt forward: `x` = (prompt rows [U, Lp, D], response rows [N, Lr, D]),
+    `rope` = ((cos, sin) of the prompts, (cos, sin) of the responses). The prompt rows attend
+    causally to themselves (padding masked by `prompt_valid_UL`); response row n attends to its
+    prompt's keys/values (`take` gathers prompt rows into response rows, so a prompt's G responses
+    share one computation of it) followed causally by its own: for every response token, the same
+    keys, values and mask as a [prompt + response] row, without running the prompt once per row.
+    Returns the new (prompt rows, response rows)."""
+    xp, xr = x
+    (cos_p, sin_p), (cos_r, sin_r) = rope
+    a = layer.self_attn
+    qp, kp, vp = a.project(layer.input_layernorm(xp), cos_p, sin_p)
+    qr, kr, vr = a.project(layer.input_layernorm(xr), cos_r, sin_r)
+    (U, Lp, H, E), (N, Lr) = qp.shape, xr.shape[:2]
+    K = kp.shape[2]
+    op = causal_attention(qp.reshape(U, Lp, K, H // K, E), kp, vp, prompt_valid_UL, chunk)
+    keys = jnp.concatenate([take(kp), kr.astype(kp.dtype)], axis=1)  # [N, Lp + Lr, K, E]
+    values = jnp.concatenate([take(vp), vr.astype(vp.dtype)], axis=1)
+    valid = jnp.concatenate([take(prompt_valid_UL), jnp.ones((N, Lr), bool)], axis=1)
+    orr = causal_attention(qr.reshape(N, Lr, K, H // K, E), keys, values, valid, chunk, q_offset=Lp)
+    xp = xp + a.o_proj(op.reshape(U, Lp, H * E))
+    xr = xr + a.o_proj(orr.reshape(N, Lr, H * E))
+    xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
+    xr = xr + layer.mlp(layer.post_attention_layernorm(xr))
+    return xp, xr
 
 
 class TextModel(nnx.Module):
@@ -673,6 +709,48 @@ class Qwen25VL(nnx.Module):
         kv_in = (jnp.stack(cache.k[:n]), jnp.stack(cache.v[:n]))
         x_BLD, (ks, vs) = scan_layers(layers, body, x_BLD, kv_in, dtype=self.dtype)
         return x_BLD, (tuple(ks), tuple(vs))
+
+    def text_rope(self, positions_3BL, dtype):
+        """The decoder's (cos, sin) [B, L, E] for multimodal positions [3, B, L]."""
+        return mrope_cos_sin(positions_3BL, self.config, dtype)
+
+    def decode_shared(self, xp_ULD, positions_p_3UL, prompt_valid_UL, xr_NLD, positions_r_3NL, take, *,
+                      constrain=None):
+        """The decoder stack over U prompt rows and N response rows, each prompt computed once for
+        all the responses that follow it (`shared_prompt_layer`; `take(a)` maps prompt rows [U, ...]
+        to response rows [N, ...], e.g. a gather of each response's prompt). Equal to `decode` over
+        the [prompt + response] rows (same positions, keys, masks). Inputs as `embed` returns them
+        (Qwen3-VL: widened with the DeepStack features, added to the prompt rows after layer j; a
+        response row has none). Layers run in a loop under the remat policy or, with
+        `scan_layers`, as one scan (past the DeepStack layers); `constrain` pins both streams at
+        every layer boundary. Returns (prompt hidden [U, Lp, D], response hidden [N, Lr, D]) after
+        the final norm."""
+        constrain = constrain or (lambda a: a)
+        D = self.config.text.hidden_size
+        deep = xp_ULD[..., D:]
+        n_deep = deep.shape[-1] // D
+        x = (constrain(xp_ULD[..., :D]), constrain(xr_NLD[..., :D]))
+        dt = x[0].dtype
+        rope = (self.text_rope(positions_p_3UL, dt), self.text_rope(positions_r_3NL, dt))
+        chunk, policy = self.options.attention_chunk, self.options.remat
+        layers = list(self.language_model.layers)
+        n_loop = min(n_deep, len(layers))
+        if not (self.options.scan_layers and n_loop < len(layers) and same_structure(layers[n_loop:])):
+            n_loop = len(layers)
+
+        def body(layer, x, rope):
+            xp, xr = shared_prompt_layer(layer, x, rope, prompt_valid_UL, take, chunk)
+            return constrain(xp), constrain(xr)
+
+        for i, layer in enumerate(layers[:n_loop]):
+            x = remat(lambda x_, r_, lyr=layer: body(lyr, x_, r_), policy)(x, rope)
+            if i < n_deep:
+                x = (constrain(x[0] + deep[..., i * D : (i + 1) * D]), x[1])
+        if n_loop < len(layers):
+            x, _ = scan_layers(layers[n_loop:], lambda lyr, x_, _: (body(lyr, x_, rope), None), x,
+                               policy=policy, dtype=self.dtype)
+        norm = self.language_model.norm
+        return norm(x[0]), norm(x[1])
 
     # logical axes of the DecodeCache arrays: keys [., K, E, length], values [., K, length, E]
     DECODE_K_AXES = ("batch", "kv_heads", "head_dim", "kv_length")

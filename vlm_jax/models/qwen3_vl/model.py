@@ -3,7 +3,7 @@ per image, per-frame full attention and DeepStack mergers, and a Qwen3 decoder (
 head_dim, interleaved multimodal RoPE) that adds the DeepStack features to the image positions after
 its first layers. Matches transformers 5.x to fp32 round-off.
 
-The model has Qwen2.5-VL's interface (`embed`, `decode`, `logits`, `__call__`, `init_cache`,
+The model has Qwen2.5-VL's interface (`embed`, `decode`, `decode_shared`, `logits`, `__call__`, `init_cache`,
 `init_decode_cache`, `decode_weights`, `decode_rope`, `decode_step`), so the sampler, GRPO, SFT,
 export and evaluation run the same code for both families. It subclasses `Qwen25VL` for the methods
 that do not depend on the layer internals (caches, logits, the full forward) and reuses its blocks.
@@ -228,16 +228,19 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(self.E, t.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(self.E, t.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None, key_valid_BS=None,
-                 chunk: int = 0):
-        """As Qwen2.5-VL's `Attention`, with q/k RMSNorm over head_dim before the rope."""
+    def project(self, x_BLD, cos_BLE, sin_BLE):
+        """Queries [B, L, H, E], keys and values [B, L, K, E]: q/k RMSNorm, then the rope."""
         B, L, _ = x_BLD.shape
         q = self.q_norm(self.q_proj(x_BLD).reshape(B, L, self.H, self.E))
         k = self.k_norm(self.k_proj(x_BLD).reshape(B, L, self.K, self.E))
         v = self.v_proj(x_BLD).reshape(B, L, self.K, self.E)
         cos, sin = cos_BLE[:, :, None, :], sin_BLE[:, :, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def __call__(self, x_BLD, cos_BLE, sin_BLE, mask_BLS, kv=None, write_index=None, key_valid_BS=None,
+                 chunk: int = 0):
+        """As Qwen2.5-VL's `Attention`, with q/k RMSNorm over head_dim before the rope."""
+        q, k, v = self.project(x_BLD, cos_BLE, sin_BLE)
         new_kv = None
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
@@ -305,6 +308,10 @@ class Qwen3VL(Qwen25VL):
         parts = [jnp.where(is_img, row(feats_BMD), x)]
         parts += [jnp.where(is_img, row(d), 0) for d in deep]
         return jnp.concatenate(parts, axis=-1)
+
+    def text_rope(self, positions_3BL, dtype):
+        """The decoder's interleaved-mrope (cos, sin) [B, L, E] (used by `decode_shared`)."""
+        return mrope_cos_sin(positions_3BL, self.config, dtype)
 
     def decode(
         self, x_BLD, positions_3BL, mask_BLS, cache=None, write_index=None, *, key_valid_BS=None, constrain=None

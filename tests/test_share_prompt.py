@@ -170,11 +170,10 @@ def check_grpo_equal(env, **kw):
     return s1
 
 
+@pytest.mark.parametrize("env", ["qwen2_5_vl"], indirect=True)  # one family: the decoder path is shared
 def test_grpo_step_with_shared_prompts_equals_full_rows_and_does_not_recompile(env):
     """Two micro-batches of 6 completions (2 prompts each, G = 3): loss, metrics and the update of
     every parameter equal; a second step of the same shapes compiles nothing."""
-    if env.family == "qwen3_vl":
-        pytest.skip("one family is enough for the step (the decoder path is shared; Qwen3-VL is checked above)")
     check_grpo_equal(env, micro=6)
     before = grpo_step._cache_size()
     run_grpo(env, True, micro=6)
@@ -189,18 +188,16 @@ def test_grpo_step_shared_with_shuffled_minibatches_remat_scan_and_a_mesh(env):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("env", ["qwen2_5_vl"], indirect=True)  # one family: the decoder path is shared
 def test_grpo_step_shared_with_lora_adapters(env):
     """A LoRA stage (adapters attached to the decoder's, the vision tower's and the merger's linear
     layers, the layers run in the loop): the adapters' update equals the full rows'."""
-    if env.family == "qwen3_vl":
-        pytest.skip("one family")
     check_grpo_equal(env, micro=6, lora_rank=2)
 
 
+@pytest.mark.parametrize("env", ["qwen2_5_vl"], indirect=True)  # one family: the decoder path is shared
 def test_scoring_with_shared_prompts_equals_full_rows(env):
     """Reference scoring in chunks of 4 completions (chunks that cut groups of 3)."""
-    if env.family == "qwen3_vl":
-        pytest.skip("the scoring calls the same shared path as the checks above")
     args = (env.model.graphdef, env.params, env.prompt, env.rb.responses_NT)
     want = np.asarray(score_responses(*args, group_size=G, chunk=4))
     got = np.asarray(score_responses(*args, group_size=G, chunk=4, share_prompt=True))
@@ -208,10 +205,9 @@ def test_scoring_with_shared_prompts_equals_full_rows(env):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("env", ["qwen2_5_vl"], indirect=True)  # one family: the decoder path is shared
 def test_scoring_with_shared_prompts_on_a_mesh_equals_full_rows(env):
     """Whole and chunked scoring on a 2-device batch mesh (gathers within each shard)."""
-    if env.family == "qwen3_vl":
-        pytest.skip("one family")
     args = (env.model.graphdef, env.params, env.prompt, env.rb.responses_NT)
     want = np.asarray(score_responses(*args, group_size=G))
     m = on_mesh(env)

@@ -68,6 +68,9 @@ _GRPO = GRPOConfig(
     # sample on a (data 16, fsdp 1, tensor 4) decoding mesh: the policy resharded once per rollout, so
     # no decode step gathers FSDP-sharded weights (4 = the model's KV heads; planned in docs/scale.md)
     rollout_tensor=4,
+    # shuffled mini-batches (640 of 2,560 completions): a micro-batch may name as many prompts as
+    # completions, so sharing them saves little; the planner's figures (docs/scale.md) are without it
+    share_prompt=False,
 )
 
 _OPTIMIZER = OptimizerConfig(name="adamw", lr=1e-6, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,

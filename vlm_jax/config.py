@@ -379,7 +379,7 @@ class GRPOConfig(_Node):
     rollout_chunk: int = 0
     offload_reference: bool = False
     rollout_tensor: int = 0
-    share_prompt: bool = False
+    share_prompt: bool = True
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")

@@ -426,13 +426,7 @@ def main(argv: list[str] | None = None) -> int:
           f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32; vlm_jax "
           f"grpo.share_prompt={args.share_prompt}")
     print()
-    print(f"{'':<10}{'first s':>10}{'s/iter':>10}{'rollout':>10}{'rewards':>10}{'scoring':>10}{'update':>10}"
-          "   later iterations s")
-    for side in ("vlm_jax", "trl"):
-        m = med[side]
-        print(f"{side:<10}{runs[side][0]['total']:>10.2f}{m['total']:>10.3f}"
-              + "".join(f"{m[k]:>10.3f}" for k in parts)
-              + "   " + ", ".join(f"{r['total']:.3f}" for r in runs[side][1:]))
+    print_split(runs, med, parts)
     print(f"speed-up (TRL s/iter / vlm_jax s/iter, medians): {ratio:.2f}x; per part: "
           + ", ".join(f"{k} {med['trl'][k] / med['vlm_jax'][k]:.1f}x" for k in parts if med["vlm_jax"][k] > 0))
     print(f"speed-up per alternating pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)} "
@@ -445,6 +439,16 @@ def main(argv: list[str] | None = None) -> int:
             first_iter_s={s: runs[s][0]["total"] for s in runs}, command=cmd,
             peer={k: v for k, v in peer.info.items() if k != "ready"}), indent=2) + "\n")
     return 0
+
+
+def print_split(runs: dict[str, list[dict]], med: dict[str, dict], parts, label: str = "") -> None:
+    """One row per side: first-iteration seconds, median s/iter and per part, the later iterations."""
+    print(f"{label:<10}{'first s':>10}{'s/iter':>10}" + "".join(f"{k:>10}" for k in parts)
+          + "   later iterations s")
+    for side, rs in runs.items():
+        m = med[side]
+        print(f"{side:<10}{rs[0]['total']:>10.2f}{m['total']:>10.3f}"
+              + "".join(f"{m[k]:>10.3f}" for k in parts) + "   " + ", ".join(f"{r['total']:.3f}" for r in rs[1:]))
 
 
 def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
@@ -464,13 +468,7 @@ def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
     print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters); {args.prompts} prompts x "
           f"{args.num_samples} samples x {args.new_tokens} new tokens; vlm_jax only, grpo.share_prompt off vs on")
     print()
-    print(f"{'share':<10}{'first s':>10}{'s/iter':>10}{'rollout':>10}{'rewards':>10}{'scoring':>10}{'update':>10}"
-          "   later iterations s")
-    for side in ("off", "on"):
-        m = med[side]
-        print(f"{side:<10}{runs[side][0]['total']:>10.2f}{m['total']:>10.3f}"
-              + "".join(f"{m[k]:>10.3f}" for k in parts)
-              + "   " + ", ".join(f"{r['total']:.3f}" for r in runs[side][1:]))
+    print_split(runs, med, parts, label="share")
     print(f"speed-up (off / on, medians): {med['off']['total'] / med['on']['total']:.2f}x; per part: "
           + ", ".join(f"{k} {med['off'][k] / med['on'][k]:.2f}x" for k in parts if med["on"][k] > 0))
     print(f"per alternating pair: {', '.join(f'{r:.2f}x' for r in pairs)}")

@@ -184,6 +184,25 @@ def make_batch(rows, *, padding="right", seed=0, vocab=200, patch=14):
     return batch
 
 
+def random_rollout_batch(prompt, G: int, T: int, rng: np.random.Generator):
+    """A GRPO `RolloutBatch` of G random completions (lengths 1..T, tokens < 200) per row of the model
+    inputs `prompt`, with random old / reference log-probs and advantages, drawn from `rng`."""
+    import jax.numpy as jnp
+
+    from vlm_jax.rl.policy import RolloutBatch
+
+    N = prompt.input_ids_BL.shape[0] * G
+    mask = (np.arange(T)[None] < rng.integers(1, T + 1, size=N)[:, None]).astype(np.float32)
+    return RolloutBatch(
+        prompt,
+        jnp.asarray(rng.integers(0, 200, size=(N, T)), jnp.int32),
+        jnp.asarray(mask),
+        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
+        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
+        jnp.asarray(rng.standard_normal(N), jnp.float32),
+    )
+
+
 def reference_logits(model, batch) -> np.ndarray:
     """transformers logits with positions from its own get_rope_index (and mm_token_type_ids)."""
     ids = torch.as_tensor(np.asarray(batch["input_ids"], np.int64))

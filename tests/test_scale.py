@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from hf_reference import build_reference, make_batch
+from hf_reference import build_reference, make_batch, random_rollout_batch
 from vlm_jax import config as config_lib
 from vlm_jax import models, sharding
 from vlm_jax.config import MeshConfig, OptimizerConfig
 from vlm_jax.rl import grpo
-from vlm_jax.rl.policy import RolloutBatch, grpo_step, response_logprobs
+from vlm_jax.rl.policy import grpo_step, response_logprobs
 from vlm_jax.sft import SFTBatch, sft_loss, sft_loss_weights, sft_step
 from vlm_jax.train_state import apply_gradients, init_state, make_optimizer
 
@@ -174,28 +174,11 @@ def test_micro_batched_sft_step_equals_one_batch(ref_dir, env, normalize):
     assert moved > 1e-3  # the update did something
 
 
-def rollout_batch(model, batch, G, T, seed=0):
-    rng = np.random.default_rng(seed)
-    prompt = model.prepare(batch)
-    B = prompt.input_ids_BL.shape[0]
-    N = B * G
-    lengths = rng.integers(1, T + 1, size=N)
-    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
-    return RolloutBatch(
-        prompt,
-        jnp.asarray(rng.integers(0, 200, size=(N, T)), jnp.int32),
-        jnp.asarray(mask),
-        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
-        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
-        jnp.asarray(rng.standard_normal(N), jnp.float32),
-    )
-
-
 @pytest.mark.parametrize(
     "loss_agg", ["seq_mean_token_mean", pytest.param("seq_mean_token_sum_norm", marks=pytest.mark.slow)])
 def test_micro_batched_grpo_step_equals_one_batch(env, loss_agg):
     G, T = 2, 6
-    rb = rollout_batch(env.model, env.batch, G, T)
+    rb = random_rollout_batch(env.model.prepare(env.batch), G, T, np.random.default_rng(0))
     loss_cfg = grpo.GRPOLossConfig(kl_coef=0.05, loss_agg=loss_agg, norm_length=T)
     opt = make_optimizer(OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0), 10, ALL)
     out = {}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_reference import build_reference, make_batch
+from hf_reference import build_reference, make_batch, random_rollout_batch
 from vlm_jax import models, sharding
 from vlm_jax.models import lora
 from vlm_jax.config import MeshConfig, OptimizerConfig
@@ -43,15 +43,7 @@ def env(tmp_path_factory, request):
     prompt = jax.tree.map(jnp.asarray, sampler.prepare_prompts(model, batch))
     rng = np.random.default_rng(5)
     N = len(ROWS) * G
-    mask = (np.arange(T)[None] < rng.integers(1, T + 1, size=N)[:, None]).astype(np.float32)
-    rb = RolloutBatch(
-        prompt,
-        jnp.asarray(rng.integers(0, 200, size=(N, T)), jnp.int32),
-        jnp.asarray(mask),
-        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
-        jnp.asarray(-rng.uniform(0.5, 4.0, size=(N, T)), jnp.float32),
-        jnp.asarray(rng.standard_normal(N), jnp.float32),
-    )
+    rb = random_rollout_batch(prompt, G, T, rng)
     return SimpleNamespace(family=family, path=path, model=model, params=params, prompt=prompt, rb=rb,
                            weights=jnp.asarray(rng.standard_normal((N, T)), jnp.float32))
 

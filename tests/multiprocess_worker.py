@@ -8,7 +8,7 @@ distributed runtime, then:
 2. saves the loaded parameters with `save_pretrained` to `--save-dir` (process 0 writes);
 3. iterates the grain pipeline over `--num-rows` synthetic perception rows (seed 0) with the default
    shard_index/shard_count and records the source index of every real row;
-4. trains the curriculum of `--train-assets`, then truncates its newest checkpoint and reruns it
+4. trains the curriculum of `--train-assets` (recording the rows each process reads), then truncates its newest checkpoint and reruns it
    (resume from the step before).
 
 Results go to `--out` (JSON) and `--out`.npz (logits); a failure writes its traceback into the JSON
@@ -18,6 +18,7 @@ so the test can show it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -85,12 +86,61 @@ def data_indices(num_rows: int, tiny_dir: Path) -> dict[str, Any]:
   return {"indices": indices, "stats": it.stats}
 
 
-def train(assets: Path, workdir: Path) -> str:
+class _Recorder:
+  """Wraps a stage's data iterator; logs the (source, row index) of each real row it yields."""
+
+  def __init__(self, inner, log: list, stage: str):
+    self._inner, self._log, self._stage = inner, log, stage
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._inner)
+    rows = [[int(s), int(i)] for s, i, real in zip(batch["source"], batch["index"], batch["row_mask"]) if real]
+    self._log.append({"stage": self._stage, "rows": rows})
+    return batch
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def recording_training_rows():
+  """Within: every row the curriculum's training steps read (not the start-up checks' first
+  batches) is logged, per batch drawn, in the list yielded."""
+  from vlm_jax import curriculum
+
+  log: list = []
+  step = curriculum.train_step
+
+  def recorded(env, stage, *args, **kwargs):
+    inner = stage.iterator
+    stage.iterator = _Recorder(inner, log, stage.cfg.name)
+    try:
+      return step(env, stage, *args, **kwargs)
+    finally:
+      stage.iterator = inner
+
+  curriculum.train_step = recorded
+  try:
+    yield log
+  finally:
+    curriculum.train_step = step
+
+
+def train(assets: Path, workdir: Path, record: list | None = None) -> str:
   """The SFT + GRPO curriculum of `assets/config.py` over the 8-device, 2-process mesh, checkpointed
-  in `workdir`; returns the run status."""
+  in `workdir`; returns the run status. `record`: gets the rows each training step read."""
   from vlm_jax import config as config_lib, curriculum
 
-  return curriculum.run(config_lib.load_config(str(assets / "config.py"), []), workdir)
+  cfg = config_lib.load_config(str(assets / "config.py"), [])
+  if record is None:
+    return curriculum.run(cfg, workdir)
+  with recording_training_rows() as log:
+    status = curriculum.run(cfg, workdir)
+  record.extend(log)
+  return status
 
 
 def resume_past_damage(assets: Path, workdir: Path) -> dict[str, Any]:
@@ -157,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("save")
     result["data"] = data_indices(args.num_rows, args.tiny)
     lap("data")
-    result["train"] = train(args.train_assets, args.train_assets / "workdir")
+    result["train_rows"] = []
+    result["train"] = train(args.train_assets, args.train_assets / "workdir", result["train_rows"])
     lap("train")
     result["damaged_resume"] = resume_past_damage(args.train_assets, args.train_assets / "workdir")
     lap("damaged_resume")

@@ -118,10 +118,10 @@ def get_config():
                       batch_size=8, optimizer=OptimizerConfig(lr=1e-3))
     grpo = StageConfig(name="grpo", capability="perception", objective="grpo", datasets=data, steps=2,
                        batch_size=8, optimizer=OptimizerConfig(lr=1e-3),
-                       grpo=GRPOConfig(num_samples=4, max_new_tokens=8, kl_coef=0.1),
+                       grpo=GRPOConfig(num_samples=4, max_new_tokens=8, kl_coef=0.1, dynamic_sampling=True),
                        reward=(("{reward}:distinct_chars", 1.0),))
     return Config(model=ModelConfig(path="{model}"), mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
-                  data=DataConfig(data_dir="{data}", max_prompt_len=128, length_buckets=(192,),
+                  data=DataConfig(data_dir="{data}", max_prompt_len=128, length_buckets=(192,), shards=2,
                                   min_pixels_per_image=28 * 28 * 4, max_pixels_per_image=112 * 112),
                   stages=(sft, grpo), checkpoint=CheckpointConfig(every=1, keep=2, async_save=False),
                   logging=LoggingConfig(every=1, tensorboard=False, progress=False), seed=0)
@@ -236,8 +236,10 @@ def test_data_pipeline_shards_are_disjoint_and_cover_the_split(run):
 
 def test_two_process_training_run_matches_one_process(run):
   """`curriculum.run` (2 SFT steps, then 2 GRPO steps: sampling, rewards, policy update) over
-  2 processes x 4 devices (collectives over gloo) finishes, writes metrics once, samples the same
-  rollouts and trains the same parameters as one process with 8 devices."""
+  2 processes x 4 devices (collectives over gloo), each process reading only its own data shard,
+  finishes, writes metrics once, samples the same rollouts and trains the same parameters as one
+  process with 8 devices reading both shards."""
+  import multiprocess_worker
   from vlm_jax import config as config_lib, curriculum
 
   assert all(r["train"] == "finished" for r in run["results"])
@@ -247,7 +249,21 @@ def test_two_process_training_run_matches_one_process(run):
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4] and np.all(np.isfinite(losses))
   grpo = [r for r in records if r.get("stage") == "grpo" and "loss" in r]
   assert all(r["adv/std"] > 0.5 and r["pg_loss"] != 0 for r in grpo), grpo  # a real policy update
-  assert curriculum.run(config_lib.load_config(str(d / "config.py"), []), d / "single") == "finished"
+  with multiprocess_worker.recording_training_rows() as single_rows:
+    assert curriculum.run(config_lib.load_config(str(d / "config.py"), []), d / "single") == "finished"
+  # each process read only its shard (data.shards=2: shard k holds the rows k, k+2, ...), and every
+  # batch of the one-process run is process 0's rows of it, then process 1's
+  per_process = [r["train_rows"] for r in run["results"]]
+  assert len(per_process[0]) == len(per_process[1]) == len(single_rows) >= 4
+  for k, drawn in enumerate(per_process):
+    assert all(index % 2 == k for batch in drawn for _, index in batch["rows"]), k
+  for a, b, one in zip(*per_process, single_rows):
+    assert a["stage"] == b["stage"] == one["stage"]
+    assert len(a["rows"]) == len(b["rows"]) == 4
+    assert a["rows"] + b["rows"] == one["rows"]
+  sft_rows = [tuple(row) for drawn in per_process for batch in drawn if batch["stage"] == "sft"
+              for row in batch["rows"]]
+  assert len(sft_rows) == len(set(sft_rows)) == 16  # 2 steps x 8 rows: no row read twice
   single = [json.loads(line) for line in (d / "single" / "metrics.jsonl").read_text().splitlines()]
   for key in ("reward/mean", "reward/std", "entropy"):  # same rollouts as with one process
     np.testing.assert_allclose([r[key] for r in grpo],

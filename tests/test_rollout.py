@@ -134,24 +134,26 @@ class GroupReward:
     return total, {"accuracy": total, "format": np.ones_like(total)}
 
 
-def prompt_stream(env, answers: list[tuple[str, str]]) -> Iterator[dict]:
-  """Processor batches of two prompts each: a text-only row, then a one-image row."""
+def prompt_stream(env, answers: list[tuple[str, str]], shards: int = 1) -> Iterator[dict]:
+  """Processor batches of two prompts each: a text-only row, then a one-image row (with
+  `shards=2`, from data shard 0 and 1)."""
   for k, (text_answer, image_answer) in enumerate(answers):
     batch = env.proc(["Count the dots.", f"{IMG}Which shape?"], [None, [image(56, 56, 10 + k)]])
-    yield {**batch, "answer": [text_answer, image_answer], "task": ["toy", "toy"],
-           "answer_type": ["number", "number"]}
+    batch = {**batch, "answer": [text_answer, image_answer], "task": ["toy", "toy"],
+             "answer_type": ["number", "number"]}
+    yield {**batch, "shard": [0, 1]} if shards == 2 else batch
 
 
-def collect(env, answers, *, batch_size=2, dynamic=True, max_extra_draws=4, seed=0):
+def collect(env, answers, *, batch_size=2, dynamic=True, max_extra_draws=4, seed=0, shards=1):
   cfg = GRPOConfig(num_samples=G, max_new_tokens=NEW, kl_coef=0.0, dynamic_sampling=dynamic,
                    max_extra_draws=max_extra_draws)
   reward = GroupReward()
-  stream = prompt_stream(env, answers)
+  stream = prompt_stream(env, answers, shards)
   batch, graded, metrics = collect_rollout(
       env.model, env.params, env.params, stream, cfg=cfg, tokenizer=env.proc.tokenizer,
       reward_fn=reward, rng=jax.random.key(seed), eos_token_ids=env.proc.eos_token_ids,
       pad_token_id=env.proc.pad_token_id, image_token_id=env.proc.image_token_id,
-      batch_size=batch_size)
+      batch_size=batch_size, shards=shards)
   return SimpleNamespace(batch=batch, graded=graded, metrics=metrics, reward=reward,
                          left=sum(1 for _ in stream))
 
@@ -172,6 +174,25 @@ def test_dynamic_sampling_drops_flat_groups_and_draws_more(env):
   np.testing.assert_allclose(out.graded.rewards, np.tile(np.arange(G) / G, 2))
   assert out.batch.responses_NT.shape == (2 * G, NEW)
   assert out.batch.prompt.input_ids_BL.shape[0] == 2
+
+
+def test_dynamic_sampling_fills_each_data_shard_from_its_own_rows(env):
+  """Two data shards (row 0 of each draw from shard 0, row 1 from shard 1), one prompt each: shard 1
+  is full after the first draw (varied1), shard 0 only at the third (varied4), and the batch is
+  shard 0's prompts, then shard 1's - what two processes reading one shard each would build."""
+  out = collect(env, STREAM, max_extra_draws=4, shards=2)
+  assert out.graded.prompts["answer"] == ["varied4", "varied1"]
+  assert out.graded.prompts["shard"] == [0, 1]
+  m = out.metrics
+  assert m["rollout/draws"] == 3 and m["rollout/prompts_seen"] == 6 and out.left == 1
+  np.testing.assert_allclose(out.graded.rewards, np.tile(np.arange(G) / G, 2))
+  # capped at one extra draw: shard 0 fills with its own first equal-reward group (flat0), not
+  # with another shard's
+  out = collect(env, STREAM, max_extra_draws=1, shards=2)
+  assert out.graded.prompts["answer"] == ["flat0", "varied1"]
+  assert out.metrics["dynamic/filled_equal_reward_groups"] == 1
+  with pytest.raises(ValueError, match="batch_size 3 does not split over 2 data shards"):
+    collect(env, STREAM, batch_size=3, shards=2)
 
 
 def test_rollout_batch_rows_score_against_their_own_prompts(env):

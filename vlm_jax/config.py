@@ -254,9 +254,15 @@ class DataConfig(_Node):
     `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
     dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
     start when a dataset would skip more than `preflight_max_skip_share` of them.
+
+    `shards`: each stage's data is read as that many shards (0: one per process), each filling
+    `batch_size / shards` rows of every batch; a process reads only its own shards (its rows and
+    images), and the batches depend on `shards`, not on the process count, so a run resumes (and
+    repeats) on any process count that divides it (`vlm_jax.data.shards`).
     """
 
     data_dir: str = ""
+    shards: int = 0
     max_prompt_len: int = 512
     length_buckets: tuple[int, ...] = (64, 128, 256, 512)
     max_pixels_per_image: int = 1_003_520
@@ -268,6 +274,7 @@ class DataConfig(_Node):
     def _check(self) -> None:
         _at_least(self, 1, "max_prompt_len", "min_pixels_per_image")
         _at_least(self, -1, "preflight_rows")
+        _at_least(self, 0, "shards")
         _require(0 <= self.preflight_max_skip_share <= 1, "preflight_max_skip_share",
                  f"must be in [0, 1], got {self.preflight_max_skip_share}")
         b = self.length_buckets

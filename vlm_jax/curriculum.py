@@ -177,6 +177,7 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
         options=model_options(cfg),
     )
     check_rollout_layouts(cfg, model.config, mesh.devices.size)
+    check_data_shards(cfg, mesh)
     patch = int(processor.image_processor.patch_size)  # 14 (Qwen2.5-VL) or 16 (Qwen3-VL)
     return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg, patch))
 
@@ -189,6 +190,44 @@ def check_rollout_layouts(cfg: config_lib.Config, model_config, n_devices: int) 
         if st.objective == "grpo" and st.grpo.rollout_tensor:
             sampler.check_decode_layout(model_config, n_devices, st.grpo.rollout_tensor,
                                         f"stages.{i}.grpo.rollout_tensor")
+
+
+def data_shards(cfg: config_lib.Config) -> int:
+    """The number of data shards of every stage (`data.shards`, 0: one per process)."""
+    return cfg.data.shards or jax.process_count()
+
+
+def check_data_shards(cfg: config_lib.Config, mesh) -> None:
+    """The data shards split over the processes, every stage's batch over the shards, and each
+    process's rows over its devices' batch shards (ConfigErrors naming the key, before any compile)."""
+    shards, procs = data_shards(cfg), jax.process_count()
+    if shards % procs:
+        raise config_lib.ConfigError(
+            f"{shards} data shards do not split over {procs} processes; use a multiple of {procs}",
+            "data.shards")
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    for i, st in enumerate(cfg.stages):
+        if st.batch_size % shards:
+            raise config_lib.ConfigError(
+                f"batch_size {st.batch_size} does not split over {shards} data shards "
+                f"({'data.shards' if cfg.data.shards else 'one per process'})", f"stages.{i}.batch_size")
+        if procs > 1:
+            if st.batch_size % n_batch:
+                raise config_lib.ConfigError(
+                    f"batch_size {st.batch_size} does not split over the mesh's {n_batch} batch shards "
+                    f"(data x fsdp); each of the {procs} processes places only its own rows",
+                    f"stages.{i}.batch_size")
+            if st.objective == "grpo" and st.grpo.rollout_chunk % procs:
+                raise config_lib.ConfigError(
+                    f"rollout_chunk {st.grpo.rollout_chunk} does not split over {procs} processes",
+                    f"stages.{i}.grpo.rollout_chunk")
+    if procs > 1:
+        from vlm_jax.sharding import process_rows
+
+        try:
+            process_rows(mesh, n_batch * procs)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e), "mesh") from None
 
 
 def model_options(cfg: config_lib.Config) -> dict:
@@ -332,35 +371,39 @@ class Stage:
 
 
 def make_iterator(env: Env, index: int, stop_check=None):
-    """The data iterator of stage `index` (from its start)."""
+    """The data iterator of stage `index` (from its start): this process's data shards
+    (`vlm_jax.data.shards`), giving this process's rows of each batch (`batch_size / processes`)."""
     from vlm_jax.data.pipeline import REASONING_INSTRUCTION, make_dataset
+    from vlm_jax.data.shards import ShardedBatches
 
     st = env.cfg.stages[index]
     sft = st.objective == "sft"
     target = st.sft.target if sft else None
-    # Every process reads the same global batch (shard 0 of 1) and supplies its own devices' slices
-    # of it (`sharding.shard_batch`). The vision inputs are laid out per row, so each device holds
-    # only its rows' images; reading only a process's own rows is not done yet (the rollout's host
-    # side - rewards, advantages, filtering - works on the global batch).
-    iterator = make_dataset(
-        [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
-        env.processor,
-        batch_size=st.batch_size,
-        shard_index=0,
-        shard_count=1,
-        seed=env.cfg.seed + 1000 * index,
-        order=st.order,
-        order_key=st.order_key,
-        target_field=target,
-        length_buckets=env.cfg.data.length_buckets,
-        max_prompt_len=env.cfg.data.max_prompt_len,
-        max_pixels_per_batch=env.cfg.data.max_pixels_per_image * st.batch_size,
-        strict=env.cfg.data.strict,
-        text_only=sft and st.sft.caption_as_input,
-        instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
-        stop_check=stop_check,
-    )
-    return iterator
+    shards = data_shards(env.cfg)
+    rows = st.batch_size // shards  # each shard's rows of a batch
+
+    def make_shard(k: int):
+        return make_dataset(
+            [(env.sources[(d.name, d.split)], d.weight) for d in st.datasets],
+            env.processor,
+            batch_size=rows,
+            shard_index=k,
+            shard_count=shards,
+            seed=env.cfg.seed + 1000 * index,
+            order=st.order,
+            order_key=st.order_key,
+            target_field=target,
+            length_buckets=env.cfg.data.length_buckets,
+            max_prompt_len=env.cfg.data.max_prompt_len,
+            max_pixels_per_batch=env.cfg.data.max_pixels_per_image * rows,
+            strict=env.cfg.data.strict,
+            text_only=sft and st.sft.caption_as_input,
+            instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
+            stop_check=stop_check,
+        )
+
+    return ShardedBatches(make_shard, shard_count=shards, padding_side="right" if sft else "left",
+                          pad_token_id=int(env.processor.pad_token_id))
 
 
 def build_stage(env: Env, index: int, data_state: dict | None, stop_check=None) -> Stage:
@@ -369,7 +412,13 @@ def build_stage(env: Env, index: int, data_state: dict | None, stop_check=None) 
     sft = st.objective == "sft"
     iterator = make_iterator(env, index, stop_check=stop_check)
     if data_state is not None:
-        iterator.set_state(data_state)
+        from vlm_jax.data.shards import ShardCountError
+
+        try:
+            iterator.set_state(data_state)
+        except ShardCountError as e:
+            iterator.close()
+            raise config_lib.ConfigError(str(e), "data.shards") from None
     stage = Stage(index, st, optimizer, iterator, env.model.with_options(remat=st.remat))
     if not sft:
         stage.reward_fn = rewards_lib.build_reward(st.reward)
@@ -385,10 +434,12 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
     """One step of the stage's objective; returns host metrics."""
     model, proc, st = stage.model, env.processor, stage.cfg
     if st.objective == "sft":
-        batch = next(stage.iterator)
-        inputs = models.place_inputs(model, model.prepare(batch, num_patches=env.num_patches))
+        batch = next(stage.iterator)  # this process's rows
+        inputs = models.place_inputs(model, models.prepare_local(model, batch, num_patches=env.num_patches),
+                                     local=True)
         loss_mask = np.asarray(batch["loss_mask"], np.float32)
-        loss_mask = jnp.asarray(loss_mask) if model.mesh is None else sharding.shard_batch(loss_mask, model.mesh)
+        loss_mask = (jnp.asarray(loss_mask) if model.mesh is None
+                     else sharding.shard_batch(loss_mask, model.mesh, local=True))
         sft_batch = SFTBatch(inputs, loss_mask)
         state, m = sft_step(
             state,
@@ -417,10 +468,11 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             eos_token_ids=proc.eos_token_ids,
             pad_token_id=proc.pad_token_id,
             image_token_id=proc.image_token_id,
-            batch_size=st.batch_size,
+            batch_size=st.batch_size // jax.process_count(),  # this process's prompts
             prompt_buckets=env.cfg.data.length_buckets,
             num_patches=env.num_patches,
             rules=env.cfg.logical_axis_rules,
+            shards=data_shards(env.cfg) // jax.process_count(),
         )
         state, m = grpo_step(
             state,

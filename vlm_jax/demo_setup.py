@@ -64,6 +64,9 @@ def build_init_model(out: Path, seed: int = 0) -> Path:
     )
 
 
+PRETRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain_tiny.py"
+
+
 def pretrain(init_dir: Path, out: Path, data_dir: str, workdir: Path, overrides=()) -> Path:
     """SFT pre-training with the project's trainer, then export to `out`."""
     if (out / "config.json").exists():
@@ -72,8 +75,8 @@ def pretrain(init_dir: Path, out: Path, data_dir: str, workdir: Path, overrides=
     from vlm_jax import curriculum
     from vlm_jax.export import export
 
-    cfg = config_lib.load_config(
-        "configs/pretrain_tiny.py", [f"model.path={init_dir}", f"data.data_dir={data_dir}", *overrides]
+    cfg = config_lib.load_config(  # the repository's config, from whatever directory this runs in
+        str(PRETRAIN_CONFIG), [f"model.path={init_dir}", f"data.data_dir={data_dir}", *overrides]
     )
     status = curriculum.run(cfg, workdir)
     if status != "finished":

@@ -96,23 +96,95 @@ def batch_constraint(mesh: Mesh | None):
     return constrain
 
 
-def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0):
+def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0, *, local: bool = False):
     """Places numpy arrays on the mesh, batch dim over (data, fsdp) when it divides, else replicated.
 
-    Each array is the global value, the same on every process; each process fills only its own
-    devices' slices (no cross-process copy or equality check, so it works with several processes)."""
+    Default: each array is the global value, the same on every process; each process fills only its
+    own devices' slices (no cross-process copy or equality check, so it works with several processes).
+    `local=True`: each array holds only this process's rows (`process_rows`; every process the same
+    number), and the global array is their concatenation in process order; arrays without a batch
+    dim (scalars) must be the same on every process. With one process both are the same."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    procs = jax.process_count() if local else 1
 
     def put(path, x):
         x = np.asarray(x)
         axis = batch_axis_of(path, x)
-        if axis is None or x.ndim == 0 or x.shape[axis] % n:
+        rows = None if axis is None or x.ndim == 0 else x.shape[axis] * procs
+        if rows is None or rows % n:
+            if procs > 1 and rows is not None:
+                raise ValueError(f"{jax.tree_util.keystr(path) or 'array'}: {rows} rows over {procs} "
+                                 f"processes do not split over the {n} batch shards of the mesh")
             spec = P()
         else:
             spec = batch_spec(x.ndim, axis)
-        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+        sharding = NamedSharding(mesh, spec)
+        if procs > 1 and rows is not None:
+            shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def process_rows(mesh: Mesh | None, n: int) -> slice:
+    """The rows of a batch of `n` rows split over the mesh's batch axes that this process's devices
+    hold: one contiguous block per process, in process order (what `shard_batch(local=True)` and
+    `gather_rows` assume; a mesh that interleaves processes' devices raises). All rows for one
+    process."""
+    count = jax.process_count()
+    if count == 1 or mesh is None:
+        return slice(0, n)
+    if n % count:
+        raise ValueError(f"{n} rows do not split evenly over {count} processes")
+    indices = NamedSharding(mesh, batch_spec(1)).devices_indices_map((n,))
+    blocks = {}
+    for device, (index,) in indices.items():
+        lo, hi, _ = index.indices(n)
+        a, b = blocks.get(device.process_index, (n, 0))
+        blocks[device.process_index] = (min(a, lo), max(b, hi))
+    per = n // count
+    for p in range(count):
+        if blocks.get(p) != (p * per, (p + 1) * per):
+            raise ValueError(
+                f"the mesh does not give process {p} the rows {p * per}..{(p + 1) * per - 1} of a batch "
+                f"of {n} (it holds {blocks.get(p)}): order the mesh's devices by process")
+    me = jax.process_index()
+    return slice(me * per, (me + 1) * per)
+
+
+def gather_rows(x) -> np.ndarray:
+    """This process's rows of `x` (numpy, the same shape on every process) concatenated with every
+    other process's, in process order (a collective); `x` itself with one process."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def agree_max(*values: int) -> tuple[int, ...]:
+    """Each value's maximum over all processes (a collective; the values themselves with one
+    process): e.g. the padded length or patch bucket every process must use for one global array."""
+    if jax.process_count() == 1:
+        return tuple(int(v) for v in values)
+    got = gather_rows(np.asarray([values], np.int64))
+    return tuple(int(v) for v in got.max(axis=0))
+
+
+def gather_json(obj) -> list:
+    """`obj` (JSON-serialisable) of every process, in process order (a collective); `[obj]` with one
+    process. For small host state, e.g. data iterator positions."""
+    import json
+
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    (longest,) = agree_max(len(data))
+    sizes = gather_rows(np.asarray([len(data)], np.int64))
+    padded = gather_rows(np.pad(data, (0, longest - len(data)))[None])
+    return [json.loads(bytes(row[:size]).decode()) for row, size in zip(padded, sizes)]
 
 
 def to_host(tree):

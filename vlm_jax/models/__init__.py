@@ -217,9 +217,10 @@ def _forward(graphdef, params, inputs):
     return module(inputs.input_ids_BL, inputs.attention_mask_BL, inputs.positions_3BL, inputs.vision)
 
 
-def place_inputs(model: Model, inputs):
+def place_inputs(model: Model, inputs, *, local: bool = False):
     """Puts `ModelInputs` on the model's mesh: token and vision arrays split over (data, fsdp) (the
-    vision inputs are laid out per row, so each batch shard holds only its own rows' images)."""
+    vision inputs are laid out per row, so each batch shard holds only its own rows' images).
+    `local`: `inputs` are this process's rows only (see `shard_batch`; `prepare_local` builds them)."""
     if model.mesh is None:
         return inputs
     mesh = model.mesh
@@ -228,7 +229,24 @@ def place_inputs(model: Model, inputs):
         name = _path(getattr(k, "name", k) for k in path)
         return 1 if name.startswith("positions") else 0
 
-    return shd.shard_batch(inputs, mesh, batch_axis)
+    return shd.shard_batch(inputs, mesh, batch_axis, local=local)
+
+
+def has_images(batch: Mapping[str, Any]) -> bool:
+    """Whether a processor-style batch holds an image."""
+    grid = batch.get("image_grid_thw")
+    n = int(np.asarray(batch["num_images"]).sum()) if "num_images" in batch else (
+        0 if grid is None else int(np.asarray(grid).reshape(-1, 3).shape[0]))
+    return n > 0
+
+
+def prepare_local(model: Model, batch: Mapping[str, Any], *, num_patches: int | None = None):
+    """`model.prepare` for this process's rows of a batch split over processes: the rows must have
+    the length every process uses (see `pad_to_length`), and they get vision inputs when any
+    process's rows have an image (all padding here if none of this process's do), so every process
+    builds the same shapes. With one process it is `model.prepare`."""
+    (any_images,) = shd.agree_max(has_images(batch))
+    return model.prepare(batch, num_patches=num_patches, with_vision=bool(any_images) and bool(num_patches))
 
 
 def forward(model: Model, params, batch: Mapping[str, Any]) -> jax.Array:

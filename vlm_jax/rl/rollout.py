@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import place_inputs
-from vlm_jax.sharding import shard_batch, to_memory
+from vlm_jax.sharding import gather_rows, process_rows, shard_batch, to_memory, agree_max
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
@@ -31,6 +31,7 @@ HOST_KEYS = (
     "caption",
     "solution",
     "source",
+    "shard",  # the row's data shard among this process's (`data.shards`; absent: one shard)
 )
 
 
@@ -145,10 +146,13 @@ def generate_and_grade(
     prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
     num_patches: int | None = None,
     prompt_chunk: int = 0,
+    local: bool = False,
 ) -> Graded:
     """Samples `num_samples` responses per real prompt row, decodes and scores them. With
     `prompt_chunk` > 0 the sampler runs on that many prompts at a time (its KV cache sized for a
-    chunk, not for the batch; chunk c draws with `fold_in(rng, c)`)."""
+    chunk, not for the batch; chunk c draws with `fold_in(rng, c)`). `local`: `batch` is this
+    process's rows of a batch split over processes (`sampler.generate`); a chunk then takes
+    `prompt_chunk / process count` prompts of each process."""
     prompts = select_rows(batch, real_rows(batch), image_token_id)
     sample = functools.partial(
         sampler.generate,
@@ -163,8 +167,11 @@ def generate_and_grade(
         pad_token_id=pad_token_id,
         prompt_buckets=prompt_buckets,
         num_patches=num_patches,
+        local=local,
     )
     n = len(prompts["input_ids"])
+    if local and prompt_chunk > 0:
+        prompt_chunk = max(1, prompt_chunk // jax.process_count())
     if prompt_chunk <= 0 or n <= prompt_chunk:
         roll = sample(prompts, rng=rng)
     else:
@@ -252,12 +259,25 @@ def collect_rollout(
     prompt_buckets: Sequence[int] = sampler.PROMPT_BUCKETS,
     num_patches: int | None = None,
     rules=None,
+    shards: int = 1,
 ) -> tuple[RolloutBatch, Graded, dict]:
-    """One GRPO rollout batch of `batch_size` prompts x `cfg.num_samples` samples (`cfg`: GRPOConfig).
+    """One GRPO rollout batch of `cfg.num_samples` samples for each of `batch_size` prompts of this
+    process (`cfg`: GRPOConfig); the batch over all processes is their rows in process order.
+
+    `batches` yields this process's prompts: rows of `shards` data shards (host key `shard`, 0 ..
+    shards-1; absent: one shard), each shard filling `batch_size / shards` of the batch's prompts.
+    Dynamic sampling keeps each shard's quota separately and draws again (every process, a collective
+    sampler call) until every shard of every process is full, so the rows a shard contributes depend
+    on its own data only: the same whether its process reads one shard or several. Advantages and
+    metrics are over the whole batch (rewards gathered from every process).
+
     With `cfg.rollout_tensor` > 0 the sampler runs on a decoding mesh with a copy of `params`
     resharded there once for the whole rollout (`sampler.decode_layout`, by the logical-axis `rules`);
     the copy is dropped before the reference scoring, which stays in the training layout."""
     G = cfg.num_samples
+    if batch_size % shards:
+        raise ValueError(f"batch_size {batch_size} does not split over {shards} data shards")
+    quota = batch_size // shards
     sample_model, sample_params = model, params
     if cfg.rollout_tensor:
         sample_model, sample_params = sampler.decode_layout(model, params, cfg.rollout_tensor, rules)
@@ -279,58 +299,69 @@ def collect_rollout(
         prompt_buckets=prompt_buckets,
         num_patches=num_patches,
         prompt_chunk=cfg.rollout_chunk,
+        local=True,
     )
-    kept: list[Graded] = []
-    dropped: list[Graded] = []
-    n_kept = draws = 0
-    seen_groups = 0
-    while n_kept < batch_size:
+    kept: list[list[Graded]] = [[] for _ in range(shards)]
+    dropped: list[list[Graded]] = [[] for _ in range(shards)]
+    n_kept = [0] * shards
+    draws = seen_groups = 0
+    while agree_max(min(n_kept) < quota)[0]:  # some shard of some process is not full
         if draws > 0 and (not cfg.dynamic_sampling or draws > cfg.max_extra_draws):
             break
         try:
-            raw = next(batches)
+            raw, exhausted = next(batches), False
         except StopIteration:  # data exhausted: fill from the equal-reward groups below
+            raw, exhausted = None, True
+        if agree_max(exhausted)[0]:
             break
         g = gen(raw, rng=jax.random.fold_in(rng, draws))
         draws += 1
         n = len(g.texts) // G
         seen_groups += n
-        if cfg.dynamic_sampling:
-            r = g.rewards.reshape(n, G)
-            varied = [i for i in range(n) if np.ptp(r[i]) > 0]
-            flat = [i for i in range(n) if np.ptp(r[i]) == 0]
-            if varied:
-                take = varied[: batch_size - n_kept]
-                kept.append(_take_groups(g, take, image_token_id))
-                n_kept += len(take)
+        shard_of = [int(s) for s in g.prompts.get("shard", [0] * n)]
+        r = g.rewards.reshape(n, G)
+        for s in range(shards):
+            mine = [i for i in range(n) if shard_of[i] == s]
+            if cfg.dynamic_sampling:
+                varied = [i for i in mine if np.ptp(r[i]) > 0]
+                flat = [i for i in mine if np.ptp(r[i]) == 0]
+            else:
+                varied, flat = mine, []
+            take = varied[: quota - n_kept[s]]
+            if take:
+                kept[s].append(_take_groups(g, take, image_token_id))
+                n_kept[s] += len(take)
             if flat:
-                dropped.append(_take_groups(g, flat, image_token_id))
-        else:
-            take = list(range(min(n, batch_size - n_kept)))
-            kept.append(_take_groups(g, take, image_token_id))
-            n_kept += len(take)
+                dropped[s].append(_take_groups(g, flat, image_token_id))
     del gen, sample_model, sample_params  # the decoding copy is freed here, before the scoring and update
     filled = 0
-    if n_kept < batch_size:  # cap reached (or data exhausted): fill with equal-reward groups
-        if not dropped:
-            raise RuntimeError(f"rollout: only {n_kept} of {batch_size} prompts available")
-        pool = _concat_graded(dropped, image_token_id)
-        filled = min(batch_size - n_kept, len(pool.texts) // G)
-        if n_kept + filled < batch_size:  # a short batch would change shapes (and recompile) silently
-            raise RuntimeError(
-                f"rollout: only {n_kept + filled} of {batch_size} prompts available after "
-                f"{draws} draws ({n_kept} with varied rewards)"
-            )
-        kept.append(_take_groups(pool, list(range(filled)), image_token_id))
-        n_kept += filled
-    graded = _concat_graded(kept, image_token_id)
+    for s in range(shards):
+        if n_kept[s] < quota:  # cap reached (or data exhausted): fill with equal-reward groups
+            where = f" (data shard {s} of this process)" if shards > 1 else ""
+            if not dropped[s]:
+                raise RuntimeError(f"rollout: only {n_kept[s]} of {quota} prompts available{where}")
+            pool = _concat_graded(dropped[s], image_token_id)
+            fill = min(quota - n_kept[s], len(pool.texts) // G)
+            if n_kept[s] + fill < quota:  # a short batch would change shapes (and recompile) silently
+                raise RuntimeError(
+                    f"rollout: only {n_kept[s] + fill} of {quota} prompts available{where} after "
+                    f"{draws} draws ({n_kept[s]} with varied rewards)"
+                )
+            kept[s].append(_take_groups(pool, list(range(fill)), image_token_id))
+            n_kept[s] += fill
+            filled += fill
+    graded = _concat_graded([part for parts in kept for part in parts], image_token_id)
     roll = graded.rollout
-    adv = np.asarray(
+    # the whole batch's rewards (every process's rows, in process order): batch-level baselines and
+    # scalings, and the metrics, see all of them; this process keeps its own rows' advantages
+    rewards_all = gather_rows(graded.rewards)
+    adv_all = np.asarray(
         grpo.compute_advantages(
-            jnp.asarray(graded.rewards), G, estimator=cfg.advantage, scaling=cfg.reward_scaling
+            jnp.asarray(rewards_all), G, estimator=cfg.advantage, scaling=cfg.reward_scaling
         ),
         np.float32,
     )
+    adv = adv_all[process_rows(model.mesh, len(rewards_all))]
     T = roll.tokens.shape[1]
     mask = np.asarray(
         grpo.response_mask(
@@ -344,11 +375,14 @@ def collect_rollout(
     prompt_inputs = place_inputs(
         model,
         sampler.prepare_prompts(
-            model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches
+            model, graded.prompts, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches,
+            local=True,
         ),
+        local=True,
     )
     # placed already split over the batch axes (each device holds its own rows)
-    place = (lambda x: jnp.asarray(x)) if model.mesh is None else (lambda x: shard_batch(np.asarray(x), model.mesh))
+    place = ((lambda x: jnp.asarray(x)) if model.mesh is None
+             else (lambda x: shard_batch(np.asarray(x), model.mesh, local=True)))
     responses = place(np.asarray(roll.tokens, np.int32))
     if cfg.kl_coef > 0:
         ref_logp = score_responses(
@@ -371,23 +405,25 @@ def collect_rollout(
         ref_logp,
         place(adv),
     )
-    groups = graded.rewards.reshape(-1, G)
+    lengths, truncated = gather_rows(roll.lengths), gather_rows(roll.truncated)
+    counts = gather_rows(np.asarray([[seen_groups, filled]], np.int64)).sum(axis=0)
+    groups = rewards_all.reshape(-1, G)
     metrics = {
-        "reward/mean": float(graded.rewards.mean()),
-        "reward/std": float(graded.rewards.std()),
-        "response_length/mean": float(roll.lengths.mean()),
-        "response_length/max": float(roll.lengths.max()),
-        "response/truncated_frac": float(roll.truncated.mean()),
-        "adv/mean": float(adv.mean()),
-        "adv/std": float(adv.std()),
+        "reward/mean": float(rewards_all.mean()),
+        "reward/std": float(rewards_all.std()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response/truncated_frac": float(truncated.mean()),
+        "adv/mean": float(adv_all.mean()),
+        "adv/std": float(adv_all.std()),
         "reward/zero_std_group_frac": float(np.mean(np.ptp(groups, axis=1) == 0)),
         "rollout/draws": draws,
-        "rollout/prompts_seen": seen_groups,
+        "rollout/prompts_seen": int(counts[0]),
     }
     if cfg.dynamic_sampling:
         metrics["dynamic/extra_draws"] = draws - 1
-        metrics["dynamic/filled_equal_reward_groups"] = filled
+        metrics["dynamic/filled_equal_reward_groups"] = int(counts[1])
     names = getattr(reward_fn, "metric_names", {})
     for k, v in graded.components.items():
-        metrics[f"reward/{names.get(k, k)}"] = float(v.mean())
+        metrics[f"reward/{names.get(k, k)}"] = float(gather_rows(v).mean())
     return batch, graded, metrics

@@ -79,14 +79,24 @@ def prepare_prompts(
     pad_id: int = 0,
     prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
     num_patches: int | None = None,
+    local: bool = False,
 ):
     """Left-aligns a processor batch to a prompt bucket and builds the model inputs for it
-    (vision patches padded to `num_patches`, default: the smallest bucket that fits)."""
+    (vision patches padded to `num_patches`, default: the smallest bucket that fits). `local`: the
+    batch is this process's rows of a batch split over processes; the bucket is the one the longest
+    prompt of any process needs (`models.prepare_local`)."""
+    from vlm_jax import models
+
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-    L = bucket(int(mask.sum(-1).max()), prompt_buckets)
-    ids, mask = left_align(ids, mask, L, pad_id)
-    return model.prepare({**batch, "input_ids": ids, "attention_mask": mask}, num_patches=num_patches)
+    longest = int(mask.sum(-1).max())
+    if local:
+        (longest,) = shd.agree_max(longest)
+    ids, mask = left_align(ids, mask, bucket(longest, prompt_buckets), pad_id)
+    batch = {**batch, "input_ids": ids, "attention_mask": mask}
+    if local:
+        return models.prepare_local(model, batch, num_patches=num_patches)
+    return model.prepare(batch, num_patches=num_patches)
 
 
 def filter_logits(logits_NV, top_p, top_k):
@@ -387,13 +397,15 @@ def generate(
     prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
     gen_buckets: Sequence[int] = GEN_BUCKETS,
     num_patches: int | None = None,
+    local: bool = False,
 ) -> Rollout:
     """Samples `num_samples` continuations per prompt of a processor-style batch.
 
     `temperature == 0` is greedy; `top_k=0` and `top_p=1.0` mean off. Stops a row at any of
     `eos_token_ids` (default: the model's `<|im_end|>`/`<|endoftext|>` from its generation config).
     Returns numpy arrays; `logprobs` are under the unmodified policy (temperature 1), what the GRPO
-    importance ratio needs.
+    importance ratio needs. `local`: `batch` is this process's rows of a batch split over processes
+    (every process calls with the same number of rows); the samples of those rows come back.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -404,11 +416,11 @@ def generate(
         )
     eos = tuple(int(e) for e in (eos_token_ids if eos_token_ids is not None else default_eos_ids(model)))
     inputs = prepare_prompts(
-        model, batch, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches
+        model, batch, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches, local=local
     )
     from vlm_jax.models import place_inputs
 
-    inputs = place_inputs(model, inputs)
+    inputs = place_inputs(model, inputs, local=local)
     greedy = temperature == 0
     sp = SamplingParams(
         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(top_k)
@@ -429,6 +441,9 @@ def generate(
         row_groups=row_groups_for(model.mesh, inputs.input_ids_BL.shape[0]),
     )
     tokens, lengths, logprobs, done = shd.to_host((tokens, lengths, logprobs, done))
+    if local:  # this process's prompts' samples (row = prompt * num_samples + j)
+        mine = shd.process_rows(model.mesh, inputs.input_ids_BL.shape[0] * num_samples)
+        tokens, lengths, logprobs, done = (np.asarray(a)[mine] for a in (tokens, lengths, logprobs, done))
     return Rollout(
         np.asarray(tokens)[:, :max_new_tokens],
         np.asarray(lengths),

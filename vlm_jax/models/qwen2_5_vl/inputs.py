@@ -244,10 +244,13 @@ def rope_index(
 
 
 def prepare_inputs(
-    batch: Mapping[str, Any], cfg: Qwen25VLConfig, *, num_patches: int | None = None, prepare_vision_fn=None
+    batch: Mapping[str, Any], cfg: Qwen25VLConfig, *, num_patches: int | None = None, prepare_vision_fn=None,
+    with_vision: bool = False,
 ) -> ModelInputs:
     """Turns a processor-style batch dict (numpy) into `ModelInputs`. `prepare_vision_fn` (default:
-    this family's `prepare_vision`) lets a family with another vision layout (Qwen3-VL) share the rest."""
+    this family's `prepare_vision`) lets a family with another vision layout (Qwen3-VL) share the rest.
+    `with_vision`: vision inputs (all padding, `num_patches` per row) even when no row has an image,
+    e.g. a process whose rows are all text while other processes' rows of the same batch have images."""
     if "input_ids" not in batch:
         raise ValueError("batch has no 'input_ids'")
     input_ids = np.asarray(batch["input_ids"]).astype(np.int32)
@@ -280,4 +283,10 @@ def prepare_inputs(
         raise ValueError(f"batch has {n_image_tokens} image tokens but no image_grid_thw/pixel_values")
     else:
         positions = rope_index(input_ids, mask, grid, cfg)
+        if with_vision:
+            if not num_patches:
+                raise ValueError("with_vision needs num_patches (the per-row patch budget)")
+            vision = (prepare_vision_fn or prepare_vision)(
+                np.zeros((0, cfg.vision.patch_dim), np.float32), np.zeros((0, 3), np.int32), cfg, num_patches,
+                np.zeros(input_ids.shape[0], np.int64))
     return ModelInputs(input_ids, mask, positions, vision)

@@ -99,7 +99,9 @@ def vision_input_specs(cfg, batch: int, num_patches: int) -> VisionInputs:
     )
 
 
-def prepare_inputs(batch: Mapping[str, Any], cfg, *, num_patches: int | None = None) -> ModelInputs:
+def prepare_inputs(batch: Mapping[str, Any], cfg, *, num_patches: int | None = None,
+                   with_vision: bool = False) -> ModelInputs:
     """A processor-style batch dict (numpy) -> `ModelInputs` (Qwen2.5-VL's checks and positions,
     this family's vision layout)."""
-    return q25_inputs.prepare_inputs(batch, cfg, num_patches=num_patches, prepare_vision_fn=prepare_vision)
+    return q25_inputs.prepare_inputs(batch, cfg, num_patches=num_patches, prepare_vision_fn=prepare_vision,
+                                     with_vision=with_vision)

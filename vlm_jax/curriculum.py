@@ -221,13 +221,18 @@ def check_data_shards(cfg: config_lib.Config, mesh) -> None:
                 raise config_lib.ConfigError(
                     f"rollout_chunk {st.grpo.rollout_chunk} does not split over {procs} processes",
                     f"stages.{i}.grpo.rollout_chunk")
-    if procs > 1:
+    if procs > 1:  # each process's rows must be one block of the batch, in process order
+        from vlm_jax.rl.sampler import decode_mesh
         from vlm_jax.sharding import process_rows
 
-        try:
-            process_rows(mesh, n_batch * procs)
-        except ValueError as e:
-            raise config_lib.ConfigError(str(e), "mesh") from None
+        meshes = [("mesh", mesh)] + [(f"stages.{i}.grpo.rollout_tensor", decode_mesh(mesh, st.grpo.rollout_tensor))
+                                     for i, st in enumerate(cfg.stages)
+                                     if st.objective == "grpo" and st.grpo.rollout_tensor]
+        for key, m in meshes:
+            try:
+                process_rows(m, m.devices.size * procs)
+            except ValueError as e:
+                raise config_lib.ConfigError(str(e), key) from None
 
 
 def model_options(cfg: config_lib.Config) -> dict:

@@ -10,7 +10,8 @@ perception stage is the base with the adapters off.
 The GRPO stage keeps `grpo.share_prompt` off (the default is on): the README's LoRA table was
 measured that way, and this high-learning-rate run is sensitive to fp32 round-off - with it on
 (same loss and gradients up to round-off), one run on 2026-12-03 reached 93.8% perception accuracy
-at step 20 and then dropped to 76.6% at step 30.
+at step 20 and then dropped to 76.6% at step 30 (a later run with the code of that evening: 93.8% at
+both steps; see the README).
 
 Run (after `bash scripts/demo.sh` or `python -m vlm_jax.demo_setup --out artifacts/tiny_base`):
   python -m vlm_jax.train --config configs/demo_cpu_lora.py --workdir workdirs/demo_lora

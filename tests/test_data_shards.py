@@ -157,3 +157,28 @@ def test_data_shards_must_split_every_stages_batch():
   assert e.value.key == "stages.0.batch_size"
   with pytest.raises(config_lib.ConfigError, match="shards"):
     config_lib.DataConfig(shards=-1)
+
+
+def test_row_owners_follow_the_mesh_even_when_it_interleaves_processes():
+  """Which rows of a batch each process's devices hold, for a device order that interleaves two
+  hosts (as a TPU slice's can): host 0 owns mesh positions 0, 1, 4, 5. Its rows are placed, and
+  gathered back, in that order; an uneven split is refused."""
+  import jax
+
+  from vlm_jax import sharding
+  from vlm_jax.config import MeshConfig
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2, tensor=1), devices=jax.devices()[:8])
+  position = {d: i for i, d in enumerate(mesh.devices.flat)}
+  host = lambda d: (position[d] // 2) % 2  # noqa: E731
+  owners = sharding.row_owners(mesh, 16, process_of=host, process_count=2)
+  np.testing.assert_array_equal(owners[0], [0, 1, 2, 3, 8, 9, 10, 11])
+  np.testing.assert_array_equal(owners[1], [4, 5, 6, 7, 12, 13, 14, 15])
+  batch = np.arange(16) * 10
+  np.testing.assert_array_equal(sharding.assemble_rows([batch[o] for o in owners], owners), batch)
+  with pytest.raises(ValueError, match="unevenly"):
+    sharding.row_owners(mesh, 16, process_of=lambda d: int(position[d] >= 5), process_count=2)
+  # one process: every row, in order
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 16), np.arange(16))

@@ -221,7 +221,7 @@ def check_data_shards(cfg: config_lib.Config, mesh) -> None:
                 raise config_lib.ConfigError(
                     f"rollout_chunk {st.grpo.rollout_chunk} does not split over {procs} processes",
                     f"stages.{i}.grpo.rollout_chunk")
-    if procs > 1:  # each process's rows must be one block of the batch, in process order
+    if procs > 1:  # every process's devices hold the same number of a batch's rows
         from vlm_jax.rl.sampler import decode_mesh
         from vlm_jax.sharding import process_rows
 
@@ -340,7 +340,10 @@ def check_first_batches(env: Env, stop_check=None) -> None:
     from vlm_jax.data.pipeline import BadRowError, NoUsableRowsError
 
     for i, st in enumerate(env.cfg.stages):
-        it = make_iterator(env, i, stop_check=stop_check)
+        try:
+            it = make_iterator(env, i, stop_check=stop_check)
+        except ValueError as e:  # e.g. a source with fewer rows than data shards
+            raise config_lib.ConfigError(f"stage {st.name!r}: {e}", f"stages.{i}.datasets") from None
         try:
             next(it)
         except (NoUsableRowsError, BadRowError) as e:  # BadRowError: data.strict and a bad row

@@ -101,9 +101,9 @@ def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0, *, local: boo
 
     Default: each array is the global value, the same on every process; each process fills only its
     own devices' slices (no cross-process copy or equality check, so it works with several processes).
-    `local=True`: each array holds only this process's rows (`process_rows`; every process the same
-    number), and the global array is their concatenation in process order; arrays without a batch
-    dim (scalars) must be the same on every process. With one process both are the same."""
+    `local=True`: each array holds only this process's rows (`process_rows`, in that order; every
+    process the same number), and the global array is made of every process's rows; arrays without
+    a batch dim (scalars) must be the same on every process. With one process both are the same."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     procs = jax.process_count() if local else 1
 
@@ -127,41 +127,63 @@ def shard_batch(tree, mesh: Mesh, batch_axis_of=lambda path, x: 0, *, local: boo
     return jax.tree_util.tree_map_with_path(put, tree)
 
 
-def process_rows(mesh: Mesh | None, n: int) -> slice:
-    """The rows of a batch of `n` rows split over the mesh's batch axes that this process's devices
-    hold: one contiguous block per process, in process order (what `shard_batch(local=True)` and
-    `gather_rows` assume; a mesh that interleaves processes' devices raises). All rows for one
-    process."""
-    count = jax.process_count()
-    if count == 1 or mesh is None:
-        return slice(0, n)
-    if n % count:
-        raise ValueError(f"{n} rows do not split evenly over {count} processes")
-    indices = NamedSharding(mesh, batch_spec(1)).devices_indices_map((n,))
-    blocks = {}
-    for device, (index,) in indices.items():
-        lo, hi, _ = index.indices(n)
-        a, b = blocks.get(device.process_index, (n, 0))
-        blocks[device.process_index] = (min(a, lo), max(b, hi))
-    per = n // count
-    for p in range(count):
-        if blocks.get(p) != (p * per, (p + 1) * per):
-            raise ValueError(
-                f"the mesh does not give process {p} the rows {p * per}..{(p + 1) * per - 1} of a batch "
-                f"of {n} (it holds {blocks.get(p)}): order the mesh's devices by process")
-    me = jax.process_index()
-    return slice(me * per, (me + 1) * per)
+def row_owners(mesh: Mesh | None, n: int, *, process_of=lambda device: device.process_index,
+               process_count: int | None = None) -> list[np.ndarray]:
+    """For each process, the rows (ascending) of a batch of `n` rows split over the mesh's batch axes
+    that its devices hold: where `shard_batch(local=True)` puts a process's rows, in their order
+    (`jax.make_array_from_process_local_data` maps local rows onto the process's slices in
+    increasing order). Blocks need not be contiguous (a TPU slice's device order can interleave
+    hosts); every process must hold the same number of rows (else ValueError)."""
+    count = jax.process_count() if process_count is None else process_count
+    if mesh is None or count == 1:
+        return [np.arange(n)]
+    rows = [set() for _ in range(count)]
+    for device, index in NamedSharding(mesh, batch_spec(1)).devices_indices_map((n,)).items():
+        rows[process_of(device)].update(range(*index[0].indices(n)))
+    out = [np.asarray(sorted(r), np.int64) for r in rows]
+    if len({len(r) for r in out}) != 1:
+        raise ValueError(f"the mesh splits a batch of {n} rows unevenly over the processes "
+                         f"({[len(r) for r in out]} rows)")
+    return out
 
 
-def gather_rows(x) -> np.ndarray:
-    """This process's rows of `x` (numpy, the same shape on every process) concatenated with every
-    other process's, in process order (a collective); `x` itself with one process."""
+def process_rows(mesh: Mesh | None, n: int) -> np.ndarray:
+    """This process's rows of a batch of `n` rows split over the mesh (see `row_owners`): all of
+    them for one process."""
+    return row_owners(mesh, n)[jax.process_index()]
+
+
+def gather_rows(x, mesh: Mesh | None) -> np.ndarray:
+    """The whole batch from every process's rows (a collective): `x` (numpy, the same shape on every
+    process) holds this process's rows in `process_rows` order; the result is in global row order.
+    `x` itself with one process."""
     x = np.asarray(x)
-    if jax.process_count() == 1:
+    count = jax.process_count()
+    if count == 1:
         return x
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    stacked = np.asarray(multihost_utils.process_allgather(x, tiled=False))  # [processes, rows, ...]
+    return assemble_rows(stacked, row_owners(mesh, x.shape[0] * count))
+
+
+def assemble_rows(parts, owners: list[np.ndarray]) -> np.ndarray:
+    """The batch whose rows `owners[p]` are `parts[p]` (every process's rows, see `row_owners`)."""
+    parts = [np.asarray(part) for part in parts]
+    out = np.empty((sum(len(r) for r in owners),) + parts[0].shape[1:], parts[0].dtype)
+    for rows, part in zip(owners, parts, strict=True):
+        out[rows] = part
+    return out
+
+
+def allgather(x) -> np.ndarray:
+    """`x` of every process stacked in process order (a collective; `x[None]` with one process)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
 def agree_max(*values: int) -> tuple[int, ...]:
@@ -169,7 +191,7 @@ def agree_max(*values: int) -> tuple[int, ...]:
     process): e.g. the padded length or patch bucket every process must use for one global array."""
     if jax.process_count() == 1:
         return tuple(int(v) for v in values)
-    got = gather_rows(np.asarray([values], np.int64))
+    got = allgather(np.asarray(values, np.int64))
     return tuple(int(v) for v in got.max(axis=0))
 
 
@@ -182,8 +204,8 @@ def gather_json(obj) -> list:
         return [obj]
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     (longest,) = agree_max(len(data))
-    sizes = gather_rows(np.asarray([len(data)], np.int64))
-    padded = gather_rows(np.pad(data, (0, longest - len(data)))[None])
+    sizes = allgather(np.asarray(len(data), np.int64))
+    padded = allgather(np.pad(data, (0, longest - len(data))))
     return [json.loads(bytes(row[:size]).decode()) for row, size in zip(padded, sizes)]
 
 

@@ -484,7 +484,8 @@ def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, 
         ds = grain.MapDataset.range(n)
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:
-        raise ValueError(f"source {source_id} has {n} rows, fewer than shard_count={shard_count}")
+        raise ValueError(f"source {source_id} ({getattr(source, 'name', source)!r}) has {n} rows, fewer than "
+                         f"shard_count={shard_count} (data shards)")
     if order == "shuffle":
         ds = ds.shuffle(seed=(seed + 1_000_003 * source_id) % 2**32)
     ds = ds.repeat(num_epochs)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import place_inputs
-from vlm_jax.sharding import gather_rows, process_rows, shard_batch, to_memory, agree_max
+from vlm_jax.sharding import agree_max, allgather, gather_rows, process_rows, shard_batch, to_memory
 from vlm_jax.rl import grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
@@ -262,7 +262,8 @@ def collect_rollout(
     shards: int = 1,
 ) -> tuple[RolloutBatch, Graded, dict]:
     """One GRPO rollout batch of `cfg.num_samples` samples for each of `batch_size` prompts of this
-    process (`cfg`: GRPOConfig); the batch over all processes is their rows in process order.
+    process (`cfg`: GRPOConfig); the batch over all processes holds each process's rows where its
+    devices are (`sharding.row_owners`).
 
     `batches` yields this process's prompts: rows of `shards` data shards (host key `shard`, 0 ..
     shards-1; absent: one shard), each shard filling `batch_size / shards` of the batch's prompts.
@@ -354,7 +355,7 @@ def collect_rollout(
     roll = graded.rollout
     # the whole batch's rewards (every process's rows, in process order): batch-level baselines and
     # scalings, and the metrics, see all of them; this process keeps its own rows' advantages
-    rewards_all = gather_rows(graded.rewards)
+    rewards_all = gather_rows(graded.rewards, model.mesh)
     adv_all = np.asarray(
         grpo.compute_advantages(
             jnp.asarray(rewards_all), G, estimator=cfg.advantage, scaling=cfg.reward_scaling
@@ -405,8 +406,8 @@ def collect_rollout(
         ref_logp,
         place(adv),
     )
-    lengths, truncated = gather_rows(roll.lengths), gather_rows(roll.truncated)
-    counts = gather_rows(np.asarray([[seen_groups, filled]], np.int64)).sum(axis=0)
+    lengths, truncated = gather_rows(roll.lengths, model.mesh), gather_rows(roll.truncated, model.mesh)
+    counts = allgather(np.asarray([seen_groups, filled], np.int64)).sum(axis=0)
     groups = rewards_all.reshape(-1, G)
     metrics = {
         "reward/mean": float(rewards_all.mean()),
@@ -425,5 +426,5 @@ def collect_rollout(
         metrics["dynamic/filled_equal_reward_groups"] = int(counts[1])
     names = getattr(reward_fn, "metric_names", {})
     for k, v in graded.components.items():
-        metrics[f"reward/{names.get(k, k)}"] = float(gather_rows(v).mean())
+        metrics[f"reward/{names.get(k, k)}"] = float(gather_rows(v, model.mesh).mean())
     return batch, graded, metrics

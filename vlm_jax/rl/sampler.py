@@ -441,8 +441,9 @@ def generate(
         row_groups=row_groups_for(model.mesh, inputs.input_ids_BL.shape[0]),
     )
     tokens, lengths, logprobs, done = shd.to_host((tokens, lengths, logprobs, done))
-    if local:  # this process's prompts' samples (row = prompt * num_samples + j)
-        mine = shd.process_rows(model.mesh, inputs.input_ids_BL.shape[0] * num_samples)
+    if local:  # this process's prompts' samples (row = prompt * num_samples + j), in its rows' order
+        prompts = shd.process_rows(model.mesh, inputs.input_ids_BL.shape[0])
+        mine = (prompts[:, None] * num_samples + np.arange(num_samples)).ravel()
         tokens, lengths, logprobs, done = (np.asarray(a)[mine] for a in (tokens, lengths, logprobs, done))
     return Rollout(
         np.asarray(tokens)[:, :max_new_tokens],

@@ -353,7 +353,16 @@ def _end_process(client, me: int, message: str, *, code: int, publish: bool) -> 
         try:
             client.key_value_set(FAILURE_KEY, message)
         except Exception:  # noqa: BLE001 - another process failed first (key taken) or no service
-            pass
+            try:
+                first = client.key_value_try_get(FAILURE_KEY)
+            except Exception:  # noqa: BLE001 - no service any more
+                first = None
+            if first and first != message:
+                # Another process failed first and this one only failed after it (typically a host
+                # collective whose peer had just exited): the first failure is the cause to report.
+                print(f"process {me}: {message.split(': ', 1)[-1]} (after another process failed)",
+                      file=sys.stderr, flush=True)
+                message, publish = first, False
     what = "stopping the job" if publish else f"stopping process {me} too"
     print(f"error: {message}; {what}", file=sys.stderr, flush=True)
     try:

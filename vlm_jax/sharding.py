@@ -161,10 +161,7 @@ def gather_rows(x, mesh: Mesh | None) -> np.ndarray:
     count = jax.process_count()
     if count == 1:
         return x
-    from jax.experimental import multihost_utils
-
-    stacked = np.asarray(multihost_utils.process_allgather(x, tiled=False))  # [processes, rows, ...]
-    return assemble_rows(stacked, row_owners(mesh, x.shape[0] * count))
+    return assemble_rows(allgather(x), row_owners(mesh, x.shape[0] * count))
 
 
 def assemble_rows(parts, owners: list[np.ndarray]) -> np.ndarray:
@@ -203,9 +200,8 @@ def gather_json(obj) -> list:
     if jax.process_count() == 1:
         return [obj]
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    (longest,) = agree_max(len(data))
     sizes = allgather(np.asarray(len(data), np.int64))
-    padded = allgather(np.pad(data, (0, longest - len(data))))
+    padded = allgather(np.pad(data, (0, int(sizes.max()) - len(data))))
     return [json.loads(bytes(row[:size]).decode()) for row, size in zip(padded, sizes)]
 
 
@@ -258,6 +254,9 @@ INITIALIZATION_TIMEOUT_S = 300
 _ACK_WAIT_S = 5.0  # how long process 0 (which hosts the service) waits for peers to see a failure
 _POLL_S = 1.0  # how often each process asks the coordination service for a published failure
 _failure_lock = None
+_heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S  # this job's, set by `initialize_distributed`
+# What a host collective (gloo) raises when a peer process is gone (exited or killed).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
 def initialize_distributed(
@@ -281,6 +280,8 @@ def initialize_distributed(
         heartbeat_timeout_seconds=int(heartbeat_timeout_s),
         shutdown_timeout_seconds=int(shutdown_timeout_s),
     )
+    global _heartbeat_timeout_s
+    _heartbeat_timeout_s = int(heartbeat_timeout_s)
     log.info("process %d of %d joined (heartbeat timeout %ds)", jax.process_index(), jax.process_count(),
              heartbeat_timeout_s)
     watch_for_failures()
@@ -339,7 +340,26 @@ def fail_job(exc: BaseException, code: int = 1, *, show_traceback: bool = True) 
         traceback.print_exception(exc, file=sys.stderr)
     me = jax.process_index()
     message = f"process {me} of {jax.process_count()} failed: {type(exc).__name__}: {exc}"
+    if any(s in str(exc) for s in _PEER_LOST):
+        _await_cause(client)
     _end_process(client, me, message, code=code, publish=True)
+
+
+def _await_cause(client) -> None:
+    """This process failed only because a peer is gone (a host collective lost its connection): wait
+    for the cause - the peer's published failure (reported by `_end_process`, or the failure watcher
+    ends this process with it) or, for a peer that died without a word, the coordination service's
+    heartbeat verdict naming it (JAX then ends this process) - up to the heartbeat timeout."""
+    import time
+
+    deadline = time.monotonic() + _heartbeat_timeout_s + _ACK_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if client.key_value_try_get(FAILURE_KEY):
+                return
+        except Exception:  # noqa: BLE001 - nothing published yet (NOT_FOUND)
+            pass
+        time.sleep(_POLL_S / 4)
 
 
 def _end_process(client, me: int, message: str, *, code: int, publish: bool) -> None:

@@ -10,8 +10,9 @@ flag (`intra_op_parallelism_threads` is a TensorFlow option, not an XLA flag), s
 restricts the JAX side. The report prints the cores every thread of the process may run on.
 Each library uses the cores its own way: torch with intra-op threads, vlm_jax with one JAX CPU
 device per core (`jax_num_cpu_devices`) and the batch split over them on a `data` mesh, as on
-any multi-device machine (`--single_device`: one device, where the sampler runs two independent
-row groups instead, see `sampler.row_groups_for`; ~12% slower here in one process).
+any multi-device machine (`--single_device`: one device, whose matmuls use all the cores; slower
+at this model size, where each decode step's matmuls are small: 0.36 against 0.25 s a call on
+2026-12-03).
 Timings are wall-clock: on a machine where other jobs run, a side that uses N threads suffers
 more than one that uses one (torch's OpenMP threads wait for each other), so compare runs made
 while nothing else runs.
@@ -255,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = vlm_jax_mesh()
     print(f"threads: process pinned to cores {cpus} (all {n_threads} threads: cores {sorted(used)}); "
           f"vlm_jax: XLA CPU on those {len(cpus)} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"{len(jax.devices())} JAX devices, mesh {None if mesh is None else dict(mesh.shape)}, "
-          f"row groups {sampler.row_groups_for(mesh, args.prompts)} (see sampler.row_groups_for); "
+          f"{len(jax.devices())} JAX devices, mesh {None if mesh is None else dict(mesh.shape)}; "
           f"transformers: torch.get_num_threads()={torch.get_num_threads()}")
     # CPU time used by everything but this process while it ran (the load average also counts
     # threads blocked in the kernel, so it can read ~1 on an idle machine)

@@ -1,6 +1,6 @@
-"""vlm_jax's two multi-core sampling paths in one process: one JAX device (two row groups, see
-`sampler.row_groups_for`) against one JAX CPU device per core on a `data` mesh (a decode loop per
-device, see `sampler.data_parallel`). Same model, prompts and keys as `bench_rollout.py`; calls
+"""vlm_jax's two multi-core sampling paths in one process: one JAX device (XLA runs each matmul
+on all cores) against one JAX CPU device per core on a `data` mesh (a decode loop per device, see
+`sampler.data_parallel`). Same model, prompts and keys as `bench_rollout.py`; calls
 alternate, so both see the same machine state.
 
     python scripts/compare_rollout_paths.py [--cpus 2] [--calls 14]
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(Path(tmp) / "model", spec=BENCH_SPEC, seed=0)
         batch = make_batch(Processor.from_pretrained(path), 8)
-        paths = {"one device, row groups": models.from_pretrained(path)}
+        paths = {"one device": models.from_pretrained(path)}
         if len(jax.devices()) > 1:
             paths[f"{len(jax.devices())} devices, data mesh"] = models.from_pretrained(
                 path, mesh=sharding.make_mesh())

@@ -107,7 +107,7 @@ def decode_step_collectives(env, tensor: int):
   sp = sampler.SamplingParams(jnp.int32(NEW), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
   text = sampler._generate.lower(model.graphdef, params, inputs, jax.random.key(0), sp, gen_len=16,
                                  num_samples=G, greedy=True, filtered=False, eos_ids=(1,), pad_id=0,
-                                 mesh=model.mesh, row_groups=1).compile().as_text()
+                                 mesh=model.mesh).compile().as_text()
   return loop_collectives(text), 8 * G // (model.mesh.shape["data"] * model.mesh.shape["fsdp"])
 
 

@@ -1,15 +1,12 @@
-"""The sampler's speed paths against plain references: inverse-CDF token draws, the shared-prompt
-decode attention, and the independent row groups (the CPU path) against a single group."""
+"""The sampler's speed paths against plain references: inverse-CDF token draws and the shared-prompt
+decode attention."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hf_reference import build_reference, make_batch
 
-from vlm_jax import models
 from vlm_jax.models.qwen2_5_vl.model import decode_attention
 from vlm_jax.rl import sampler
 
@@ -87,40 +84,3 @@ def test_decode_attention_equals_softmax_over_prompt_and_own_tokens():
         p = np.exp(s - s.max())
         np.testing.assert_allclose(np.asarray(out[n, k, h]), p @ values[:, k] / p.sum(), atol=1e-5,
                                    err_msg=f"row {n} kv head {k} query head {h}")
-
-
-# ---- row groups -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = tmp_path_factory.mktemp("fast_paths_ref")
-  build_reference(path, seed=3)
-  return models.from_pretrained(path)
-
-
-@pytest.mark.parametrize("temperature", [pytest.param(0.0, marks=pytest.mark.slow), 0.8])
-def test_row_groups_give_the_same_rollout(tiny, monkeypatch, temperature):
-  model, params = tiny
-  batch = make_batch([[], [(4, 4)], [(6, 10)], []], padding="left", seed=4)
-  runs = {}
-  for groups in (1, 2):
-    monkeypatch.setattr(sampler, "row_groups_for", lambda mesh, n, g=groups: g)
-    with jax.default_matmul_precision("highest"):
-      runs[groups] = sampler.generate(model, params, batch, max_new_tokens=7, temperature=temperature,
-                                      num_samples=2, rng=jax.random.key(5), eos_token_ids=(),
-                                      pad_token_id=254)
-  np.testing.assert_array_equal(runs[1].tokens, runs[2].tokens)
-  np.testing.assert_array_equal(runs[1].lengths, runs[2].lengths)
-  np.testing.assert_allclose(runs[1].logprobs, runs[2].logprobs, atol=1e-5)
-  assert len({tuple(t) for t in runs[1].tokens}) > 2  # prompts (and samples) really differ
-
-
-def test_row_groups_must_divide_the_prompts(tiny):
-  model, params = tiny
-  inputs = sampler.prepare_prompts(model, make_batch([[], [], []], seed=0))
-  sp = sampler.SamplingParams(jnp.int32(2), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
-  with pytest.raises(ValueError, match="row_groups=2 does not divide the 3 prompts"):
-    sampler._generate(model.graphdef, params, inputs, jax.random.key(0), sp, gen_len=16, num_samples=1,
-                      greedy=False, filtered=False, eos_ids=(), pad_id=0, row_groups=2)
-  assert sampler.row_groups_for(None, 3) == 1  # an odd prompt count never asks for two groups

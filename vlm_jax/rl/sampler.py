@@ -11,10 +11,10 @@ runs over the sharded batch and heads.
 
 Speed (CPU): per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once
 per call), attention over the prompt bucket plus the generation bucket without repeating the
-prompt part, a token draw from one uniform per row (all drawn up front). A multi-core CPU is used
-best as one JAX device per core (`jax.config.update("jax_num_cpu_devices", n)` before JAX starts)
-and a `data` mesh; on a single device, two independent row groups that XLA runs side by side
-(`row_groups_for`).
+prompt part, a token draw from one uniform per row (all drawn up front). On a CPU, JAX 0.10's
+XLA runs each matmul on all the process's cores (YNNPACK), so one JAX device uses them all; one
+device per core on a `data` mesh (`jax_num_cpu_devices`) gives each core its own decode loop,
+which pays off for small models (hidden <= 256 here; `scripts/bench_rollout.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -205,7 +204,6 @@ class _Loop(NamedTuple):
         "eos_ids",
         "pad_id",
         "mesh",
-        "row_groups",
     ),
 )
 def _generate(
@@ -222,7 +220,6 @@ def _generate(
     eos_ids: tuple[int, ...],
     pad_id: int,
     mesh=None,
-    row_groups: int = 1,
 ):
     model = lora.bind(graphdef, params)
     B = inputs.input_ids_BL.shape[0]
@@ -246,12 +243,12 @@ def _generate(
         # Rows are independent: each device samples its own prompts in its own decode loop, with
         # no cross-device step (a global loop would all-reduce `done` at every token).
         specs = (P(), P("data"), P(None, "data"), P("data"), P(None, "data"), P())
-        local = functools.partial(sample_rows, mesh=None, row_groups=1)
+        local = functools.partial(sample_rows, mesh=None)
         # check_vma=False: the loop's zero-initialised state is device-invariant, its updates are not;
         # nothing inside communicates, so there is nothing for the check to protect
         sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P("data"), check_vma=False)
         return sharded(*args)
-    return sample_rows(*args, mesh=mesh, row_groups=row_groups)
+    return sample_rows(*args, mesh=mesh)
 
 
 def data_parallel(mesh, num_prompts: int) -> bool:
@@ -281,43 +278,24 @@ def _sample_rows(
     eos_ids: tuple[int, ...],
     pad_id: int,
     mesh,
-    row_groups: int,
 ):
     """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1);
     returns (tokens [N, T], lengths [N], logprobs [N, T], done [N])."""
     model = lora.bind(graphdef, params)
     B, L = attention_mask_BL.shape
     N = B * num_samples
-    if B % row_groups:
-        raise ValueError(f"row_groups={row_groups} does not divide the {B} prompts")
-    # Prompts b*Bg .. (b+1)*Bg - 1 and their samples form group b: each group runs its own chain of
-    # prefill / decode ops, which share nothing, so XLA's CPU runtime can run them on different cores.
-    Bg, Ng = B // row_groups, N // row_groups
-    prompts = [slice(g * Bg, (g + 1) * Bg) for g in range(row_groups)]
-    rows = [slice(g * Ng, (g + 1) * Ng) for g in range(row_groups)]
 
     # ---- prefill once per prompt --------------------------------------------------------------------
     key_valid = attention_mask_BL > 0
-    caches, logits = [], []
-    for g in prompts:
-        valid = key_valid[g]
-        prefill = model.init_cache(Bg, L, valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
-        # causal over the prompt with padding keys masked, per query chunk (no [L, L] mask)
-        h, prompt_kv = model.decode(x_BLD[g], positions_3BL[:, g], None, prefill, 0, key_valid_BS=valid)
-        logits.append(model.logits(h[:, -1]).astype(jnp.float32))
-        # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
-        caches.append(
-            model.init_decode_cache(
-                prompt_kv,
-                valid,
-                num_samples,
-                gen_len,
-                constrain=lambda a, names: _constrain(a, mesh, names),
-            )
-        )
-    rep = lambda a: jnp.repeat(a, num_samples, axis=0)
-    logits = [rep(lg) for lg in logits]  # per group [Ng, V]
-    next_pos = rep(positions_3BL.max(axis=(0, 2)) + 1)  # [N] text positions continue here
+    prefill = model.init_cache(B, L, key_valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
+    # causal over the prompt with padding keys masked, per query chunk (no [L, L] mask)
+    h, prompt_kv = model.decode(x_BLD, positions_3BL, None, prefill, 0, key_valid_BS=key_valid)
+    logits = jnp.repeat(model.logits(h[:, -1]).astype(jnp.float32), num_samples, axis=0)  # [N, V]
+    # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
+    cache = model.init_decode_cache(
+        prompt_kv, key_valid, num_samples, gen_len, constrain=lambda a, names: _constrain(a, mesh, names)
+    )
+    next_pos = jnp.repeat(positions_3BL.max(axis=(0, 2)) + 1, num_samples, axis=0)  # [N] text positions continue here
 
     # ---- decode -----------------------------------------------------------------------------------
     weights = model.decode_weights()  # fused once here, not per step
@@ -325,15 +303,10 @@ def _sample_rows(
     limit = jnp.minimum(sp.max_new_tokens, gen_len)
     vocab_shards = 1 if mesh is None else mesh.shape["tensor"]  # the logits' vocab split (`vocab` rule)
 
-    def record(s: _Loop, group_logits) -> _Loop:
-        """Samples token `s.t` of every row from its group's logits [Ng, V] (each group on its own)
-        and books it (pad once a row stopped)."""
+    def record(s: _Loop, logits_NV) -> _Loop:
+        """Samples token `s.t` of every row from `logits_NV` and books it (pad once a row stopped)."""
         u = jax.lax.dynamic_index_in_dim(uniforms_TN, s.t, keepdims=False)
-        drawn = [
-            sample_token(u[r], lg, sp, greedy=greedy, filtered=filtered, shards=vocab_shards)
-            for r, lg in zip(rows, group_logits)
-        ]
-        tok, logp = (jnp.concatenate(a) for a in zip(*drawn))
+        tok, logp = sample_token(u, logits_NV, sp, greedy=greedy, filtered=filtered, shards=vocab_shards)
         live = ~s.done
         tok, logp = jnp.where(live, tok, pad_id), jnp.where(live, logp, 0.0)
         return s._replace(
@@ -350,18 +323,15 @@ def _sample_rows(
 
     def body(s: _Loop) -> _Loop:
         slot = s.t - 1  # the last sampled token goes into generated slot t - 1, position next_pos + t - 1
-        steps = [
-            model.decode_step(weights, s.tok[r], tuple(a[r] for a in s.rope), cache, slot, num_samples)
-            for r, cache in zip(rows, s.cache)
-        ]
-        s = s._replace(cache=tuple(c for _, c in steps), rope=model.decode_rope(next_pos + s.t))
-        return record(s, [lg for lg, _ in steps])
+        logits_NV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, slot, num_samples)
+        s = s._replace(cache=cache, rope=model.decode_rope(next_pos + s.t))
+        return record(s, logits_NV)
 
     state = _Loop(
         t=jnp.int32(0),
         tok=jnp.zeros((N,), jnp.int32),
         rope=model.decode_rope(next_pos),
-        cache=tuple(caches),
+        cache=cache,
         done=jnp.zeros((N,), bool),
         tokens=jnp.full((N, gen_len), pad_id, jnp.int32),
         logprobs=jnp.zeros((N, gen_len), jnp.float32),
@@ -370,15 +340,6 @@ def _sample_rows(
     with jax.named_scope("decode_loop"):  # names the loop in compiled HLO (`plan.loop_collectives`)
         out = jax.lax.while_loop(cond, body, record(state, logits))
     return out.tokens, out.lengths, out.logprobs, out.done
-
-
-def row_groups_for(mesh, num_prompts: int) -> int:
-    """Independent row groups for `_generate`: 2 on a CPU with >= 2 usable cores and no mesh, else 1.
-    XLA's CPU runtime runs each dot on one core but runs independent ops side by side, so two
-    groups that share nothing keep two cores busy."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpu = mesh is None and jax.default_backend() == "cpu" and cores >= 2
-    return 2 if cpu and num_prompts % 2 == 0 else 1
 
 
 def generate(
@@ -438,7 +399,6 @@ def generate(
         eos_ids=eos,
         pad_id=pad_token_id,
         mesh=model.mesh,
-        row_groups=row_groups_for(model.mesh, inputs.input_ids_BL.shape[0]),
     )
     tokens, lengths, logprobs, done = shd.to_host((tokens, lengths, logprobs, done))
     if local:  # this process's prompts' samples (row = prompt * num_samples + j), in its rows' order

@@ -29,7 +29,11 @@ whose matmuls run on all N cores (JAX 0.10's XLA CPU runtime calls YNNPACK with 
 as the trainer runs on a CPU. `--devices N` splits the batch over N JAX devices on a `data` mesh
 instead: slower here (update 0.88-0.97 against 0.64-0.70 s on 2026-12-03), as every device then
 all-reduces the 78 MB of gradients and runs the whole AdamW update itself. The two sides alternate iteration by iteration (the
-child waits on a pipe between its steps), so both see the same background load; the first
+child waits on a pipe between its steps), so both see the same background load, with `--pause`
+seconds (default 1) of idleness between them: back to back, each side's step overlapped the other
+side's leftovers (TRL's post-step bookkeeping runs after its timed step; caches and memory
+refilled), which slowed both (2026-12-03, 2 cores: vlm_jax 1.50 -> 1.13 s/iter, TRL 3.46 -> 2.80
+with a 1 s pause); the first
 iteration of each side (vlm_jax: compiles) is reported apart and the median of the `--iters`
 later ones is the figure. The split is rollout (sampling + decoding), rewards, scoring (reference
 log-probs and the rest of batch preparation) and update, measured by wrapping each side's own
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="JAX CPU devices for vlm_jax (default 1, its matmuls on all pinned cores; > 1: a data mesh)")
     parser.add_argument("--peer_venv", type=Path, default=ROOT / ".venv-peer")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--pause", type=float, default=1.0,
+                        help="seconds of idleness between the two sides' steps (0: back to back)")
     parser.add_argument("--share_prompt", action=argparse.BooleanOptionalAction, default=None,
                         help="vlm_jax's grpo.share_prompt (default: the config default)")
     parser.add_argument("--share_prompt_ab", action="store_true",
@@ -400,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {"vlm_jax": [], "trl": []}
             for _ in range(1 + args.iters):  # alternate: both sides see the same background load
                 runs["trl"].append(peer.step())
+                time.sleep(args.pause)
                 runs["vlm_jax"].append(ours.step())
+                time.sleep(args.pause)
         finally:
             peer.close()
 

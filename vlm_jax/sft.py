@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from vlm_jax import sharding as shd
 from vlm_jax.logprobs import batch_shards, token_logprobs
 from vlm_jax.models import lora
-from vlm_jax.train_state import TrainState, apply_gradients
+from vlm_jax.train_state import TrainState, apply_gradients, train_compiler_options
 
 
 class SFTBatch(NamedTuple):
@@ -75,6 +75,7 @@ def _micro(x, shards: int, n_micro: int, axis: int = 0):
     jax.jit,
     static_argnames=("graphdef", "optimizer", "normalize", "micro_batch", "mesh"),
     donate_argnums=(0,),
+    compiler_options=train_compiler_options(),
 )
 def sft_step(state: TrainState, batch: SFTBatch, *, graphdef, optimizer, normalize="token", micro_batch=0,
              mesh=None, frozen: lora.Frozen | None = None):

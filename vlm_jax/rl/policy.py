@@ -23,7 +23,7 @@ from vlm_jax.logprobs import batch_shards, token_logprobs
 from vlm_jax.models import lora
 from vlm_jax.rl import grpo
 from vlm_jax.shapes import chunk_size
-from vlm_jax.train_state import TrainState, apply_gradients
+from vlm_jax.train_state import TrainState, apply_gradients, train_compiler_options
 
 
 class RolloutBatch(NamedTuple):
@@ -158,7 +158,8 @@ def _select(batch: "RolloutBatch", idx_sk, shards: int, group_size: int):
     return fields, prompt_global
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "chunk", "mesh", "share_prompt"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "chunk", "mesh", "share_prompt"),
+                   compiler_options=train_compiler_options())
 def score_responses(graphdef, params, prompt, responses_NT, *, group_size: int, chunk: int = 0, mesh=None,
                     share_prompt: bool = False):
     """Log-probs of all N responses (e.g. under the frozen reference model), `chunk` completions
@@ -237,6 +238,7 @@ _MAX_METRICS, _MIN_METRICS = ("ratio/max",), ("ratio/min",)
     static_argnames=("graphdef", "optimizer", "group_size", "loss_cfg", "mu", "minibatch", "micro_batch",
                      "mesh", "share_prompt"),
     donate_argnums=(0,),
+    compiler_options=train_compiler_options(),
 )
 def grpo_step(
     state: TrainState,

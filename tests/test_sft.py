@@ -141,3 +141,39 @@ def test_repeated_steps_lower_the_loss(trained):
   assert all(h["update_ok"] == 1.0 for h in trained.history)
   assert int(trained.state.step) == len(losses) and int(trained.state.skipped) == 0
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------------
+# the training programs' compile options
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_compiler_options_are_named_only_for_the_jax_line_they_were_measured_on(monkeypatch):
+  import jaxlib
+
+  from vlm_jax import train_state
+
+  monkeypatch.setattr(jaxlib, "__version__", "0.10.7")
+  assert train_state.train_compiler_options() == {
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+  for other in ("0.9.1", "0.11.0", "1.0.0"):  # an unknown option would fail every compile
+    monkeypatch.setattr(jaxlib, "__version__", other)
+    assert train_state.train_compiler_options() == {}
+
+
+def test_the_installed_xla_accepts_the_training_compile_options_and_computes_the_same():
+  """The options `sft_step` / `grpo_step` / `score_responses` compile with are accepted by this JAX
+  (a renamed option would fail every compile) and leave a gradient of transposed matmuls unchanged."""
+  from vlm_jax.train_state import train_compiler_options
+
+  def loss(w, x):
+    return jnp.sum(jax.nn.silu(x @ w[0]) @ w[1])
+
+  rng = np.random.default_rng(0)
+  w = (jnp.asarray(rng.normal(size=(32, 64)), jnp.float32), jnp.asarray(rng.normal(size=(64, 32)), jnp.float32))
+  x = jnp.asarray(rng.normal(size=(48, 32)), jnp.float32)
+  lowered = jax.jit(jax.grad(loss)).lower(w, x)
+  default = lowered.compile()(w, x)
+  tuned = lowered.compile(train_compiler_options() or None)(w, x)
+  for a, b in zip(default, tuned):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)

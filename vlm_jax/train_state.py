@@ -24,17 +24,21 @@ def train_compiler_options() -> dict[str, str]:
     On a CPU, JAX 0.10's XLA hands each matmul to YNNPACK; with its fusion type set to `DOT`, a dot
     takes its operands' transposes into its own fusion instead of XLA first copying the [tokens,
     features] activations into the transposed layout the weight gradients need (XLA's own transposes
-    ran at ~0.2 GB/s: ~0.9 s of a 6.3 s SFT step on the ~50M model of `scripts/bench_mfu.py`). Measured
-    on 2 cores, 2026-12-03: SFT step 1.18x faster (same process, both compiles alternating), GRPO
-    update 1.4x; no change at the demo's sizes. Not set for the sampler: its small decode-step
-    matmuls ran ~10% slower with it. The option is a field of XLA's DebugOptions on every backend
-    (the GPU and TPU compilers ignore it; libtpu 0.0.52 accepts it); it is named only for the JAX
-    0.10 line, where it exists and was measured, since an unknown option fails every compile."""
+    ran at ~0.2 GB/s: ~0.9 s of a 7.9 s SFT step on the ~50M model of `scripts/bench_mfu.py`).
+    Measured on 2 cores, 2026-12-03: SFT step 1.18x faster (same process, both compiles
+    alternating); MFU of the SFT step / GRPO update 42% / 36% -> 56% / 53%; no measurable change on
+    `scripts/bench_grpo.py`'s 19.5M model. Not set for the sampler: its small decode-step matmuls
+    ran 5-7% slower with it (same-process A/B). The option is a field of XLA's DebugOptions on
+    every backend (the GPU and TPU compilers ignore it; libtpu 0.0.52 accepts it); it is named
+    only for the JAX 0.10 line, where it exists and was measured, since an unknown option fails
+    every compile."""
     import jaxlib
 
     if tuple(int(x) for x in jaxlib.__version__.split(".")[:2]) != (0, 10):
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
 MERGER_KEYS = ("merger", "deepstack_merger_list")  # children of `visual` labelled `merger`
 
 

@@ -28,8 +28,9 @@ inherits the pinning; torch gets N threads, vlm_jax one JAX CPU device (`--devic
 whose matmuls run on all N cores (JAX 0.10's XLA CPU runtime calls YNNPACK with a thread per core),
 as the trainer runs on a CPU. `--devices N` splits the batch over N JAX devices on a `data` mesh
 instead: slower here (update 0.88-0.97 against 0.64-0.70 s on 2026-12-03), as every device then
-all-reduces the 78 MB of gradients and runs the whole AdamW update itself. The two sides alternate iteration by iteration (the
-child waits on a pipe between its steps), so both see the same background load, with `--pause`
+all-reduces the 78 MB of gradients and runs the whole AdamW update itself. The two sides alternate
+iteration by iteration (the child waits on a pipe between its steps), so both see the same
+background load, with `--pause`
 seconds (default 1) of idleness between them: back to back, each side's step overlapped the other
 side's leftovers (TRL's post-step bookkeeping runs after its timed step; caches and memory
 refilled), which slowed both (2026-12-03, 2 cores: vlm_jax 1.50 -> 1.13 s/iter, TRL 3.46 -> 2.80
@@ -362,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pin both sides to this many cores (default: all this process may use)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the pinned cores")
     parser.add_argument("--devices", type=int, default=1,
-                        help="JAX CPU devices for vlm_jax (default 1, its matmuls on all pinned cores; > 1: a data mesh)")
+                        help="JAX CPU devices for vlm_jax (default 1: its matmuls use all pinned cores; "
+                             "> 1: a data mesh)")
     parser.add_argument("--peer_venv", type=Path, default=ROOT / ".venv-peer")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--pause", type=float, default=1.0,
@@ -373,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
     args = parser.parse_args(argv)
+    if args.devices < 1 or args.pause < 0:
+        parser.error(f"--devices must be >= 1 and --pause >= 0 (got {args.devices}, {args.pause})")
     cpus = pin_cpus(args.cpus)
     if args.torch_threads is None:
         args.torch_threads = len(cpus)

@@ -7,7 +7,8 @@
 JAX runs one CPU device (`--devices 1`, the default, as the trainer does on a CPU), whose matmuls
 use all the pinned cores (JAX 0.10's XLA calls YNNPACK with a thread per core); `--devices N` runs N
 devices with the batch split over a `data` mesh (slower: each device all-reduces the gradients and
-runs the whole optimizer; 29% / 31% MFU against 39% / 37% with one device on 2026-12-03). Peak: the
+runs the whole optimizer: 29% / 31% MFU against 42% / 36% with one device on 2026-12-03, before
+the training programs' compile options, `train_state.train_compiler_options`). Peak: the
 best FLOP/s of a large `jnp.dot` on every device at once (`--peak_n` square blocks, fp32, the dtype
 the steps use) in this process, measured between the steps so it sees the same background load. Achieved: model
 FLOPs per step / median seconds per step (`vlm_jax.sft.sft_step` and `vlm_jax.rl.policy.grpo_step`
@@ -85,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default_chunks", action="store_true",
                         help="the trainer's default attention / logits chunking (cost_analysis then undercounts)")
     parser.add_argument("--devices", type=int, default=1,
-                        help="JAX CPU devices (default 1, its matmuls on all pinned cores; > 1: batch on a data mesh)")
+                        help="JAX CPU devices (default 1: its matmuls use all pinned cores; "
+                             "> 1: the batch on a data mesh)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error(f"--devices must be >= 1 (got {args.devices})")
     cpus = pin_cpus(args.cpus)
 
     import jax

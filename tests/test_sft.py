@@ -166,14 +166,18 @@ def test_the_installed_xla_accepts_the_training_compile_options_and_computes_the
   (a renamed option would fail every compile) and leave a gradient of transposed matmuls unchanged."""
   from vlm_jax.train_state import train_compiler_options
 
+  options = train_compiler_options()
+  if not options:
+    pytest.skip(f"no training compile options are named for jaxlib {jax.lib.__version__}")
+
   def loss(w, x):
     return jnp.sum(jax.nn.silu(x @ w[0]) @ w[1])
 
   rng = np.random.default_rng(0)
-  w = (jnp.asarray(rng.normal(size=(32, 64)), jnp.float32), jnp.asarray(rng.normal(size=(64, 32)), jnp.float32))
+  w = tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((32, 64), (64, 32)))
   x = jnp.asarray(rng.normal(size=(48, 32)), jnp.float32)
   lowered = jax.jit(jax.grad(loss)).lower(w, x)
   default = lowered.compile()(w, x)
-  tuned = lowered.compile(train_compiler_options() or None)(w, x)
+  tuned = lowered.compile(options)(w, x)
   for a, b in zip(default, tuned):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)

@@ -295,7 +295,8 @@ def _sample_rows(
     cache = model.init_decode_cache(
         prompt_kv, key_valid, num_samples, gen_len, constrain=lambda a, names: _constrain(a, mesh, names)
     )
-    next_pos = jnp.repeat(positions_3BL.max(axis=(0, 2)) + 1, num_samples, axis=0)  # [N] text positions continue here
+    # [N]: each row's text positions continue after its prompt's last one
+    next_pos = jnp.repeat(positions_3BL.max(axis=(0, 2)) + 1, num_samples, axis=0)
 
     # ---- decode -----------------------------------------------------------------------------------
     weights = model.decode_weights()  # fused once here, not per step

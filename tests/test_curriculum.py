@@ -63,7 +63,7 @@ def two_stage_config(assets, **over):
         "compilation_cache_dir=",
         *[f"{k}={v}" for k, v in over.items()],
     ]
-    cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"), overrides)
+    cfg = config_lib.load_config(str(ROOT / "configs/synthetic_cpu.py"), overrides)
     return cfg.__class__(**{**cfg.__dict__, "stages": cfg.stages[:2]})
 
 
@@ -388,7 +388,7 @@ def test_bad_config_fails_before_compiling(assets, tmp_path, capsys, override, m
     before = (policy.grpo_step._cache_size(), sft.sft_step._cache_size(), sampler._generate._cache_size())
     argv = [
         "--config",
-        str(ROOT / "configs/demo_cpu.py"),
+        str(ROOT / "configs/synthetic_cpu.py"),
         f"--config.model.path={assets / 'model'}",
         f"--config.data.data_dir={assets / 'data'}",
         f"--config.{override}",
@@ -495,7 +495,7 @@ def test_evaluate_cli(family_run, tmp_path, capsys):
     ],
 )
 def test_distributed_flags_are_checked(tmp_path, capsys, flags, message):
-    argv = ["--config", str(ROOT / "configs/demo_cpu.py"), "--workdir", str(tmp_path), *flags]
+    argv = ["--config", str(ROOT / "configs/synthetic_cpu.py"), "--workdir", str(tmp_path), *flags]
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
 

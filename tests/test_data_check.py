@@ -70,7 +70,7 @@ def _processor(cfg):
 
 
 def test_check_uses_the_arguments_the_curriculum_reads_each_stage_with(monkeypatch, crafted):
-    cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"),
+    cfg = config_lib.load_config(str(ROOT / "configs/synthetic_cpu.py"),
                                  ["stages.1.sft.target=caption", "stages.2.sft.caption_as_input=true"])
     assert check.CAPTION_INSTRUCTION == curriculum.CAPTION_INSTRUCTION
     seen = []
@@ -124,4 +124,4 @@ def test_train_refuses_to_start_before_loading_the_model(crafted, tmp_path, caps
                                                ("data.preflight_max_skip_share=1.5", "preflight_max_skip_share")])
 def test_bad_preflight_settings_are_config_errors(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.load_config(str(ROOT / "configs/demo_cpu.py"), [override])
+        config_lib.load_config(str(ROOT / "configs/synthetic_cpu.py"), [override])

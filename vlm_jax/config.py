@@ -411,10 +411,13 @@ class SFTConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig(_Node):
-    """Evaluation sets and cadence (`every=0`: only at stage start and end); greedy decoding."""
+    """Evaluation sets and cadence (`every=0`: only at stage start and end); greedy decoding.
+    `at_start=False` skips the stage-start evaluation (where the previous stage's end evaluated the
+    same sets on the same weights, e.g. a matrix of every capability after every stage)."""
 
     datasets: tuple[DatasetSpec, ...] = ()
     every: int = 0
+    at_start: bool = True
     max_examples: int = 64
     max_new_tokens: int = 128
     batch_size: int = 8

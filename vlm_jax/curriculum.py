@@ -701,7 +701,8 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     if status == "finished":
         from vlm_jax import report
 
-        text = report.write_report(workdir, [s.name for s in cfg.stages])
+        text = report.write_report(workdir, [s.name for s in cfg.stages],
+                                   {s.name: [d.name for d in s.datasets] for s in cfg.stages})
         report.plot(workdir)
         print(text)
     return status
@@ -784,7 +785,7 @@ def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpoint
         if ref_params is not None and frozen is None and st.objective == "grpo" and st.grpo.offload_reference:
             refs.wait()
             ref_params = sharding.to_memory(ref_params, "pinned_host")  # on the chips only while scoring
-        if start == 0 and st.eval.datasets:
+        if start == 0 and st.eval.datasets and st.eval.at_start:
             evaluate_stage(
                 env,
                 stage,

@@ -29,6 +29,8 @@ from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.rollout import generate_and_grade
 
 CORRECT_THRESHOLD = 0.5  # a graded score >= this counts as correct (IoU >= 0.5 for boxes)
+# answer types whose graded score is partial credit: correct only when every part is right
+EXACT_ANSWER_TYPES = frozenset({"cells"})
 NO_TASK = "(no task)"  # per-task key of rows without a `task`
 
 
@@ -45,8 +47,10 @@ def evaluate_source(
     length_buckets=(64, 128, 256, 512),
     max_pixels_per_batch: int | None = None,
     seed: int = 0,
+    temperature: float = 0.0,
 ) -> dict:
-    """Accuracy and mean response length (tokens) on `source`, overall and per task."""
+    """Accuracy and mean response length (tokens) on `source`, overall and per task; greedy, or
+    sampled at `temperature` (a pass rate: one sample per item)."""
     from vlm_jax.data.pipeline import make_dataset
 
     report = getattr(source, "report", None)  # a data file read whole: its rows skipped on reading
@@ -73,6 +77,7 @@ def evaluate_source(
     reward_fn = rewards_lib.build_reward({"auto": 1.0})
     per_task: dict[str, list] = collections.defaultdict(list)
     samples = []
+    items = []  # (row index, correct, length, score) per graded row
     for batch in it:
         g = generate_and_grade(
             model,
@@ -82,17 +87,21 @@ def evaluate_source(
             reward_fn=reward_fn,
             num_samples=1,
             max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            rng=jax.random.key(seed),
+            temperature=temperature,
+            rng=jax.random.fold_in(jax.random.key(seed), len(samples) + sum(map(len, per_task.values()))),
             eos_token_ids=processor.eos_token_ids,
             pad_token_id=processor.pad_token_id,
             image_token_id=processor.image_token_id,
             prompt_buckets=length_buckets,
         )
-        correct = g.components["auto"] >= CORRECT_THRESHOLD
+        score = g.components["auto"]
+        types = g.prompts.get("answer_type", [""] * len(g.texts))
+        exact = np.array([t in EXACT_ANSWER_TYPES for t in types])
+        correct = np.where(exact, score >= 1.0, score >= CORRECT_THRESHOLD)
         for i, text in enumerate(g.texts):
+            items.append((int(g.prompts["index"][i]), bool(correct[i]), int(g.rollout.lengths[i]), float(score[i])))
             task = g.prompts.get("task", [""] * len(g.texts))[i] or NO_TASK
-            per_task[task].append((bool(correct[i]), int(g.rollout.lengths[i])))
+            per_task[task].append((bool(correct[i]), int(g.rollout.lengths[i]), float(score[i])))
             if len(samples) < 8:
                 samples.append(
                     {
@@ -112,25 +121,35 @@ def evaluate_source(
     rows = [r for v in per_task.values() for r in v]
     if not rows:
         raise ValueError(f"evaluation set {name!r}: every row was skipped ({describe_skips(skipped)})")
-    summary = lambda rs: {
-        "accuracy": float(np.mean([c for c, _ in rs])),
-        "mean_response_length": float(np.mean([n for _, n in rs])),
-        "n": len(rs),
-    }
-    out = {
-        "name": name,
-        **summary(rows),
-        "rows": n_rows,
-        "max_examples": max_examples,
-        "per_task": {t: summary(v) for t, v in sorted(per_task.items())},
-        "skipped": skipped,
-        "samples": samples,
-    }
+    out = {"name": name, **summarize(rows), "rows": n_rows, "max_examples": max_examples,
+           "per_task": {t: summarize(v) for t, v in sorted(per_task.items())},
+           "skipped": skipped, "samples": samples, "items": item_table(items)}
     if len(rows) != n_rows:
         limit = f"max_examples={max_examples}; " if max_examples and max_examples < len(source) else ""
         out["note"] = (f"accuracy is over n={len(rows)} of the data's {n_rows} rows "
                        f"({limit}skipped: {describe_skips(skipped)})")
     return out
+
+
+def summarize(rows) -> dict:
+    """Accuracy, mean graded score (partial credit, e.g. the share of grid cells right), mean
+    response length of all answers and of the correct ones, from (correct, length, score) rows."""
+    right = [n for c, n, _ in rows if c]
+    return {
+        "accuracy": float(np.mean([c for c, _, _ in rows])),
+        "score": float(np.mean([s for _, _, s in rows])),
+        "mean_response_length": float(np.mean([n for _, n, _ in rows])),
+        "mean_response_length_correct": float(np.mean(right)) if right else None,
+        "n": len(rows),
+    }
+
+
+def item_table(items) -> dict:
+    """Per-item results in row order (for paired comparisons across runs on the same items):
+    `index`, `correct` (0/1), `length` (tokens), `score` (graded reward)."""
+    items = sorted(items)
+    return {"index": [i for i, _, _, _ in items], "correct": [int(c) for _, c, _, _ in items],
+            "length": [n for _, _, n, _ in items], "score": [round(s, 4) for _, _, _, s in items]}
 
 
 class _Head:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vlm_jax.metrics import EVAL_DIR, EVAL_WHEN, METRICS_FILE
 
 Record = dict[str, Any]
@@ -153,9 +155,11 @@ def stage_table(evals: Sequence[Record], stages: Sequence[str]) -> str:
             sections.append(f"{title}\n\n_No before/after evaluations for this stage._")
             continue
         rows: list[list[str]] = []
+        previous = stages[stages.index(stage) - 1] if stages.index(stage) > 0 else None
         for name in names:
             before = _last(evals, stage=stage, name=name, when="before")
-            after = _last(evals, stage=stage, name=name, when="after")
+            if before is None and previous is not None:  # evaluated at the previous stage's end only
+                before = _last(evals, stage=previous, name=name, when="after")
             tasks = sorted({*(before or {}).get("per_task", {}), *(after or {}).get("per_task", {})})
             if len(tasks) == 1 and tasks[0] in NO_TASK_KEYS:
                 tasks = []  # rows without a task: the overall row says it all
@@ -168,6 +172,103 @@ def stage_table(evals: Sequence[Record], stages: Sequence[str]) -> str:
                              _tokens(len_b), _tokens(len_a), _delta(len_b, len_a)])
         sections.append(f"{title}\n\n{_markdown_table(header, rows, numeric_from=2)}")
     return "\n\n".join(sections) + "\n"
+
+
+def capability_matrix(evals: Sequence[Record], stages: Sequence[str]) -> list[dict[str, Any]]:
+    """The evaluation points of a run: its start (the first stage's `before`), then the end of each
+    stage; each point maps every dataset evaluated there to its record. A point without records is
+    left out."""
+    points = []
+    if stages:
+        start = {e["name"]: e for e in sorted(evals, key=_eval_order) if e["stage"] == stages[0] and e["when"] == "before"}
+        if start:
+            points.append({"after": "start", "evals": start})
+    for stage in stages:
+        end = {e["name"]: e for e in sorted(evals, key=_eval_order) if e["stage"] == stage and e["when"] == "after"}
+        if end:
+            points.append({"after": stage, "evals": end})
+    return points
+
+
+def paired_gain(before: Record, after: Record, field: str = "correct") -> tuple[float, float] | None:
+    """(mean gain, its standard error) of `after` over `before` on the same items, from their
+    per-item results (paired: the SE of the mean per-item difference); None without item results
+    or when the two evaluated different items."""
+    a, b = after.get("items"), before.get("items")
+    if not a or not b or a["index"] != b["index"] or not a["index"]:
+        return None
+    d = np.asarray(a[field], float) - np.asarray(b[field], float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def stage_gains(points: Sequence[dict[str, Any]], own: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """For each stage, the change of its own capability's evaluation sets (`own[stage]`: dataset
+    names) from the previous point to its end: accuracy before / after, the gain, its paired SE and
+    gain / SE, and the same for the graded score."""
+    out = []
+    for k in range(1, len(points)):
+        stage = points[k]["after"]
+        for name in own.get(stage, ()):
+            before, after = points[k - 1]["evals"].get(name), points[k]["evals"].get(name)
+            if before is None or after is None:
+                continue
+            row = {"stage": stage, "dataset": name, "before": before["accuracy"], "after": after["accuracy"],
+                   "gain": after["accuracy"] - before["accuracy"], "se": None, "z": None}
+            g = paired_gain(before, after)
+            if g is not None:
+                row["se"] = g[1]
+                row["z"] = g[0] / g[1] if g[1] > 0 else (0.0 if g[0] == 0 else float("inf"))
+            if "score" in before and "score" in after:
+                row["score_before"], row["score_after"] = before["score"], after["score"]
+                sg = paired_gain(before, after, "score")
+                row["score_gain"] = after["score"] - before["score"]
+                row["score_se"] = None if sg is None else sg[1]
+            out.append(row)
+    return out
+
+
+def own_datasets(evals: Sequence[Record], stage_datasets: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Stage -> the evaluated datasets (`name[split]`) that share a name with its training data."""
+    names = sorted({e["name"] for e in evals})
+    return {stage: [n for n in names if n.split("[", 1)[0] in set(ds)] for stage, ds in stage_datasets.items()}
+
+
+def matrix_table(points: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per evaluation set, one column per point: accuracy % (graded score % where
+    it differs), then the mean response length per point."""
+    if not points:
+        return "_No stage-end evaluations._\n"
+    names = sorted({n for p in points for n in p["evals"]})
+    header = ["dataset", *[f"{'start' if p['after'] == 'start' else 'after ' + p['after']}" for p in points]]
+    rows = []
+    for name in names:
+        cells = []
+        for p in points:
+            e = p["evals"].get(name)
+            if e is None:
+                cells.append(MISSING)
+                continue
+            text = _pct(e["accuracy"])
+            if e.get("score") is not None and abs(e["score"] - e["accuracy"]) > 1e-9:
+                text += f" ({_pct(e['score'])})"
+            cells.append(text)
+        rows.append([name, *cells])
+    for name in names:
+        rows.append([f"{name} length", *[_tokens(p["evals"][name]["mean_response_length"]) if name in p["evals"]
+                                          else MISSING for p in points]])
+    return _markdown_table(header, rows, numeric_from=1)
+
+
+def gains_table(gains: Sequence[dict[str, Any]]) -> str:
+    """Markdown: each stage's own-capability accuracy before / after, gain ± paired SE, gain / SE."""
+    if not gains:
+        return "_No stage trained a capability it also evaluated._\n"
+    rows = [[g["stage"], g["dataset"], _pct(g["before"]), _pct(g["after"]),
+             f"{100 * g['gain']:+.1f}" + ("" if g["se"] is None else f" ± {100 * g['se']:.1f}"),
+             MISSING if g["z"] is None else f"{g['z']:.1f}"] for g in gains]
+    return _markdown_table(["stage", "own set", "acc before %", "acc after %", "gain ± SE (pts)", "gain / SE"],
+                           rows, numeric_from=2)
 
 
 def final_evals(evals: Sequence[Record]) -> dict[str, Record]:
@@ -291,15 +392,33 @@ def plot(workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
 
 
 # ------------------------------------------------------------------------------------ Report
-def write_report(workdir: str | os.PathLike[str], stages: Sequence[str] | None = None) -> str:
-    """Write `workdir/report.md` (per-stage tables, final evals, plots) and return its text.
-    `stages=None` takes the stages in the order they appear in the run's logs."""
+SUMMARY_KEYS = ("accuracy", "score", "mean_response_length", "mean_response_length_correct", "n")
+
+
+def write_report(workdir: str | os.PathLike[str], stages: Sequence[str] | None = None,
+                 stage_datasets: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Write `workdir/report.md` (the capability matrix and each stage's gain on its own sets when
+    the run evaluated at stage ends, per-stage tables, final evals, plots) and `workdir/report.json`
+    (the matrix and gains), and return the markdown. `stages=None` takes the stages in the order
+    they appear in the run's logs; `stage_datasets` maps a stage to its training dataset names (its
+    own capability's evaluation sets are those with the same names)."""
     workdir = _require_workdir(workdir)
     metrics, evals = load_metrics(workdir), load_evals(workdir)
     if stages is None:
         stages = [stage for _, stage in stage_boundaries(metrics, evals)]
     plots = plot(workdir)
-    parts = [f"# Run report: `{workdir.name}`", "## Before / after each stage",
+    points = capability_matrix(evals, stages)
+    gains = stage_gains(points, own_datasets(evals, stage_datasets or {}))
+    summary = {"stages": list(stages), "points": [
+        {"after": p["after"], "evals": {n: {k: e.get(k) for k in SUMMARY_KEYS} for n, e in p["evals"].items()}}
+        for p in points], "gains": gains}
+    (workdir / "report.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    parts = [f"# Run report: `{workdir.name}`"]
+    if len(points) > 1:
+        parts += ["## Every capability after every stage (accuracy %, graded score % in brackets)",
+                  matrix_table(points).rstrip("\n"), "## Each stage's gain on its own capability (paired SE)",
+                  gains_table(gains).rstrip("\n")]
+    parts += ["## Before / after each stage",
              stage_table(evals, stages).rstrip("\n"), "## Final evaluation",
              compare_runs({workdir.name: workdir}).rstrip("\n"), "## Plots"]
     if plots:

@@ -99,6 +99,19 @@ def grade_number(response: str, answer: Any) -> float:
     return float(math.isclose(pred, ref, rel_tol=NUMBER_REL_TOL, abs_tol=0.0))
 
 
+def grade_cells(response: str, answer: Any) -> float:
+    """Share of the reference's words (a grid's cells in reading order, e.g. `red blue green`)
+    that the answer names in the same position (case-insensitive); extra or missing words count
+    as wrong, so only the exact list scores 1. The per-cell reward of the grid world's perception."""
+    pred = extract_answer(response)
+    ref = str(answer).lower().split()
+    if pred is None or not ref:
+        return 0.0
+    words = pred.lower().split()
+    right = sum(p == r for p, r in zip(words, ref))
+    return right / max(len(ref), len(words))
+
+
 def grade_yes_no(response: str, answer: Any) -> float:
     """1 if the answer and reference are both yes or both no (any case), else 0."""
     pred = parse_yes_no(extract_answer(response))
@@ -176,6 +189,7 @@ ACCURACY_GRADERS: dict[str, Grader] = {
     "mcq": grade_mcq,
     "number": grade_number,
     "yes_no": grade_yes_no,
+    "cells": grade_cells,
     "iou": grade_iou,
     "giou": grade_giou,
     "detection": grade_detection,

@@ -1,0 +1,75 @@
+"""Demo: the three-stage capability curriculum on the tiny synthetic Qwen2.5-VL model, on CPU.
+
+Stages: perception (GRPO, vision trained) -> textual reasoning (SFT, vision frozen) -> visual
+reasoning (SFT, all trained). Values are placeholders sized for a laptop CPU; the merged baseline
+with the same data and total steps is `configs/merged_cpu.py`.
+
+Run:
+  python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo_staged
+Shorter smoke run:
+  python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo_smoke \
+      --config.stages.0.steps=2 --config.stages.1.steps=2 --config.stages.2.steps=2
+"""
+
+from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig,
+                            GRPOConfig, LoggingConfig, MeshConfig, ModelConfig, OptimizerConfig,
+                            StageConfig)
+
+_BATCH = 8
+_MAX_NEW_TOKENS = 48
+
+
+def _eval(dataset: str) -> EvalConfig:
+    """Validation split of the stage's own synthetic dataset (all 64 rows), at stage start/end and
+    every 10 steps."""
+    return EvalConfig(datasets=(DatasetSpec(name=dataset, split="validation"),), every=10,
+                      max_examples=64, max_new_tokens=_MAX_NEW_TOKENS, batch_size=_BATCH)
+
+
+def get_config() -> Config:
+    """The staged demo run."""
+    perception = StageConfig(
+        name="perception",
+        capability="perception",
+        objective="grpo",
+        datasets=(DatasetSpec(name="synthetic_perception"),),
+        steps=30,
+        batch_size=_BATCH,
+        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
+        trainable=("vision", "merger", "language_model"),
+        grpo=GRPOConfig(num_samples=4, max_new_tokens=_MAX_NEW_TOKENS),
+        eval=_eval("synthetic_perception"),
+    )
+    textual = StageConfig(
+        name="textual_reasoning",
+        capability="textual_reasoning",
+        objective="sft",
+        datasets=(DatasetSpec(name="synthetic_textual_reasoning"),),
+        steps=20,
+        batch_size=_BATCH,
+        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
+        trainable=("language_model",),
+        eval=_eval("synthetic_textual_reasoning"),
+    )
+    visual = StageConfig(
+        name="visual_reasoning",
+        capability="visual_reasoning",
+        objective="sft",
+        datasets=(DatasetSpec(name="synthetic_visual_reasoning"),),
+        steps=20,
+        batch_size=_BATCH,
+        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
+        trainable=("vision", "merger", "language_model"),
+        eval=_eval("synthetic_visual_reasoning"),
+    )
+    return Config(
+        model=ModelConfig(path="artifacts/tiny_base", dtype="float32"),
+        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
+        data=DataConfig(max_prompt_len=256,  # data_dir: the default data directory (vlm_jax.paths)
+                        length_buckets=(64, 128, 256), min_pixels_per_image=28 * 28 * 4,
+                        max_pixels_per_image=112 * 112),
+        stages=(perception, textual, visual),
+        seed=0,
+        checkpoint=CheckpointConfig(every=10, keep=2),
+        logging=LoggingConfig(every=1),
+    )

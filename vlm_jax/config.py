@@ -226,7 +226,9 @@ class MeshConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Node):
-    """Which Hugging Face directory to load and how: `dtype` is how parameters (and so optimizer
+    """Which Hugging Face directory to load, and how its parameters are stored and computed.
+
+    `dtype` is how parameters (and so optimizer
     moments and checkpoints) are stored, `compute_dtype` what activations and matmuls use ("" = the
     stored dtype). On accelerators store fp32 and compute bf16: a recipe update at lr 1e-6 is below
     bf16 resolution for weights of normal size (bf16 spacing near 0.02 is ~1.2e-4) and would be lost,
@@ -258,8 +260,8 @@ class DataConfig(_Node):
     """Data location, length limits and padding buckets, image pixel bounds, strictness.
 
     `data_dir=""` uses the one default data directory of every command (`$VLM_JAX_DATA_DIR`, else
-    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
-    the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
+    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's
+    (`56*56` .. `28*28*1280`). `strict` stops the run at the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
     `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
     dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
     start when a dataset would skip more than `preflight_max_skip_share` of them.
@@ -471,8 +473,9 @@ class EvalConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig(_Node):
-    """Low-rank adapters for a stage (`rank` 0 = off: the stage trains full weights). The stage
-    starts fresh adapters (a Kaiming-uniform, b zero: the model starts as it was) on the linear
+    """Low-rank adapters for a stage (`rank` 0 = off: the stage trains full weights).
+
+    The stage starts fresh adapters (a Kaiming-uniform, b zero: the model starts as it was) on the linear
     layers `targets` selects: aliases "language" (q/k/v/o, gate/up/down of every decoder layer),
     "attention" (q/k/v/o only), "vision" (vision blocks' qkv/proj/MLP), "merger" (the patch merger
     and Qwen3-VL's DeepStack mergers), or full-match regexes over module paths such as

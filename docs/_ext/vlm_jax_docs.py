@@ -12,6 +12,7 @@ Sphinx runs `setup` (conf.py lists this module as an extension); `tests/test_doc
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import shutil
@@ -137,8 +138,10 @@ def _code_spans(text: str) -> str:
 
 
 def _summary(cls: type) -> str:
-    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-    return _code_spans(re.sub(r"\s+", " ", doc)) if "`" not in doc else re.sub(r"\s+", " ", doc)
+    """The class docstring, one line per paragraph (as markdown)."""
+    paragraphs = inspect.cleandoc(cls.__doc__ or "").split("\n\n")
+    flat = [re.sub(r"\s+", " ", p).strip() for p in paragraphs]
+    return "\n\n".join(p if "`" in p else _code_spans(p) for p in flat if p)
 
 
 def config_reference_markdown() -> str:

@@ -261,8 +261,8 @@ class DataConfig(_Node):
 
     `data_dir=""` uses the one default data directory of every command (`$VLM_JAX_DATA_DIR`, else
     `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's
-    (`56*56` .. `28*28*1280`). `strict` stops the run at the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
-    `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
+    (`56*56` .. `28*28*1280`). `strict` stops the run at the first unusable row (naming it) instead
+    of skipping and counting it. Before anything compiles, `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
     dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
     start when a dataset would skip more than `preflight_max_skip_share` of them.
 

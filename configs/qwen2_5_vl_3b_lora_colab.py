@@ -11,8 +11,8 @@ Per-step sizes cut to one chip: 4 prompts x 4 samples per rollout, mini-batches 
 100,352 pixels per image (128 vision tokens after the 2x2 merge; the patch bucket for a batch is 2,048
 patches). Per-layer remat, reference log-probs 4 completions at a time. lr 2e-5 (LoRA), constant.
 
-Memory per chip, from the TPU compiler (planner, 2026-12-03, perception stage; README "LoRA ...
-what fits a Colab chip"): the GRPO update needs 12.05 GiB of v5e-1's 16 (bf16 base 6.99 GiB, 414
+Memory per chip, from the TPU compiler (planner, 2026-12-03, perception stage; docs/scale.md,
+the LoRA rows): the GRPO update needs 12.05 GiB of v5e-1's 16 (bf16 base 6.99 GiB, 414
 rank-16 adapters 0.15 GiB + AdamW moments 0.31 GiB, temporaries 4.59 GiB), 11.89 of v6e-1's 32. With micro-batches of 4 and
 200,704 px per image it did not fit v5e-1 (17.97 GiB of temporaries); at those larger sizes scoring
 took 9.70 GiB and sampling 11.43 GiB. Re-check with:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's "Your data, start to finish" walkthrough, run from a fresh folder OUTSIDE the
-# repository with the installed commands only (no PYTHONPATH): prepare an EasyR1-style Parquet file
-# (problem / answer / images written by Hugging Face datasets, relative image paths), train a
-# GRPO + SFT config with an EasyR1 compute_score reward, evaluate, export, load in transformers.
+# The docs' "Your own data, start to finish" walkthrough (docs/getting-started/your-data.md shows
+# this file), run from a fresh folder OUTSIDE the repository with the installed commands only (no
+# PYTHONPATH): prepare an EasyR1-style Parquet file (problem / answer / images written by Hugging
+# Face datasets, relative image paths), train a GRPO + SFT config with an EasyR1 compute_score
+# reward, evaluate, export, load in transformers.
 # Usage: bash scripts/walkthrough.sh [FOLDER]   (default: a new temporary folder). CI runs it (slow tests).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

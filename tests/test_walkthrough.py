@@ -1,4 +1,4 @@
-"""The README's user-data walkthrough (`scripts/walkthrough.sh`) end to end, from a folder outside
+"""The docs' user-data walkthrough (`scripts/walkthrough.sh`) end to end, from a folder outside
 the repository with the installed commands: prepare an EasyR1-style Parquet file, train GRPO + SFT,
 evaluate, export, load in transformers. Slow (CI runs it with `-m slow`)."""
 

@@ -191,8 +191,11 @@ def _at_least(obj: object, bound: float, *keys: str, who: str = "") -> None:
 class MeshConfig(_Node):
     """Device mesh sizes for the axes (data, fsdp, tensor); -1 takes the remaining devices."""
 
+    #: Data-parallel axis size (batch rows split over it); -1 takes the devices the other axes leave.
     data: int = -1
+    #: Fully-sharded axis size: parameters and optimizer state split over it, batch rows too.
     fsdp: int = 1
+    #: Tensor-parallel axis size: heads, MLP and vocabulary split over it.
     tensor: int = 1
 
     def _check(self) -> None:
@@ -223,7 +226,9 @@ class MeshConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Node):
-    """Which Hugging Face directory to load and how: `dtype` is how parameters (and so optimizer
+    """Which Hugging Face directory to load, and how its parameters are stored and computed.
+
+    `dtype` is how parameters (and so optimizer
     moments and checkpoints) are stored, `compute_dtype` what activations and matmuls use ("" = the
     stored dtype). On accelerators store fp32 and compute bf16: a recipe update at lr 1e-6 is below
     bf16 resolution for weights of normal size (bf16 spacing near 0.02 is ~1.2e-4) and would be lost,
@@ -233,11 +238,17 @@ class ModelConfig(_Node):
     compile time independent of depth; costs a transient stacked copy of the layer weights in the
     compute dtype)."""
 
+    #: Hugging Face model directory (config.json + *.safetensors + tokenizer and image processor files).
     path: str = ""
+    #: Storage dtype of parameters, optimizer moments and checkpoints; bfloat16 only when every stage is LoRA.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Dtype of activations and matmuls ("" = the storage dtype); bfloat16 on accelerators.
     compute_dtype: Literal["", "float32", "bfloat16"] = ""
+    #: Query positions per attention chunk in training, scoring and prefill (0 = one block).
     attention_chunk: int = 512
+    #: Sequence positions per log-prob / entropy / cross-entropy chunk (0 = one block).
     logits_chunk: int = 256
+    #: Run the decoder layers as one scan: one layer body per program (compile time independent of depth).
     scan_layers: bool = False
 
     def _check(self) -> None:
@@ -249,9 +260,9 @@ class DataConfig(_Node):
     """Data location, length limits and padding buckets, image pixel bounds, strictness.
 
     `data_dir=""` uses the one default data directory of every command (`$VLM_JAX_DATA_DIR`, else
-    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's (56*56 .. 28*28*1280). `strict` stops the run at
-    the first unusable row (naming it) instead of skipping and counting it. Before anything compiles,
-    `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
+    `$VLM_JAX_HOME/data`, see `vlm_jax.paths`). Pixel defaults are the Qwen2.5-VL processor's
+    (`56*56` .. `28*28*1280`). `strict` stops the run at the first unusable row (naming it) instead
+    of skipping and counting it. Before anything compiles, `train` checks `preflight_rows` rows (evenly spread; -1 = all, 0 = no check) of every stage
     dataset with the pipeline's own row encoding (`python -m vlm_jax.data.check`) and refuses to
     start when a dataset would skip more than `preflight_max_skip_share` of them.
 
@@ -261,14 +272,23 @@ class DataConfig(_Node):
     repeats) on any process count that divides it (`vlm_jax.data.shards`).
     """
 
+    #: Prepared datasets directory ("" = $VLM_JAX_DATA_DIR, else $VLM_JAX_HOME/data).
     data_dir: str = ""
+    #: Shards each stage's data is read as (0 = one per process); batches depend on it, not on processes.
     shards: int = 0
+    #: Longest prompt in tokens after image-token expansion; longer rows are skipped and counted.
     max_prompt_len: int = 512
+    #: Padded sequence lengths (few shapes, each compiled once); strictly increasing.
     length_buckets: tuple[int, ...] = (64, 128, 256, 512)
+    #: Upper pixel bound per image (larger images are resized down).
     max_pixels_per_image: int = 1_003_520
+    #: Lower pixel bound per image (smaller images are resized up).
     min_pixels_per_image: int = 3_136
+    #: Stop at the first unusable row, naming it, instead of skipping and counting it.
     strict: bool = False
+    #: Rows of every stage dataset encoded before the model loads (-1 = all, 0 = no check).
     preflight_rows: int = 256
+    #: Largest share of skipped rows the preflight check accepts before refusing to start.
     preflight_max_skip_share: float = 0.1
 
     def _check(self) -> None:
@@ -289,8 +309,11 @@ class DataConfig(_Node):
 class DatasetSpec(_Node):
     """A dataset: a registered (TFDS) name or a path to a .jsonl/.json/.parquet file; mixing weight."""
 
+    #: Registered (prepared / TFDS) dataset name, or a path to a .jsonl / .json / .parquet file.
     name: str
+    #: Split to read.
     split: str = "train"
+    #: Mixing weight among the stage's datasets (> 0).
     weight: float = 1.0
 
     def _check(self) -> None:
@@ -309,15 +332,25 @@ class OptimizerConfig(_Node):
     """Optimizer and schedule. `max_grad_norm=0` disables clipping; `lr_multipliers` scale the
     learning rate per module (keys among "vision", "merger", "language_model")."""
 
+    #: Optimizer.
     name: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    #: Peak learning rate.
     lr: float = 1e-6
+    #: Decoupled weight decay (adamw).
     weight_decay: float = 1e-2
+    #: First-moment decay.
     b1: float = 0.9
+    #: Second-moment decay.
     b2: float = 0.999
+    #: Denominator epsilon.
     eps: float = 1e-8
+    #: Learning-rate schedule after warm-up.
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    #: Linear warm-up steps.
     warmup_steps: int = 0
+    #: Global gradient-norm clip (0 = off).
     max_grad_norm: float = 1.0
+    #: Per-module learning-rate scale, pairs of (module, factor); modules vision, merger, language_model.
     lr_multipliers: tuple[tuple[str, float], ...] = ()
 
     def _check(self) -> None:
@@ -335,57 +368,63 @@ class OptimizerConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig(_Node):
-    """Rollout sampling and the GRPO-family policy loss.
+    """Rollout sampling and the GRPO-family policy loss (formulas: docs/concepts/grpo.md).
 
-    `num_samples` is the group size G. `mini_batch_size` counts completions (prompts x G) per
-    optimizer update (0 = the whole rollout batch); `mu` is the number of passes over each rollout
-    batch, so one rollout gives mu * batch_size * G / mini_batch_size updates. `clip_c` is the
-    dual-clip constant (None = off). `overlong_buffer` > 0 enables the soft overlong penalty over the
-    last that-many tokens of `max_new_tokens`; `max_extra_draws` bounds dynamic-sampling refills.
-    `score_chunk` scores reference log-probs that many completions at a time and `rollout_chunk`
-    samples that many prompts per sampler call (its KV cache sized for them; 0 = all at once).
-    `offload_reference` keeps the KL reference parameters in host memory ("pinned_host") and moves
-    them to the chips only for the reference scoring, so the update and the sampler run without
-    them resident (one host-to-chip copy per rollout step). `rollout_tensor` > 0 samples on a
-    decoding layout: before each rollout the policy parameters are resharded once to a mesh over the
-    same devices with axes (data = devices / rollout_tensor, fsdp = 1, tensor = rollout_tensor),
-    heads and MLP split over `tensor` by the logical-axis rules, and the sampler (prefill and
-    decode, KV cache split over batch and KV heads) runs there, each device decoding its own rows
-    (in the FSDP layout every device computes every row against its weight slices and all-reduces
-    the partial products at each token); the copy is dropped before scoring and the update, which
-    stay in the training layout. It must divide the device count and the model's KV heads. 0
-    (default) samples in the training layout. `share_prompt` runs each distinct prompt of a
-    micro-batch (update) or scoring chunk through the decoder once, its completions attending to its
-    keys and values, instead of once per [prompt + completion] row: the same log-probs, loss and
-    gradients (tested), less work the more completions of one prompt a micro-batch holds
-    (unshuffled micro-batches hold whole groups; with shuffled mini-batches, `mini_batch_size` <
-    batch_size * num_samples, a micro-batch can hold G different prompts and gains little).
+    One rollout gives `mu * batch_size * num_samples / mini_batch_size` optimizer updates.
+    `rollout_tensor` must divide the device count and the model's KV heads. `share_prompt` gains
+    the most when a micro-batch holds whole groups (unshuffled, the default); with shuffled
+    mini-batches (`mini_batch_size < batch_size * num_samples`) it gains little.
     """
 
+    #: Group size G: completions sampled per prompt (>= 2 in a GRPO stage).
     num_samples: int = 5
+    #: Rollout sampling temperature.
     temperature: float = 1.0
+    #: Rollout nucleus-sampling threshold (1 = off).
     top_p: float = 1.0
+    #: Rollout top-k (0 = off).
     top_k: int = 0
+    #: Longest completion in tokens.
     max_new_tokens: int = 128
+    #: Advantage estimator: grpo, dr_grpo (no std), rloo (leave-one-out), reinforce_pp (batch baseline).
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    #: Divisor of the advantage: group std, batch std, or none.
     reward_scaling: Literal["group", "batch", "none"] = "group"
+    #: PPO clip below: the ratio is clipped at 1 - clip_low.
     clip_low: float = 0.2
+    #: PPO clip above: the ratio is clipped at 1 + clip_high.
     clip_high: float = 0.3
+    #: Dual-clip constant for negative advantages (none = off; > 1).
     clip_c: float | None = 3.0
+    #: Importance ratio per token (PPO) or per sequence (GSPO).
     ratio_level: Literal["token", "sequence"] = "token"
+    #: Weight of the KL-to-reference loss term (0 = no reference kept in memory).
     kl_coef: float = 1e-2
+    #: KL estimator: k1, k2 or k3 (low-variance, the paper's).
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    #: How per-token losses reduce to one number (token mean, mean of sequence means, Dr.GRPO's sum / length).
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    #: Passes over each rollout batch (updates per rollout = mu x completions / mini_batch_size).
     mu: int = 1
+    #: Completions (prompts x G) per optimizer update (0 = the whole rollout batch).
     mini_batch_size: int = 0
+    #: Drop completions that hit max_new_tokens without a stop token from the loss (DAPO).
     mask_truncated: bool = False
+    #: Drop groups whose rewards are all equal and draw more prompts to refill the batch (DAPO).
     dynamic_sampling: bool = False
+    #: Most extra draws dynamic sampling makes per step.
     max_extra_draws: int = 4
+    #: Soft overlong penalty over the last that-many tokens of max_new_tokens (0 = off).
     overlong_buffer: int = 0
+    #: Completions per reference-scoring call (0 = all at once).
     score_chunk: int = 0
+    #: Prompts per sampler call; the KV cache is sized for them (0 = all at once).
     rollout_chunk: int = 0
+    #: Keep the KL reference in host memory, moved to the chips only for scoring.
     offload_reference: bool = False
+    #: Sample on a decoding mesh (data = devices / N, fsdp 1, tensor N) resharded once per rollout (0 = off).
     rollout_tensor: int = 0
+    #: Run each distinct prompt once per micro-batch / scoring chunk (same values as full rows, less work).
     share_prompt: bool = True
 
     def _check(self) -> None:
@@ -404,8 +443,11 @@ class SFTConfig(_Node):
     """Cross-entropy objective: which field is the target, how the loss is normalised, and whether
     the caption is fed as input (caption-SFT ablation)."""
 
+    #: Row field the model learns to produce: solution, answer, or caption (the caption-SFT ablation).
     target: Literal["solution", "answer", "caption"] = "solution"
+    #: Cross-entropy normalised per token (over the batch) or per sequence.
     normalize: Literal["token", "sequence"] = "token"
+    #: Feed the row's caption in the prompt.
     caption_as_input: bool = False
 
 
@@ -415,11 +457,17 @@ class EvalConfig(_Node):
     `at_start=False` skips the stage-start evaluation (where the previous stage's end evaluated the
     same sets on the same weights, e.g. a matrix of every capability after every stage)."""
 
+    #: Evaluation sets (greedy decoding; accuracy and mean response length in tokens).
     datasets: tuple[DatasetSpec, ...] = ()
+    #: Evaluate every that-many steps (0 = only at the stage's start and end).
     every: int = 0
+    #: Evaluate at the stage's start (False: the previous stage's end already evaluated these weights).
     at_start: bool = True
+    #: Examples per evaluation set.
     max_examples: int = 64
+    #: Longest evaluated answer in tokens.
     max_new_tokens: int = 128
+    #: Prompts per evaluation batch.
     batch_size: int = 8
 
     def _check(self) -> None:
@@ -429,8 +477,9 @@ class EvalConfig(_Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig(_Node):
-    """Low-rank adapters for a stage (`rank` 0 = off: the stage trains full weights). The stage
-    starts fresh adapters (a Kaiming-uniform, b zero: the model starts as it was) on the linear
+    """Low-rank adapters for a stage (`rank` 0 = off: the stage trains full weights).
+
+    The stage starts fresh adapters (a Kaiming-uniform, b zero: the model starts as it was) on the linear
     layers `targets` selects: aliases "language" (q/k/v/o, gate/up/down of every decoder layer),
     "attention" (q/k/v/o only), "vision" (vision blocks' qkv/proj/MLP), "merger" (the patch merger
     and Qwen3-VL's DeepStack mergers), or full-match regexes over module paths such as
@@ -439,9 +488,13 @@ class LoraConfig(_Node):
     scaled by alpha / rank; at the stage's end they are merged into the weights the next stage
     starts from. No dropout (the adapters are applied inside the linear layers)."""
 
+    #: Adapter rank (0 = off: the stage trains full weights).
     rank: int = 0
+    #: Adapter scale numerator (scale = alpha / rank).
     alpha: float = 16.0
+    #: Adapted layers: aliases language, attention, vision, merger, or full-match regexes over module paths.
     targets: tuple[str, ...] = ("language",)
+    #: Storage dtype of the frozen base ("" = model.dtype).
     base_dtype: Literal["", "float32", "bfloat16"] = ""
 
     @property
@@ -467,23 +520,41 @@ class StageConfig(_Node):
     state over from the previous stage.
     """
 
+    #: Stage name (used in paths and metric keys).
     name: str
+    #: Capability the stage trains (mixed = the merged baseline).
     capability: Literal["perception", "textual_reasoning", "visual_reasoning", "mixed"]
+    #: grpo (RL on verifiable rewards) or sft (cross-entropy).
     objective: Literal["grpo", "sft"]
+    #: Training datasets, mixed by their weights.
     datasets: tuple[DatasetSpec, ...]
+    #: Optimizer steps (GRPO: rollout steps) in the stage.
     steps: int
+    #: Rows per step (GRPO: prompts per rollout).
     batch_size: int
+    #: Data order: seeded shuffle, or easy_to_hard by order_key within each capability.
     order: Literal["shuffle", "easy_to_hard"] = "shuffle"
+    #: Row field easy_to_hard sorts by.
     order_key: Literal["pass_rate", "difficulty"] = "difficulty"
+    #: Optimizer and schedule of the stage.
     optimizer: OptimizerConfig = OptimizerConfig()
+    #: Start fresh optimizer state (False carries the previous stage's).
     reset_optimizer: bool = True
+    #: Modules trained: vision, merger, language_model (the rest frozen).
     trainable: tuple[str, ...] = MODULES
+    #: GRPO options (used when objective is grpo).
     grpo: GRPOConfig = GRPOConfig()
+    #: SFT options (used when objective is sft).
     sft: SFTConfig = SFTConfig()
+    #: Weighted rewards, pairs of (name, weight); a name is a builtin or path/to/file.py:function.
     reward: tuple[tuple[str, float], ...] = (("auto", 0.9), ("format", 0.1))
+    #: Evaluation sets and cadence.
     eval: EvalConfig = EvalConfig()
+    #: Rows (SFT) or completions (GRPO) per gradient-accumulation micro-batch (0 = none).
     micro_batch_size: int = 0
+    #: Recompute policy for decoder layers and vision blocks in the backward pass.
     remat: Literal["none", "full", "save_dots"] = "none"
+    #: Low-rank adapters for the stage (rank 0 = full weights).
     lora: LoraConfig = LoraConfig()
 
     def _check(self) -> None:
@@ -526,8 +597,11 @@ class StageConfig(_Node):
 class CheckpointConfig(_Node):
     """Checkpoint cadence in steps (0 = only at stage ends), how many to keep, async writes."""
 
+    #: Checkpoint every that-many steps (0 = only at stage ends).
     every: int = 50
+    #: Newest checkpoints kept.
     keep: int = 3
+    #: Write checkpoints in the background.
     async_save: bool = True
 
     def _check(self) -> None:
@@ -539,8 +613,11 @@ class CheckpointConfig(_Node):
 class LoggingConfig(_Node):
     """Metric logging cadence in steps and which sinks are on (JSONL is always written)."""
 
+    #: Log metrics every that-many steps.
     every: int = 1
+    #: Write TensorBoard events (metrics.jsonl is always written).
     tensorboard: bool = True
+    #: Console progress line.
     progress: bool = True
 
     def _check(self) -> None:
@@ -553,14 +630,23 @@ class Config(_Node):
     `compilation_cache_dir=""` turns the persistent compilation cache off; "default" is
     `$VLM_JAX_HOME/jax_cache` (see `vlm_jax.paths`), the same from any directory."""
 
+    #: Model directory and precision.
     model: ModelConfig = ModelConfig()
+    #: Device mesh sizes.
     mesh: MeshConfig = MeshConfig()
+    #: Data location, lengths, pixels and checks (all stages).
     data: DataConfig = DataConfig()
+    #: The ordered capability stages.
     stages: tuple[StageConfig, ...]
+    #: Seed of data order, sampling and adapter init.
     seed: int = 0
+    #: Checkpoint cadence.
     checkpoint: CheckpointConfig = CheckpointConfig()
+    #: Metric logging.
     logging: LoggingConfig = LoggingConfig()
+    #: Logical axis name -> mesh axis (or axes, or none = replicated) table.
     logical_axis_rules: tuple[AxisRule, ...] = LOGICAL_AXIS_RULES
+    #: Persistent compilation cache ("" = off, "default" = $VLM_JAX_HOME/jax_cache).
     compilation_cache_dir: str = "default"
 
     def _check(self) -> None:

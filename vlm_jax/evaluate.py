@@ -5,7 +5,7 @@
 
 PATH is a Hugging Face model directory or a training workdir (its latest checkpoint). SPEC is a
 dataset name (its only split; with several, name one), `name[split]`, or a `.jsonl` / `.json` /
-`.parquet` file in the `problem` / `answer` / `images` layout (see the README, "Evaluation sets").
+`.parquet` file in the `problem` / `answer` / `images` layout (see docs/guides/evaluation.md).
 `--data_dir` defaults to the one data directory of every command (`$VLM_JAX_DATA_DIR`, else
 `~/vlm_jax/data`). Each result says how many rows the data has (`rows`), how many were graded (`n`,
 the denominator of the accuracy) and the skipped rows per reason; when they differ the console

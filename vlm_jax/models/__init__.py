@@ -109,7 +109,7 @@ def _path(key_path) -> str:
 def from_pretrained(
     path, *, dtype=jnp.float32, mesh: Mesh | None = None, rules=None, options=None
 ) -> tuple[Model, nnx.State]:
-    """Loads an HF directory (config.json + *.safetensors) into (model, params), each parameter read
+    """Loads an HF directory (`config.json` + `*.safetensors`) into (model, params), each parameter read
     slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device).
     `dtype` is how the parameters are stored; `options` (the family's `ModelOptions`, or a dict of
     its fields) how the model computes (e.g. `compute_dtype="bfloat16"` over fp32 parameters)."""

@@ -93,6 +93,7 @@ def compute_advantages(
 
     Divisors (standard deviations are of the raw rewards, ``ddof=std_ddof``):
       * ``"group"``: ``std_g + eps``; ``"batch"``: ``std_batch + eps``; ``"none"``: 1.
+
       Defaults (``scaling=None``): grpo -> group, dr_grpo -> none, rloo -> none,
       reinforce_pp -> batch. So ``dr_grpo == grpo`` with ``scaling="none"``.
 

@@ -1,0 +1,233 @@
+"""Renders every results block of README.md and docs/**/*.md from the JSON under docs/results/.
+
+A results block is the text between two markers in a markdown file:
+
+    <!-- BEGIN results:NAME -->
+    ... (written by this script: never edit by hand) ...
+    <!-- END results:NAME -->
+
+NAME picks a renderer in RENDERERS: a function of the parsed JSON files it names (None for a file
+that is not there yet) returning markdown. To add one:
+
+    @renderer("mytable", "mytable.json")
+    def render_mytable(data):
+        if data is None:
+            return NOT_MEASURED
+        return table(["a", "b"], [[row["a"], row["b"]] for row in data["rows"]])
+
+then put the two markers where the table goes and run this script.
+
+    python scripts/render_docs.py            # rewrite the blocks in place
+    python scripts/render_docs.py --check    # exit 1, naming each block that differs (tests/test_docs.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+NOT_MEASURED = "*Not yet measured: no committed results file.*"
+BLOCK = re.compile(r"(<!-- BEGIN results:([\w.-]+) -->\n)(.*?)(<!-- END results:\2 -->)", re.S)
+MARKER = re.compile(r"<!-- (BEGIN|END) results:([\w.-]+) -->")
+
+RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {}
+
+
+def renderer(name: str, *json_files: str):
+    """Registers `fn(*parsed_json_files) -> markdown` as the renderer of block `name`."""
+    def register(fn):
+        if name in RENDERERS:
+            raise ValueError(f"renderer {name!r} registered twice")
+        RENDERERS[name] = (json_files, fn)
+        return fn
+    return register
+
+
+def load(json_file: str):
+    path = RESULTS / json_file
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(header: list[str], rows: list[list[object]], align: str = "") -> str:
+    """A markdown table; `align` has one letter per column, `r` for right-aligned (numbers)."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def commit_link(commit: str) -> str:
+    return f"`{commit}`" if commit else "-"
+
+
+# ---------------------------------------------------------------------------------- renderers
+@renderer("demo", "demo.json")
+def render_demo(demo) -> str:
+    """The CPU demo's report (`bash scripts/demo.sh`). Placeholder until docs/results/demo.json exists."""
+    if demo is None:
+        return NOT_MEASURED
+    return "*docs/results/demo.json is committed; its renderer (`render_demo`) is not written yet.*"
+
+
+@renderer("experiment", "experiment.json")
+def render_experiment(experiment) -> str:
+    """The multi-seed experiment. Placeholder until docs/results/experiment.json exists."""
+    if experiment is None:
+        return NOT_MEASURED
+    return "*docs/results/experiment.json is committed; its renderer (`render_experiment`) is not written yet.*"
+
+
+def _machine(data: dict, key: str) -> str:
+    return data["machines"].get(key, key)
+
+
+@renderer("headline", "performance.json", "scale.json")
+def render_headline(perf, scale) -> str:
+    """README: the few figures flagged `headline` plus the planner's verdict for the TPU recipes."""
+    if perf is None:
+        return NOT_MEASURED
+    rows, used = [], set()
+    for f in perf["figures"]:
+        if f.get("headline"):
+            value = f.get("headline_value") or f["result"] or f["vlm_jax"]
+            rows.append([f["headline"], f"**{value}**", f"`{f['command']}`", f["machine"], commit_link(f["commit"])])
+            used.add(f["machine"])
+    if scale is not None:
+        for plan in scale["plans"]:
+            if plan.get("headline"):
+                biggest = max(plan["rows"], key=lambda r: r["gib"])
+                rows.append([f"Largest program per chip: {plan['title']}",
+                             f"**{biggest['gib']:.2f} of {plan['hbm_gib']} GiB** "
+                             f"({biggest['program'].split(' ')[0]}; every program fits)",
+                             f"`{plan['command']}`", "tpu-compiler", commit_link(biggest["commit"])])
+                used.add("tpu-compiler")
+    machines = "; ".join(f"`{k}`: {v}" for k, v in perf["machines"].items() if k in used)
+    return table(["figure", "value", "command", "machine", "commit"], rows) + f"\n\nMachines: {machines}."
+
+
+@renderer("performance", "performance.json")
+def render_performance(perf) -> str:
+    if perf is None:
+        return NOT_MEASURED
+    rows = [[f["figure"], f["vlm_jax"], f["reference"] or "-", f"**{f['result']}**" if f["result"] else "-",
+             f"`{f['command']}`", f["machine"], commit_link(f["commit"])] for f in perf["figures"]]
+    machines = "\n".join(f"- `{k}`: {v}" for k, v in perf["machines"].items())
+    return (table(["figure", "vlm_jax", "reference", "result", "command", "machine", "commit"], rows)
+            + "\n\nMachines:\n\n" + machines)
+
+
+@renderer("compile", "performance.json")
+def render_compile(perf) -> str:
+    if perf is None or "compile" not in perf:
+        return NOT_MEASURED
+    c = perf["compile"]
+    rows = [[r["cache"], r["stage"], r["first"], r["later"], r["xla_compile"], r["trace_lower"]] for r in c["rows"]]
+    return (table(["persistent cache", "stage", "first step s", "later step s", "XLA compile s",
+                   "trace + lower s"], rows, "llrrrr")
+            + f"\n\n{c['about']} `{c['command']}`, machine `{c['machine']}`, commit {commit_link(c['commit'])}.")
+
+
+@renderer("tpu-estimate", "performance.json")
+def render_tpu_estimate(perf) -> str:
+    if perf is None or "tpu_estimate" not in perf:
+        return NOT_MEASURED
+    t = perf["tpu_estimate"]
+    rows = [[r["recipe"], r["slice"], r["tokens_per_step"], r["estimate"], r["bound"], f"`{r['command']}`",
+             commit_link(r["commit"])] for r in t["rows"]]
+    return (table(["recipe (text stage)", "slice", "tokens per step", "the compiler's estimate",
+                   "compute bound", "command", "commit"], rows) + f"\n\n{t['about']}")
+
+
+@renderer("scale", "scale.json")
+def render_scale(scale) -> str:
+    if scale is None:
+        return NOT_MEASURED
+    out = []
+    for plan in scale["plans"]:
+        rows = []
+        for r in plan["rows"]:
+            hbm = r.get("hbm_gib", plan["hbm_gib"])
+            rows.append([r["program"], f"{r['gib']:.2f}", hbm, "yes" if r["gib"] <= hbm else "**no**",
+                         commit_link(r["commit"])])
+        out += [f"**{plan['title']}** (`{plan['recipe']}`; {plan['sizes']})", "",
+                table(["program", "GiB per chip", "HBM GiB", "fits", "commit"], rows, "lrrll"), "",
+                f"`{plan['command']}`", ""]
+    return "\n".join(out).rstrip()
+
+
+@renderer("decode-layout", "scale.json")
+def render_decode_layout(scale) -> str:
+    if scale is None:
+        return NOT_MEASURED
+    d = scale["decode_layout"]
+    rows = [[r["what"], r["fsdp"], r["decoding"]] for r in d["rows"]]
+    return (table(["7B text stage, `generate`", "training (FSDP) layout", "decoding layout"], rows, "lrr")
+            + f"\n\n`{d['command']}`, commit {commit_link(d['commit'])}.")
+
+
+@renderer("not-fitting", "scale.json")
+def render_not_fitting(scale) -> str:
+    if scale is None:
+        return NOT_MEASURED
+    rows = [[r["what"], r["gib"], r["why"], commit_link(r["commit"])] for r in scale["not_fitting"]["rows"]]
+    return table(["what", "GiB per chip", "why", "commit"], rows, "lrll")
+
+
+# ------------------------------------------------------------------------------------- driver
+def markdown_files() -> list[Path]:
+    docs = [p for p in sorted((ROOT / "docs").rglob("*.md"))
+            if not any(part.startswith("_") for part in p.relative_to(ROOT / "docs").parts)]
+    return [ROOT / "README.md", *docs]
+
+
+def render_block(name: str) -> str:
+    if name not in RENDERERS:
+        raise KeyError(f"no renderer for results:{name}; known: {', '.join(sorted(RENDERERS))}")
+    files, fn = RENDERERS[name]
+    return fn(*(load(f) for f in files)).rstrip("\n") + "\n"
+
+
+def render_text(text: str, where: str = "") -> str:
+    """`text` with every results block re-rendered. Unbalanced markers are errors."""
+    begins = [m.group(2) for m in MARKER.finditer(text) if m.group(1) == "BEGIN"]
+    blocks = [m.group(2) for m in BLOCK.finditer(text)]
+    if begins != blocks or len(begins) != sum(1 for m in MARKER.finditer(text) if m.group(1) == "END"):
+        raise ValueError(f"{where}: unbalanced results markers (BEGIN {begins}, complete blocks {blocks})")
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group(2)) + m.group(4), text)
+
+
+def blocks_in(text: str) -> list[str]:
+    return [m.group(2) for m in BLOCK.finditer(text)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in markdown_files():
+        text = path.read_text()
+        new = render_text(text, str(path.relative_to(ROOT)))
+        if new == text:
+            continue
+        changed = [n for n, a, b in zip(blocks_in(text), BLOCK.findall(text), BLOCK.findall(new)) if a != b]
+        stale += [f"{path.relative_to(ROOT)}: results:{n}" for n in changed]
+        if not args.check:
+            path.write_text(new)
+    if stale:
+        verb = "differs from what scripts/render_docs.py makes of docs/results/" if args.check else "rendered"
+        print("\n".join(f"{s} {verb}" for s in stale), file=sys.stderr if args.check else sys.stdout)
+        return 1 if args.check else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,11 +7,8 @@ visual reasoning (SFT) all three. Same data, steps, batch sizes and evaluations 
 learning rate is 10x the full fine-tune's (3e-3), as usual for LoRA. The KL reference of the
 perception stage is the base with the adapters off.
 
-The GRPO stage keeps `grpo.share_prompt` off (the default is on): its LoRA demo figures were
-measured that way, and this high-learning-rate run is sensitive to fp32 round-off - with it on
-(same loss and gradients up to round-off), one run on 2026-12-03 reached 93.8% perception accuracy
-at step 20 and then dropped to 76.6% at step 30 (a later run with the code of that evening: 93.8% at
-both steps).
+The GRPO stage keeps `grpo.share_prompt` off (the default is on): the same loss and gradients up to
+fp32 round-off, and this high-learning-rate run is sensitive to round-off.
 
 Run (after `bash scripts/demo.sh` or `python -m vlm_jax.demo_setup --out artifacts/tiny_base`):
   python -m vlm_jax.train --config configs/demo_cpu_lora.py --workdir workdirs/demo_lora

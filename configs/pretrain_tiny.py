@@ -13,7 +13,7 @@ The step count sets how much headroom each stage of the demo has; it was chosen 
 from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, LoggingConfig,
                             MeshConfig, ModelConfig, OptimizerConfig, SFTConfig, StageConfig)
 
-STEPS = 150
+STEPS = 600
 
 
 def get_config() -> Config:
@@ -21,7 +21,7 @@ def get_config() -> Config:
         name="instruct",
         capability="mixed",
         objective="sft",
-        datasets=(DatasetSpec(name="grid_perception", weight=1.0),
+        datasets=(DatasetSpec(name="grid_perception", weight=2.0),
                   DatasetSpec(name="grid_textual_reasoning", weight=1.0),
                   DatasetSpec(name="grid_visual_reasoning", weight=1.0)),
         steps=STEPS,
@@ -33,7 +33,7 @@ def get_config() -> Config:
         model=ModelConfig(path="artifacts/tiny_base_init", dtype="float32"),
         mesh=MeshConfig(data=1, fsdp=1, tensor=1),
         data=DataConfig(max_prompt_len=128,  # data_dir: the default data directory (vlm_jax.paths)
-                        length_buckets=(192,), min_pixels_per_image=28 * 28 * 4,
+                        length_buckets=(128,), min_pixels_per_image=28 * 28 * 4,
                         max_pixels_per_image=112 * 112),
         stages=(instruct,),
         checkpoint=CheckpointConfig(every=0, keep=1),

@@ -1,14 +1,13 @@
-"""Demo: the three-stage capability curriculum on the tiny synthetic Qwen2.5-VL model, on CPU.
+"""The three-stage curriculum on the general synthetic datasets (`vlm_jax.data.synthetic`: counting,
+colours, positions, sizes, reading, grounding; arithmetic; charts), on CPU, with the tiny model.
 
 Stages: perception (GRPO, vision trained) -> textual reasoning (SFT, vision frozen) -> visual
-reasoning (SFT, all trained). Values are placeholders sized for a laptop CPU; the merged baseline
-with the same data and total steps is `configs/merged_cpu.py`.
+reasoning (SFT, all trained). Sizes are placeholders for a laptop CPU; the tests use it as a
+template. The demo itself runs on the grid world (`configs/demo_cpu.py`). Needs the synthetic
+datasets (`vlm_jax.data.build_synthetic(data_dir)`) and a model:
 
-Run:
-  python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo_staged
-Shorter smoke run:
-  python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo_smoke \
-      --config.stages.0.steps=2 --config.stages.1.steps=2 --config.stages.2.steps=2
+  python -m vlm_jax.train --config configs/synthetic_cpu.py --workdir workdirs/synthetic \
+      --config.model.path=MODEL_DIR --config.stages.0.steps=2 --config.stages.1.steps=2 --config.stages.2.steps=2
 """
 
 from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig,

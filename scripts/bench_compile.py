@@ -4,7 +4,7 @@ cache cold and warm.
     python scripts/bench_compile.py [--steps 3] [--cpus N] [--json OUT]
 
 Builds the synthetic data and a tiny model (the demo's sizes, `TinySpec()`), then runs the same
-four-stage curriculum (`configs/demo_cpu.py` stages: perception GRPO -> textual SFT -> perception
+four-stage curriculum (`configs/synthetic_cpu.py` stages: perception GRPO -> textual SFT -> perception
 GRPO again -> textual SFT again, the last two with the first two's settings and shapes; `--steps`
 steps each, evaluation off) three times, each in a fresh process: persistent cache off, cache cold
 (an empty directory), cache warm (the directory the cold run filled). For every stage it reports
@@ -51,7 +51,7 @@ def config(assets: Path, steps: int, cache: str):
         "checkpoint.async_save=false", "logging.progress=false", "logging.tensorboard=false",
         f"compilation_cache_dir={cache}",
     ]
-    cfg = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"), overrides)
+    cfg = config_lib.load_config(str(ROOT / "configs/synthetic_cpu.py"), overrides)
     s0, s1 = cfg.stages[:2]
     stages = (s0, s1, dataclasses.replace(s0, name="perception_again"),
               dataclasses.replace(s1, name="textual_again"))

@@ -29,7 +29,7 @@ def evaluate_base(model_dir: Path, data_dir: str, items: int) -> dict:
         source = data.load(name, split="validation", data_dir=data_dir)
         for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
             r = evaluate_source(model, params, processor, source, name=name, max_examples=items, batch_size=128,
-                                max_new_tokens=MAX_NEW_TOKENS, length_buckets=(128, 192), temperature=temperature)
+                                max_new_tokens=MAX_NEW_TOKENS, length_buckets=(128,), temperature=temperature)
             out[f"{capability}/{mode}"] = {"accuracy": r["accuracy"], "score": r["score"],
                                            "length": r["mean_response_length"]}
     return out

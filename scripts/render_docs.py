@@ -69,20 +69,80 @@ def commit_link(commit: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- renderers
-@renderer("demo", "demo.json")
-def render_demo(demo) -> str:
-    """The CPU demo's report (`bash scripts/demo.sh`). Placeholder until docs/results/demo.json exists."""
+CAP_LABEL = {"grid_perception[validation]": "perception", "grid_textual_reasoning[validation]": "textual reasoning",
+             "grid_visual_reasoning[validation]": "visual reasoning"}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+@renderer("demo", "demo.json", "experiment.json")
+def render_demo(demo, experiment) -> str:
+    """The CPU demo's capability matrix and stage gains (docs/results/demo.json: a demo run's
+    report.json, taken with `python scripts/render_docs.py --take-demo WORKDIR`), with the spread of
+    the same run over the experiment's seeds (its `staged` arm)."""
     if demo is None:
         return NOT_MEASURED
-    return "*docs/results/demo.json is committed; its renderer (`render_demo`) is not written yet.*"
+    meta = demo["meta"]
+    points = demo["points"]
+    names = [n for n in CAP_LABEL if n in points[0]["evals"]]
+    header = ["capability (accuracy %, per-cell score % in brackets)",
+              *["start" if p["after"] == "start" else f"after {p['after']}" for p in points]]
+    rows = []
+    for n in names:
+        cells = []
+        for p in points:
+            e = p["evals"][n]
+            extra = f" ({_pct(e['score'])})" if e.get("score") is not None and abs(e["score"] - e["accuracy"]) > 1e-9 else ""
+            cells.append(_pct(e["accuracy"]) + extra)
+        rows.append([CAP_LABEL[n], *cells])
+    rows.append(["mean response length, visual (tokens)",
+                 *[f"{p['evals'][names[-1]]['mean_response_length']:.1f}" for p in points]])
+    out = [f"`{meta['command']}` (seed {meta['seed']}; {meta['machine']}; commit {meta['commit']}; "
+           f"{meta['eval_items']} items per capability):", "", table(header, rows, "l" + "r" * len(points)), "",
+           "Each stage's gain on its own capability, with its paired standard error over the items:", ""]
+    grows = [[g["stage"], _pct(g["before"]), _pct(g["after"]),
+              f"{100 * g['gain']:+.1f} ± {100 * g['se']:.1f}", f"{g['z']:.1f}"] for g in demo["gains"]]
+    out.append(table(["stage", "before %", "after %", "gain ± SE (pts)", "gain / SE"], grows, "lrrrr"))
+    if experiment is not None and "staged" in experiment["analysis"]["arms"]:
+        arm = experiment["analysis"]["arms"]["staged"]
+        spread = []
+        for k, g in enumerate(arm["gains"][0]):
+            gains = [100 * run[k]["gain"] for run in arm["gains"]]
+            zs = [run[k]["z"] for run in arm["gains"]]
+            spread.append(f"{g['stage']} {min(gains):+.1f} to {max(gains):+.1f} pts (gain / SE {min(zs):.1f} to {max(zs):.1f})")
+        out += ["", f"Across the experiment's {len(arm['seeds'])} seeds the same run's gains range: "
+                + "; ".join(spread) + " ([docs/experiment.md](docs/experiment.md))."]
+    return "\n".join(out)
 
 
 @renderer("experiment", "experiment.json")
 def render_experiment(experiment) -> str:
-    """The multi-seed experiment. Placeholder until docs/results/experiment.json exists."""
+    """The multi-seed experiment (`python scripts/reproduce_paper.py`): its markdown tables, as the
+    script wrote them next to the JSON."""
     if experiment is None:
         return NOT_MEASURED
-    return "*docs/results/experiment.json is committed; its renderer (`render_experiment`) is not written yet.*"
+    md = RESULTS / "experiment.md"
+    return md.read_text().rstrip("\n") if md.exists() else NOT_MEASURED
+
+
+def take_demo(workdir: str) -> Path:
+    """Copies a finished demo run's report.json to docs/results/demo.json with its command, seed,
+    machine and commit."""
+    import os
+    import subprocess
+
+    report = json.loads((Path(workdir) / "report.json").read_text())
+    seed = json.loads((Path(workdir) / "config.json").read_text()).get("seed", 0) if (Path(workdir) / "config.json").exists() else 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    first = report["points"][0]["evals"]
+    report["meta"] = {"command": "bash scripts/demo.sh" + (f" --config.seed={seed}" if seed else ""), "seed": seed,
+                      "machine": f"{os.cpu_count()}-core CPU", "commit": commit,
+                      "eval_items": next(iter(first.values()))["n"]}
+    out = RESULTS / "demo.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return out
 
 
 def _machine(data: dict, key: str) -> str:
@@ -211,7 +271,10 @@ def blocks_in(text: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    ap.add_argument("--take-demo", metavar="WORKDIR", help="first copy a demo run's report.json to docs/results/demo.json")
     args = ap.parse_args(argv)
+    if args.take_demo:
+        print(f"wrote {take_demo(args.take_demo)}")
     stale = []
     for path in markdown_files():
         text = path.read_text()

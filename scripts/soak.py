@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                  "data.max_prompt_len=256", "data.max_pixels_per_image=12544", "checkpoint.every=10",
                  "checkpoint.keep=2", "logging.progress=false", "logging.tensorboard=false",
                  "compilation_cache_dir="]
-    base = config_lib.load_config("configs/demo_cpu.py", overrides)
+    base = config_lib.load_config("configs/synthetic_cpu.py", overrides)
     stages = []
     for i in range(args.stages):
         name, objective, data = kinds[i % 2]

@@ -90,8 +90,11 @@ def test_demo_stages_and_merged_baseline_share_data_and_steps():
     assert demo.stages[1].trainable == ("language_model",)
     assert "vision" in demo.stages[0].trainable and "vision" in demo.stages[2].trainable
     assert demo.model.path == "artifacts/tiny_base"
-    for stage in demo.stages:
-        assert [(d.name, d.split) for d in stage.eval.datasets] == [(stage.datasets[0].name, "validation")]
+    grid_sets = [("grid_perception", "validation"), ("grid_textual_reasoning", "validation"),
+                 ("grid_visual_reasoning", "validation")]
+    for k, stage in enumerate(demo.stages):  # every capability at the end of every stage
+        assert [(d.name, d.split) for d in stage.eval.datasets] == grid_sets
+        assert stage.eval.at_start == (k == 0) and stage.eval.max_examples == 512
     merged = load_config(str(ROOT / "configs" / "merged_cpu.py"))
     (stage,) = merged.stages
     assert stage.capability == "mixed"

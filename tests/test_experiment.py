@@ -31,7 +31,7 @@ def test_base_controls(built):
 
     d, _ = built
     model, params, processor = load_for_eval(d / "base")
-    kw = dict(max_examples=0, batch_size=128, max_new_tokens=grid.MAX_NEW_TOKENS, length_buckets=(128, 192))
+    kw = dict(max_examples=0, batch_size=128, max_new_tokens=grid.MAX_NEW_TOKENS, length_buckets=(128,))
     visual = grid.generate("visual_reasoning", 256, split="validation")
     blank = grid.generate("visual_reasoning", 256, split="validation", blank=True)
     as_text = [grid.as_text_item(r) for r in visual]

@@ -38,11 +38,13 @@ def test_the_three_sets_ask_about_the_same_grids_and_answers_follow_from_the_cel
         assert p["cells"] == t["cells"] == v["cells"]
         assert p["answer"] == " ".join(p["cells"])
         cells = t["cells"]
-        colours = re.findall(r"are (\w+)(?: or (\w+)| than (\w+))?\?", t["problem"].replace("more cells are", "are"))[0]
-        a, b = colours[0], colours[1] or colours[2]
-        expected = {"count": cells.count(a), "either": cells.count(a) + cells.count(b or a),
-                    "more": cells.count(a) - cells.count(b or a)}[t["task"]]
+        a, b = re.match(r"How many cells are (?:not )?(\w+)(?: or (\w+))?\?", t["problem"]).groups()
+        expected = {"count": cells.count(a), "either": cells.count(a) + cells.count(b),
+                    "not": 9 - cells.count(a)}.get(t["task"])
         assert int(t["answer"]) == expected == int(v["answer"])
+        # the trace: the running count after each cell
+        trace = t["solution"].split("</think>")[0][len("<think>"):]
+        assert len(trace) == 9 and trace[-1] == t["answer"]
         # the visual item with its cells given as text is the textual item
         assert grid.as_text_item(v)["problem"] == t["problem"]
         # the visual trace reads the grid word for word, then reasons as the textual trace does

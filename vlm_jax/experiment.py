@@ -77,7 +77,7 @@ def base_config(stages: tuple[StageConfig, ...], seed: int = 0) -> Config:
         model=ModelConfig(path="artifacts/tiny_base", dtype="float32"),
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
         data=DataConfig(max_prompt_len=128,  # data_dir: the default data directory (vlm_jax.paths)
-                        length_buckets=(128, 192), min_pixels_per_image=28 * 28 * 4,
+                        length_buckets=(128,), min_pixels_per_image=28 * 28 * 4,
                         max_pixels_per_image=112 * 112),
         stages=stages,
         seed=seed,

@@ -6,15 +6,15 @@ Qwen2.5-VL: 2 x 2 patches of 14 px). Three capabilities share it:
 ``perception``         read the grid: "<think> red blue ...</think> \\boxed{ red blue ...}" (nine
                        colour words in reading order); graded per cell (``answer_type="cells"``:
                        the share of cells named right; accuracy = all nine right).
-``textual_reasoning``  the same questions over the grid given as text ("Cells: red blue ...");
-                       the trace walks the cells keeping a running count (" red1 blue1 red2 ...").
+``textual_reasoning``  the same questions over the grid given as text ("... Cells: red blue ...");
+                       the trace is the running count after each cell ("<think>011223334</think>").
 ``visual_reasoning``   the same questions from the image: the trace first reads the grid (the
                        perception skill, word for word), then reasons as in the textual trace.
 
 So visual reasoning needs perception and textual reasoning by construction. Questions (answers
 are counts, drawn first, then a grid built to match, so no answer is much likelier than another):
-``count`` how many cells are C (0..5); ``either`` how many are C1 or C2 (1..7); ``more`` how many
-more C1 than C2 cells (0..4). The most frequent answer over the mix is under 20% of the items.
+``count`` how many cells are C (0..5); ``either`` how many are C1 or C2 (1..7); ``not`` how many
+are not C (4..9). The most frequent answer over the mix is under 20% of the items.
 
 Tokens: every colour word is written with a space before it, wherever it appears (prompt, trace,
 box), and digits are single tokens, so each answer word has one token sequence in every context.
@@ -38,8 +38,8 @@ _RGB = {"red": (200, 45, 45), "green": (45, 165, 70), "blue": (45, 75, 205), "ye
 SIDE = 3  # cells per row and column
 CELL = 28  # pixels per cell: 2 x 2 patches of 14 px, one merged vision token
 IMAGE_SIZE = SIDE * CELL
-KINDS: tuple[str, ...] = ("count", "either", "more")
-ANSWERS: dict[str, tuple[int, int]] = {"count": (0, 5), "either": (1, 7), "more": (0, 4)}  # inclusive
+KINDS: tuple[str, ...] = ("count", "either", "not")
+ANSWERS: dict[str, tuple[int, int]] = {"count": (0, 5), "either": (1, 7), "not": (4, 9)}  # inclusive
 CAPABILITIES: tuple[str, ...] = ("perception", "textual_reasoning", "visual_reasoning")
 DATASETS: dict[str, str] = {
     "perception": "grid_perception",
@@ -49,7 +49,7 @@ DATASETS: dict[str, str] = {
 PERCEPTION_QUESTION = "Name the colour of each cell, row by row."
 # Longest reference solution of each capability (tokens of the demo tokenizer, checked by the tests);
 # the stages' generation caps must hold them.
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 32
 
 
 def cells_text(cells: tuple[str, ...]) -> str:
@@ -79,17 +79,14 @@ def _png(image: Image.Image) -> bytes:
 
 
 def tally(cells: tuple[str, ...], a: str, b: str | None, kind: str) -> tuple[str, int]:
-    """The reasoning trace over a grid: each cell in reading order followed by the running count
-    (``count``: cells that are ``a``; ``either``: cells that are ``a`` or ``b``; ``more``: ``a``
-    cells minus ``b`` cells), e.g. ' red1 blue1 red2 ...'. Copying a word and updating a count is
-    what each step asks, so the trace is within reach of a small model."""
+    """The reasoning trace over a grid: the running count after each cell in reading order, one
+    digit per cell (``count``: cells that are ``a``; ``either``: ``a`` or ``b``; ``not``: not
+    ``a``), e.g. '011223334'. Each digit needs one cell (at a fixed distance back) and the digit
+    before it, so the trace is within reach of a small model."""
     n, out = 0, []
     for c in cells:
-        if kind == "more":
-            n += (c == a) - (c == b)
-        else:
-            n += c == a or (kind == "either" and c == b)
-        out.append(f" {c}{n}")
+        n += (c == a) if kind == "count" else (c in (a, b)) if kind == "either" else (c != a)
+        out.append(str(n))
     return "".join(out), n
 
 
@@ -100,21 +97,17 @@ def draw_question(rng: np.random.Generator, kind: str) -> tuple[tuple[str, ...],
     order = [COLORS[i] for i in rng.permutation(len(COLORS))]
     a, b = order[0], order[1]
     if kind == "count":
-        counts = {a: answer}
-        others = order[1:]
+        counts, others = {a: answer}, order[1:]
     elif kind == "either":
         n_a = int(rng.integers(0, answer + 1))
-        counts = {a: n_a, b: answer - n_a}
-        others = order[2:]
-    else:  # more: count(a) - count(b) = answer
-        n_b = int(rng.integers(0, min(2, (SIDE * SIDE - answer) // 2) + 1))
-        counts = {a: answer + n_b, b: n_b}
-        others = order[2:]
+        counts, others = {a: n_a, b: answer - n_a}, order[2:]
+    else:  # not: 9 - count(a) = answer
+        counts, others = {a: SIDE * SIDE - answer}, order[1:]
     cells = [c for c, n in counts.items() for _ in range(n)]
     cells += [others[int(i)] for i in rng.integers(0, len(others), size=SIDE * SIDE - len(cells))]
     cells = tuple(cells[i] for i in rng.permutation(len(cells)))
     question = {"count": f"How many cells are {a}?", "either": f"How many cells are {a} or {b}?",
-                "more": f"How many more cells are {a} than {b}?"}[kind]
+                "not": f"How many cells are not {a}?"}[kind]
     reasoning, n = tally(cells, a, b, kind)
     assert n == answer
     return cells, question, reasoning, answer
@@ -136,7 +129,7 @@ def make_item(capability: str, rng: np.random.Generator, index: int, *, blank: b
         row.update(problem=f"<image>\n{PERCEPTION_QUESTION}", answer=grid.strip(), answer_type="cells",
                    solution=boxed_solution(grid, grid), task="read", images=[_png(image)], difficulty=1.0)
     elif capability == "textual_reasoning":
-        row.update(problem=f"Cells:{grid}. {question}", answer=str(answer), answer_type="number",
+        row.update(problem=f"{question} Cells:{grid}.", answer=str(answer), answer_type="number",
                    solution=boxed_solution(reasoning, str(answer)), task=kind, images=[],
                    difficulty=float(1 + KINDS.index(kind)))
     else:
@@ -164,7 +157,7 @@ def generate(capability: str, n: int, *, seed: int = 0, split: str = "train", bl
 def as_text_item(row: dict[str, Any]) -> dict[str, Any]:
     """A visual-reasoning row with its cells given as text instead of the image (a textual item)."""
     question = row["problem"].split("\n", 1)[1]
-    return {**row, "problem": f"{row['caption']} {question}", "images": [],
+    return {**row, "problem": f"{question} {row['caption']}", "images": [],
             "capability": "textual_reasoning"}
 
 

@@ -297,3 +297,11 @@ def test_grpo_defaults_stand_alone():
         GRPOConfig(clip_c=0.5)
     with pytest.raises(ConfigError, match="overlong_buffer: must be < max_new_tokens"):
         GRPOConfig(max_new_tokens=16, overlong_buffer=16)
+
+
+def test_dr_grpo_without_no_scaling_is_a_config_error():
+    """Found by running `--config.stages.0.grpo.advantage=dr_grpo`: it failed at the first rollout."""
+    with pytest.raises(ConfigError, match="reward_scaling"):
+        load_config(DEMO, ["stages.0.grpo.advantage=dr_grpo"])
+    cfg = load_config(DEMO, ["stages.0.grpo.advantage=dr_grpo", "stages.0.grpo.reward_scaling=none"])
+    assert cfg.stages[0].grpo.advantage == "dr_grpo"

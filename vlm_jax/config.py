@@ -436,6 +436,8 @@ class GRPOConfig(_Node):
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
         _require(self.overlong_buffer < self.max_new_tokens, "overlong_buffer",
                  f"must be < max_new_tokens ({self.max_new_tokens}), got {self.overlong_buffer}")
+        _require(self.advantage != "dr_grpo" or self.reward_scaling == "none", "reward_scaling",
+                 f"advantage 'dr_grpo' means no std scaling: set reward_scaling='none' (got {self.reward_scaling!r})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -30,15 +30,17 @@ class Budget:
     """Steps and learning rates per stage (chosen by `scripts/pilot_grid.py`); `scale` multiplies
     every stage's steps (the experiment's --quick variant)."""
 
-    steps: tuple[int, int, int] = (30, 30, 30)  # perception, textual, visual
+    sft_steps: tuple[int, int, int] = (40, 100, 100)  # perception, textual, visual: a stage by SFT
+    grpo_steps: tuple[int, int, int] = (40, 40, 40)  # the same stages by GRPO
     grpo_lr: float = 3e-4
-    sft_lr: float = 5e-4
+    sft_lr: float = 1e-3
     num_samples: int = 4
     kl_coef: float = 1e-2
     scale: float = 1.0
 
-    def steps_of(self, capability: str) -> int:
-        return max(1, round(self.steps[CAPABILITIES.index(capability)] * self.scale))
+    def steps_of(self, capability: str, objective: str) -> int:
+        steps = self.grpo_steps if objective == "grpo" else self.sft_steps
+        return max(1, round(steps[CAPABILITIES.index(capability)] * self.scale))
 
 
 def eval_config(at_start: bool, max_examples: int = EVAL_ITEMS) -> EvalConfig:
@@ -51,7 +53,7 @@ def eval_config(at_start: bool, max_examples: int = EVAL_ITEMS) -> EvalConfig:
 def stage(capability: str, objective: str, budget: Budget, *, first: bool, sft_target: str = "solution",
           easy_to_hard: bool = False, name: str | None = None) -> StageConfig:
     """One stage on one capability's grid data."""
-    steps = budget.steps_of(capability)
+    steps = budget.steps_of(capability, objective)
     grpo = objective == "grpo"
     lr = budget.grpo_lr if grpo else budget.sft_lr
     return StageConfig(

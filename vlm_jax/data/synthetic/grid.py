@@ -7,7 +7,8 @@ Qwen2.5-VL: 2 x 2 patches of 14 px). Three capabilities share it:
                        colour words in reading order); graded per cell (``answer_type="cells"``:
                        the share of cells named right; accuracy = all nine right).
 ``textual_reasoning``  the same questions over the grid given as text ("... Cells: red blue ...");
-                       the trace is the running count after each cell ("<think>011223334</think>").
+                       the trace names what is counted, the box holds the count
+                       ("<think> red or blue</think> \\boxed{5}").
 ``visual_reasoning``   the same questions from the image: the trace first reads the grid (the
                        perception skill, word for word), then reasons as in the textual trace.
 
@@ -79,15 +80,11 @@ def _png(image: Image.Image) -> bytes:
 
 
 def tally(cells: tuple[str, ...], a: str, b: str | None, kind: str) -> tuple[str, int]:
-    """The reasoning trace over a grid: the running count after each cell in reading order, one
-    digit per cell (``count``: cells that are ``a``; ``either``: ``a`` or ``b``; ``not``: not
-    ``a``), e.g. '011223334'. Each digit needs one cell (at a fixed distance back) and the digit
-    before it, so the trace is within reach of a small model."""
-    n, out = 0, []
-    for c in cells:
-        n += (c == a) if kind == "count" else (c in (a, b)) if kind == "either" else (c != a)
-        out.append(str(n))
-    return "".join(out), n
+    """(what the reasoning trace names, the answer): the colours the question counts (' red',
+    ' red or blue', ' not red'), then the count over the cells."""
+    n = sum((c == a) if kind == "count" else (c in (a, b)) if kind == "either" else (c != a) for c in cells)
+    label = {"count": f" {a}", "either": f" {a} or {b}", "not": f" not {a}"}[kind]
+    return label, n
 
 
 def draw_question(rng: np.random.Generator, kind: str) -> tuple[tuple[str, ...], str, str, int]:

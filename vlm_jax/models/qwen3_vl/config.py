@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from vlm_jax.models.qwen2_5_vl.config import ConfigParseError
+from vlm_jax.models.common import config as common
+from vlm_jax.models.common.config import ConfigParseError, VisionSizes, VLConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
     depth: int = 27
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -28,18 +29,6 @@ class VisionConfig:
     deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def merge_unit(self) -> int:
-        return self.spatial_merge_size**2
 
     @property
     def grid_side(self) -> int:
@@ -65,14 +54,9 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VLConfig:
+class Qwen3VLConfig(VLConfig):
     text: TextConfig
     vision: VisionConfig
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = False
 
     @property
     def num_deepstack(self) -> int:
@@ -80,41 +64,23 @@ class Qwen3VLConfig:
         return len(self.vision.deepstack_visual_indexes)
 
 
-_TEXT_KEYS = {f.name for f in dataclasses.fields(TextConfig)} - {"rope_theta", "mrope_section"}
-_VISION_KEYS = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta", "deepstack_visual_indexes"}
 _REQUIRED_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def _rope(text: Mapping[str, Any]) -> tuple[float, tuple[int, ...]]:
-    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    theta = params.get("rope_theta", text.get("rope_theta", 5_000_000.0))
-    section = params.get("mrope_section", (24, 20, 20))  # transformers' fallback
-    return float(theta), tuple(int(s) for s in section)
 
 
 def from_hf_dict(raw: Mapping[str, Any], source: str = "config.json") -> Qwen3VLConfig:
     """Typed config from a HF Qwen3-VL config dict (nested `text_config`; top-level text fields are
     accepted too, nested values win)."""
-    if "vision_config" not in raw:
-        raise ConfigParseError(f"{source}: missing 'vision_config'")
-    text = dict(raw["text_config"]) if isinstance(raw.get("text_config"), Mapping) else {}
-    for key, value in raw.items():
-        if key not in ("text_config", "vision_config"):
-            text.setdefault(key, value)
-    missing = [k for k in _REQUIRED_TEXT if k not in text]
-    if missing:
-        raise ConfigParseError(f"{source}: text config lacks {missing}")
-    theta, section = _rope(text)
+    text, vis = common.split_text_vision(raw, source, _REQUIRED_TEXT)
+    theta, section = common.rope_parameters(text, source, default_theta=5_000_000.0,
+                                            default_section=(24, 20, 20))  # transformers' fallback
     if len(section) != 3:
         raise ConfigParseError(f"{source}: mrope_section must have 3 entries, got {list(section)}")
-    kw = {k: text[k] for k in _TEXT_KEYS if text.get(k) is not None}
+    kw = common.fields_of(TextConfig, text, skip=("rope_theta", "mrope_section"))
     kw.setdefault("num_key_value_heads", text["num_attention_heads"])
     text_cfg = TextConfig(**kw, rope_theta=theta, mrope_section=section)
-    vis = dict(raw["vision_config"])
-    vis_kw = {k: vis[k] for k in _VISION_KEYS if vis.get(k) is not None}
     vis_theta = (vis.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     vision_cfg = VisionConfig(
-        **vis_kw,
+        **common.fields_of(VisionConfig, vis, skip=("rope_theta", "deepstack_visual_indexes")),
         deepstack_visual_indexes=tuple(int(i) for i in vis.get("deepstack_visual_indexes", (8, 16, 24))),
         rope_theta=float(vis_theta),
     )
@@ -123,13 +89,7 @@ def from_hf_dict(raw: Mapping[str, Any], source: str = "config.json") -> Qwen3VL
         raise ConfigParseError(f"{source}: deepstack_visual_indexes {bad} outside 0..{vision_cfg.depth - 1}")
     if vision_cfg.grid_side**2 != vision_cfg.num_position_embeddings:
         raise ConfigParseError(f"{source}: num_position_embeddings {vision_cfg.num_position_embeddings} is not a square")
-    tie = bool(raw.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
-    ids = {
-        k: int(raw[k])
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-        if k in raw
-    }
-    return Qwen3VLConfig(text=text_cfg, vision=vision_cfg, tie_word_embeddings=tie, **ids)
+    return Qwen3VLConfig(text=text_cfg, vision=vision_cfg, **common.model_fields(raw, text))
 
 
 def _preset(text: dict, vision: dict, tied: bool) -> dict:

@@ -1,7 +1,7 @@
 """Host-side (numpy) vision inputs for Qwen3-VL: patches in image order (no windows), per-frame
 attention segments, 2-D rope positions and the bilinear taps that resample the learned position
-embedding to each image's grid. Token-side inputs (MRoPE positions, checks, bucketing) are
-Qwen2.5-VL's: for images Qwen3-VL's `get_rope_index` gives the same positions.
+embedding to each image's grid. Token-side inputs (MRoPE positions, checks, bucketing) are shared
+(`vlm_jax.models.common.inputs`): for images, Qwen3-VL's `get_rope_index` gives Qwen2.5-VL's positions.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from vlm_jax.models.qwen2_5_vl import inputs as q25_inputs
-from vlm_jax.models.qwen2_5_vl.inputs import ModelInputs, _merge_block_order, check_pixels, split_rows
+from vlm_jax.models.common import inputs as common
+from vlm_jax.models.common.inputs import ModelInputs, check_pixels, merge_block_order, split_rows
 
 
 class VisionInputs(NamedTuple):
@@ -46,7 +46,7 @@ def _axis_taps(index: np.ndarray, size: int, side: int, align_corners: bool = Tr
 def pos_embed_taps(h: int, w: int, side: int, merge: int, align_corners: bool = True):
     """(index [h*w, 4], weight [h*w, 4]) resampling a side x side table to an h x w patch grid by
     bilinear interpolation (align_corners=True), patches in merge-block order."""
-    rows, cols = _merge_block_order(h, w, merge)
+    rows, cols = merge_block_order(h, w, merge)
     th, wh = _axis_taps(rows, h, side, align_corners)
     tw, ww = _axis_taps(cols, w, side, align_corners)
     index = (th[:, :, None] * side + tw[:, None, :]).reshape(-1, 4)
@@ -75,7 +75,7 @@ def prepare_vision(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg, num_patc
     for b, (grids, px) in enumerate(rows):
         start, frame = 0, 0
         for t, h, w in grids.astype(np.int64).tolist():
-            rows_, cols = _merge_block_order(h, w, v.spatial_merge_size)
+            rows_, cols = merge_block_order(h, w, v.spatial_merge_size)
             i, wt = pos_embed_taps(h, w, v.grid_side, v.spatial_merge_size)
             end = start + t * h * w
             rope[b, start:end] = np.tile(np.stack([rows_, cols], -1), (t, 1))
@@ -101,7 +101,7 @@ def vision_input_specs(cfg, batch: int, num_patches: int) -> VisionInputs:
 
 def prepare_inputs(batch: Mapping[str, Any], cfg, *, num_patches: int | None = None,
                    with_vision: bool = False) -> ModelInputs:
-    """A processor-style batch dict (numpy) -> `ModelInputs` (Qwen2.5-VL's checks and positions,
+    """A processor-style batch dict (numpy) -> `ModelInputs` (the shared checks and positions,
     this family's vision layout)."""
-    return q25_inputs.prepare_inputs(batch, cfg, num_patches=num_patches, prepare_vision_fn=prepare_vision,
-                                     with_vision=with_vision)
+    return common.prepare_inputs(batch, cfg, prepare_vision=prepare_vision, num_patches=num_patches,
+                                 with_vision=with_vision)

@@ -3,12 +3,13 @@
 Hub Qwen3-VL files (and transformers-5 `save_pretrained`) use the in-memory names
 (`model.visual.*`, `model.language_model.*`, `lm_head.weight`); names without the `model.` /
 `language_model.` level (`visual.*`, `model.layers.*`) are accepted too. Layouts as in
-`vlm_jax.models.qwen2_5_vl.params.TensorSpec`.
+`vlm_jax.models.common.params.TensorSpec`.
 """
 
 from __future__ import annotations
 
-from vlm_jax.models.qwen2_5_vl.params import TensorSpec
+from vlm_jax.models.common import params as common
+from vlm_jax.models.common.params import TensorSpec
 from vlm_jax.models.qwen3_vl.config import Qwen3VLConfig
 
 
@@ -37,13 +38,10 @@ def _legacy(name: str) -> str:
 
 
 def tensor_map(param_paths: list[str], cfg: Qwen3VLConfig) -> dict[str, TensorSpec]:
-    """TensorSpec for every JAX parameter path."""
-    v = cfg.vision
-    conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    out = {}
-    for path in param_paths:
+    """TensorSpec for every JAX parameter path (in-memory names preferred, legacy accepted)."""
+
+    def names(path):
         name, layout = _hf_name(path)
-        out[path] = TensorSpec(
-            names=(name, _legacy(name)), layout=layout, file_shape=conv_shape if layout == "patch" else None
-        )
-    return out
+        return (name, _legacy(name)), layout
+
+    return common.tensor_map(param_paths, cfg, names)

@@ -1,5 +1,5 @@
 """A tiny but real-format Qwen3-VL Hugging Face directory, offline (the Qwen3-VL twin of
-`vlm_jax.models.tiny`, whose tokenizer, corpus and generation config it shares).
+`vlm_jax.models.qwen2_5_vl.tiny`; the tokenizer, corpus, writers are `vlm_jax.models.common.tiny`).
 
     from vlm_jax.models.tiny import build_tiny_model
     path = build_tiny_model("/tmp/tiny_qwen3", family="qwen3_vl")          # Instruct template
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vlm_jax.models import tiny as tiny25
+from vlm_jax.models.common import tiny as common
 
 _CONTENT = (
     "{%- macro render(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
@@ -135,25 +135,14 @@ class TinySpec:
 
 def preprocessor_config(spec: TinySpec, min_pixels: int, max_pixels: int) -> dict[str, Any]:
     """`preprocessor_config.json`: Qwen2-VL image processor, patch 16, mean = std = 0.5."""
-    if not 0 < min_pixels <= max_pixels:
-        raise ValueError(f"need 0 < min_pixels ({min_pixels}) <= max_pixels ({max_pixels})")
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
-        "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": list(HALF), "image_std": list(HALF),
-        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        "patch_size": spec.patch_size, "temporal_patch_size": spec.temporal_patch_size,
-        "merge_size": spec.spatial_merge_size,
-    }
+    return common.preprocessor_config(spec, min_pixels, max_pixels, processor_class="Qwen3VLProcessor", mean=HALF,
+                                      std=HALF, pixel_keys=False)
 
 
 def model_config(spec: TinySpec, ids: Mapping[str, int]) -> dict[str, Any]:
     """`config.json` in the hub Qwen3-VL layout (nested, legacy `rope_scaling` + `rope_theta`)."""
-    bad = {t: i for t, i in ids.items() if not 0 <= i < spec.vocab_size}
-    if bad:
-        raise ValueError(f"token ids {bad} fall outside the model vocab ({spec.vocab_size})")
-    tokens = tiny25._token_fields(ids)
+    common.check_ids(ids, spec.vocab_size)
+    tokens = common.token_fields(ids)
     text = {
         "model_type": "qwen3_vl_text", "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_hidden_layers,
@@ -208,45 +197,15 @@ def weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def random_weights(config: Mapping[str, Any], seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Random float32 weights, every parameter away from its default init: norm weights
-    1 + 0.1 N(0,1), biases 0.1 N(0,1), matrices N(0,1) * scale / sqrt(fan_in) (embeddings: hidden)."""
-    rng = np.random.default_rng(seed)
-    hidden = config["text_config"]["hidden_size"]
-    out = {}
-    for name, shape in sorted(weight_shapes(config).items()):
-        noise = rng.standard_normal(shape)
-        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight")):
-            arr = 1.0 + 0.1 * noise
-        elif name.endswith(".bias"):
-            arr = 0.1 * noise
-        else:
-            fan_in = hidden if name.endswith("embed_tokens.weight") else int(np.prod(shape[1:]))
-            arr = noise * (scale / np.sqrt(fan_in))
-        out[name] = arr.astype(np.float32)
-    return out
+    """Random float32 weights, every parameter away from its default init (`common.tiny.random_arrays`)."""
+    norms = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight")
+    return common.random_arrays(weight_shapes(config), config["text_config"]["hidden_size"], seed, scale, norms)
 
 
 def write_random_weights(out_dir: Path, config: Mapping[str, Any], seed: int = 0, scale: float = 1.0,
                          shards: int = 1) -> list[Path]:
     """``model.safetensors``, or `shards` files plus ``model.safetensors.index.json``."""
-    from safetensors.numpy import save_file
-
-    for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    weights = random_weights(config, seed, scale)
-    if shards == 1:
-        save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return [out_dir / "model.safetensors"]
-    names, paths, weight_map = sorted(weights), [], {}
-    for k in range(shards):
-        path = out_dir / f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: weights[n] for n in names[k::shards]}, str(path), metadata={"format": "pt"})
-        weight_map |= {n: path.name for n in names[k::shards]}
-        paths.append(path)
-    total = sum(a.nbytes for a in weights.values())
-    tiny25._write_json(out_dir / "model.safetensors.index.json",
-                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    return paths
+    return common.save_weights(out_dir, random_weights(config, seed, scale), shards)
 
 
 def build_tiny_model(
@@ -265,22 +224,10 @@ def build_tiny_model(
     shards: int = 1,
 ) -> Path:
     """Write a complete tiny Qwen3-VL directory (`thinking`: the Thinking chat template)."""
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    overrides: dict[str, Any] = {}
-    if tied is not None:
-        overrides["tie_word_embeddings"] = tied
-    if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    spec = dataclasses.replace(spec, **overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    template = THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
-    ids = tiny25.write_tokenizer(out, [*tiny25.builtin_corpus(), *extra_texts], spec.vocab_size, template)
-    config = model_config(spec, ids)
-    tiny25._write_json(out / "preprocessor_config.json", preprocessor_config(spec, min_pixels, max_pixels))
-    tiny25._write_json(out / "config.json", config)
-    tiny25._write_json(out / "generation_config.json", tiny25.generation_config(ids))
-    if weights:
-        write_random_weights(out, config, seed, weight_scale, shards)
-    return out
+    write = lambda out, _, config: write_random_weights(out, config, seed, weight_scale, shards)  # noqa: E731
+    return common.write_model_dir(
+        out_dir, spec, tied=tied, vocab_size=vocab_size, shards=shards,
+        chat_template=THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE, extra_texts=extra_texts,
+        preprocessor=preprocessor_config(spec, min_pixels, max_pixels), model_config=model_config,
+        weights=write if weights else None,
+    )

@@ -22,7 +22,7 @@ def get_config() -> Config:
         capability="mixed",
         objective="sft",
         datasets=(DatasetSpec(name="grid_perception", weight=2.0),
-                  DatasetSpec(name="grid_textual_reasoning", weight=2.0),
+                  DatasetSpec(name="grid_textual_reasoning", weight=1.0),
                   DatasetSpec(name="grid_visual_reasoning", weight=1.0)),
         steps=STEPS,
         batch_size=16,

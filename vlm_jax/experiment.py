@@ -30,11 +30,13 @@ class Budget:
     """Steps and learning rates per stage (chosen by `scripts/pilot_grid.py`); `scale` multiplies
     every stage's steps (the experiment's --quick variant)."""
 
-    sft_steps: tuple[int, int, int] = (40, 100, 100)  # perception, textual, visual: a stage by SFT
-    grpo_steps: tuple[int, int, int] = (40, 40, 40)  # the same stages by GRPO
-    grpo_lr: float = 3e-4
+    sft_steps: tuple[int, int, int] = (60, 300, 300)  # perception, textual, visual: a stage by SFT
+    grpo_steps: tuple[int, int, int] = (60, 60, 60)  # the same stages by GRPO
+    grpo_lr: float = 1e-4
     sft_lr: float = 1e-3
     num_samples: int = 4
+    temperature: float = 0.7  # rollouts; at 1.0 the tiny model's sampled answers are far worse than its greedy ones
+    warmup_steps: int = 10
     kl_coef: float = 1e-2
     scale: float = 1.0
 
@@ -65,10 +67,11 @@ def stage(capability: str, objective: str, budget: Budget, *, first: bool, sft_t
         batch_size=BATCH,
         order="easy_to_hard" if easy_to_hard else "shuffle",
         order_key="difficulty",
-        optimizer=OptimizerConfig(lr=lr, weight_decay=0.0, warmup_steps=2, schedule="cosine"),
+        optimizer=OptimizerConfig(lr=lr, weight_decay=0.0, warmup_steps=budget.warmup_steps, schedule="cosine"),
         # the vision tower is frozen while the data has no images (the paper's stage 2)
         trainable=("language_model",) if capability == "textual_reasoning" else ("vision", "merger", "language_model"),
-        grpo=GRPOConfig(num_samples=budget.num_samples, max_new_tokens=MAX_NEW_TOKENS, kl_coef=budget.kl_coef),
+        grpo=GRPOConfig(num_samples=budget.num_samples, max_new_tokens=MAX_NEW_TOKENS, kl_coef=budget.kl_coef,
+                        temperature=budget.temperature),
         sft=SFTConfig(target=sft_target, normalize="token"),
         eval=eval_config(at_start=first),
     )

@@ -14,6 +14,10 @@ One `MetricsWriter` per run, owned by the curriculum loop. Layout under the work
 
 Only the main process (JAX process 0) writes; on the others every method is a no-op, so the loop
 can call them unconditionally.
+
+The workdir may be a bucket (`gs://...`, through `vlm_jax.paths`): objects cannot be appended to,
+so `metrics.jsonl` is uploaded whole at each flush (it stays small: one line per logged step), and
+tensorboardX writes its event files there itself (google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from vlm_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_DIR = "eval"
@@ -160,7 +166,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True,
                  progress: bool = True, is_main: bool | None = None):
-        self.workdir = Path(workdir)
+        self.workdir = paths.as_path(workdir)
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
         self.tensorboard = tensorboard
         self.progress = progress
@@ -168,7 +174,7 @@ class MetricsWriter:
         self._tb: Any = None
         self._purge_step: int | None = None
         if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            paths.makedirs(self.workdir)
 
     @property
     def metrics_path(self) -> Path:
@@ -181,7 +187,8 @@ class MetricsWriter:
     # ----------------------------------------------------------------------------------- JSONL
     def _jsonl(self) -> IO[str]:
         if self._file is None:
-            self._file = open(self.metrics_path, "a", encoding="utf-8")
+            self._file = (_ObjectAppender(self.metrics_path) if paths.is_url(self.metrics_path)
+                          else open(self.metrics_path, "a", encoding="utf-8"))
         return self._file
 
     def _summary_writer(self) -> Any:
@@ -250,7 +257,7 @@ class MetricsWriter:
         step = _check_step("step", step)
         content = {**_jsonable(dict(result)), "step": step, "stage": stage, "name": name,
                    "when": when}
-        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self.eval_dir)
         path = self.eval_dir / eval_filename(step, stage, name)
         _atomic_write_text(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
         tag = f"eval/{metric_name(name)}"
@@ -362,7 +369,29 @@ def _jsonable(value: Any, key: str = "result") -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write via a temporary file and rename (an object in a bucket: one upload), so readers never
+    see a half-written file."""
+    paths.write_text_atomic(path, text)
+
+
+class _ObjectAppender:
+    """`open(path, "a")` for an object in a bucket: the text so far is kept and the whole object is
+    uploaded again at each `flush` (objects are immutable)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._text = path.read_text(encoding="utf-8") if path.exists() else ""
+        self._dirty = False
+
+    def write(self, text: str) -> int:
+        self._text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self._text, encoding="utf-8")
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()

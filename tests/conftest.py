@@ -24,6 +24,28 @@ jax.config.update("jax_threefry_partitionable", True)
 import pytest  # noqa: E402
 
 
+def _emulator_sends_generation_headers():
+    """GCS sends `x-goog-generation` with an object's data; the emulator does not, and tensorstore
+    then fails ocdbt's conditional manifest updates now and then ("Malformed StorageGeneration")."""
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.download, "_with_generation", False):
+        return
+    real = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        real(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # noqa: BLE001 - not found: the handler answered 404 already
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    download._with_generation = True
+    objects.download = download
+
+
 @pytest.fixture(scope="session")
 def gcs():
     """A Google Cloud Storage server on loopback for this session (`gcp-storage-emulator`, in
@@ -40,6 +62,7 @@ def gcs():
 
     for name in ("gcp_storage_emulator", "gcp_storage_emulator.storage", "gcp_storage_emulator.server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    _emulator_sends_generation_headers()
     server = create_server("127.0.0.1", 0, in_memory=True, default_bucket="vlm-test")
     server.start()
     url = f"http://127.0.0.1:{server._api._httpd.server_address[1]}"

@@ -517,12 +517,12 @@ def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
     assert all(r["update_ok"] == 1.0 and np.isfinite(r["loss"]) for r in rows)
 
 
-def test_bucket_run_sigterm_resume_evaluate_export(gcs, assets, uninterrupted, tmp_path, monkeypatch):
+def test_bucket_run_sigterm_resume_export(gcs, assets, uninterrupted, tmp_path, monkeypatch):
     """A workdir, model and prepared data in a bucket (storage server on loopback): SIGTERM during
     the GRPO stage checkpoints to the bucket, the rerun resumes from it and ends bitwise equal to the
-    local uninterrupted run; metrics, TensorBoard, report and plots land in the bucket; evaluate and
-    export write there; the export loads back from the bucket; nothing appears under a local gs:."""
-    from vlm_jax import evaluate, export, paths
+    local uninterrupted run; metrics, TensorBoard, report and plots land in the bucket; export
+    writes there and loads back from the bucket; nothing appears under a local gs:."""
+    from vlm_jax import export, paths
 
     full_wd, _, _ = uninterrupted
     monkeypatch.chdir(tmp_path)
@@ -554,14 +554,25 @@ def test_bucket_run_sigterm_resume_evaluate_export(gcs, assets, uninterrupted, t
     assert (bucket_wd / "report.md").read_text().startswith("# Run report")
     assert [p.name for p in (bucket_wd / "plots").iterdir()] and list((bucket_wd / "tensorboard").iterdir())
 
-    out = f"{root}/eval/perception.json"
-    assert evaluate.main(["--model", wd, "--data", "synthetic_perception[test]", "--data_dir", f"{root}/data",
-                          "--out", out, "--max_new_tokens", "4", "--batch_size", "4"]) == 0
-    assert json.loads(paths.resolve(out).read_text())["overall"]["n"] == 4
     assert export.main(["--workdir", wd, "--out", f"{root}/hf"]) == 0
     model, params = models.from_pretrained(f"{root}/hf")
     assert_bitwise(final_params(full_wd)[1], params)
     assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow  # the sampler's compile; the bucket paths are those of the run above
+def test_evaluate_model_and_data_in_a_bucket_to_a_bucket(gcs, assets, tmp_path, monkeypatch):
+    from vlm_jax import evaluate, paths
+
+    monkeypatch.chdir(tmp_path)
+    root = f"{gcs}/evaluate"
+    paths.copy_tree(assets / "model", f"{root}/model")
+    paths.copy_tree(assets / "data", f"{root}/data")
+    out = f"{root}/eval/perception.json"
+    assert evaluate.main(["--model", f"{root}/model", "--data", "synthetic_perception[test]", "--data_dir",
+                          f"{root}/data", "--out", out, "--max_new_tokens", "4", "--batch_size", "4"]) == 0
+    assert json.loads(paths.resolve(out).read_text())["overall"]["n"] == 4
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):

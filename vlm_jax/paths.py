@@ -109,7 +109,7 @@ def describe_error(err: BaseException) -> str:
     if code in (401, 403) or isinstance(err, PermissionError):
         return f"permission denied ({text})"
     if code == 404 or isinstance(err, FileNotFoundError):
-        bucket_missing = "/b/" in text and "/o" in text or "bucket" in text.lower()
+        bucket_missing = "/upload/" in text or "bucket" in text.lower()  # a write: only the bucket can be missing
         return f"{'no such bucket' if bucket_missing else 'no such file'} ({text})"
     return f"{name}: {text}"
 

@@ -17,7 +17,8 @@ can call them unconditionally.
 
 The workdir may be a bucket (`gs://...`, through `vlm_jax.paths`): objects cannot be appended to,
 so `metrics.jsonl` is uploaded whole at each flush (it stays small: one line per logged step), and
-tensorboardX writes its event files there itself (google-cloud-storage).
+the TensorBoard event files are written in a local temporary folder and uploaded every
+`_TB_FLUSH_SECS` and at `flush` / `close`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -172,6 +175,8 @@ class MetricsWriter:
         self.progress = progress
         self._file: IO[str] | None = None
         self._tb: Any = None
+        self._tb_local: str | None = None  # a bucket workdir: the local folder of the event files
+        self._tb_uploaded = 0.0
         self._purge_step: int | None = None
         if self.is_main:
             paths.makedirs(self.workdir)
@@ -200,9 +205,24 @@ class MetricsWriter:
             # A unique suffix: tensorboardX names files by the second and opens them with "wb", so
             # two writers started within one second (resume, reopen) would clobber each other.
             suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=self._purge_step,
+            logdir = self.workdir / TENSORBOARD_DIR
+            if paths.is_url(logdir):  # events written locally, uploaded by `_upload_tb`
+                self._tb_local = tempfile.mkdtemp(prefix="vlm_jax_tb_")
+                self._tb_uploaded = time.time()
+                logdir = self._tb_local
+            self._tb = SummaryWriter(str(logdir), purge_step=self._purge_step,
                                      flush_secs=_TB_FLUSH_SECS, filename_suffix=suffix)
         return self._tb
+
+    def _upload_tb(self, *, force: bool) -> None:
+        """A bucket workdir: copies the local event files to `workdir/tensorboard` (every
+        `_TB_FLUSH_SECS`, or now with `force`)."""
+        if self._tb_local is None or (not force and time.time() - self._tb_uploaded < _TB_FLUSH_SECS):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        paths.copy_tree(Path(self._tb_local), self.workdir / TENSORBOARD_DIR)
+        self._tb_uploaded = time.time()
 
     def _append(self, step: int, stage: str, stage_step: int | None,
                 metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,6 +247,7 @@ class MetricsWriter:
             for key in metrics:
                 if record[key] is not None:
                     tb.add_scalar(key, record[key], global_step=step)
+            self._upload_tb(force=False)
         return record
 
     def write(self, step: int, stage: str, stage_step: int, metrics: Mapping[str, Any]) -> None:
@@ -274,8 +295,7 @@ class MetricsWriter:
         step = _check_step("step", step)
         self._purge_step = step
         if self._tb is not None:  # Reopen so the purge marker is written at the resume point.
-            self._tb.close()
-            self._tb = None
+            self._close_tb()
         if not self.is_main or not self.metrics_path.exists():
             return 0
         if self._file is not None:
@@ -332,6 +352,7 @@ class MetricsWriter:
             self._file.flush()
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tb(force=True)
 
     def close(self) -> None:
         """Flush and close every sink; the writer may be used again afterwards (files reopen)."""
@@ -339,8 +360,15 @@ class MetricsWriter:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            self._close_tb()
+
+    def _close_tb(self) -> None:
+        self._tb.close()
+        self._upload_tb(force=True)
+        self._tb = None
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
     def __enter__(self) -> MetricsWriter:
         return self

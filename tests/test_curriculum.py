@@ -515,3 +515,103 @@ def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert [r["stage_step"] for r in rows] == [1, 2]
     assert all(r["update_ok"] == 1.0 and np.isfinite(r["loss"]) for r in rows)
+
+
+def test_bucket_run_sigterm_resume_export(gcs, assets, uninterrupted, tmp_path, monkeypatch):
+    """A workdir, model and prepared data in a bucket (storage server on loopback): SIGTERM during
+    the GRPO stage checkpoints to the bucket, the rerun resumes from it and ends bitwise equal to the
+    local uninterrupted run; metrics, TensorBoard, report and plots land in the bucket; export
+    writes there and loads back from the bucket; nothing appears under a local gs:."""
+    from vlm_jax import export, paths
+
+    full_wd, _, _ = uninterrupted
+    monkeypatch.chdir(tmp_path)
+    root = f"{gcs}/curriculum"
+    paths.copy_tree(assets / "model", f"{root}/model")
+    paths.copy_tree(assets / "data", f"{root}/data")
+    cfg = two_stage_config(assets, **{"model.path": f"{root}/model", "data.data_dir": f"{root}/data",
+                                      "logging.tensorboard": "true"})
+    real_step, calls = curriculum.train_step, []
+
+    def step(*args, **kwargs):  # a real SIGTERM to this process after the second step
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    wd = f"{root}/run"
+    monkeypatch.setattr(curriculum, "train_step", step)
+    assert curriculum.run(cfg, wd) == "preempted"
+    monkeypatch.setattr(curriculum, "train_step", real_step)
+    meta = Checkpointer(f"{wd}/checkpoints").restore_meta()
+    assert (meta["stage_index"], meta["stage_step"], meta["global_step"]) == (0, 2, 2)
+    assert curriculum.run(cfg, wd) == "finished"
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+    bucket_wd = paths.resolve(wd)
+    steps = [json.loads(l)["step"] for l in (bucket_wd / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 6
+    assert (bucket_wd / "report.md").read_text().startswith("# Run report")
+    assert [p.name for p in (bucket_wd / "plots").iterdir()] and list((bucket_wd / "tensorboard").iterdir())
+
+    assert export.main(["--workdir", wd, "--out", f"{root}/hf"]) == 0
+    model, params = models.from_pretrained(f"{root}/hf")
+    assert_bitwise(final_params(full_wd)[1], params)
+    assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow  # the sampler's compile; the bucket paths are those of the run above
+def test_evaluate_model_and_data_in_a_bucket_to_a_bucket(gcs, assets, tmp_path, monkeypatch):
+    from vlm_jax import evaluate, paths
+
+    monkeypatch.chdir(tmp_path)
+    root = f"{gcs}/evaluate"
+    paths.copy_tree(assets / "model", f"{root}/model")
+    paths.copy_tree(assets / "data", f"{root}/data")
+    out = f"{root}/eval/perception.json"
+    assert evaluate.main(["--model", f"{root}/model", "--data", "synthetic_perception[test]", "--data_dir",
+                          f"{root}/data", "--out", out, "--max_new_tokens", "4", "--batch_size", "4"]) == 0
+    assert json.loads(paths.resolve(out).read_text())["overall"]["n"] == 4
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(two_stage_config(assets))!r})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable workdir"))
+    assert train.main(["--config", str(cfg_file), "--workdir", "gs://no-such-bucket/runs/demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gs://no-such-bucket/runs/demo" in err[0] and "no such bucket" in err[0], err
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkeypatch):
+    """`model.path=ORG/NAME[@REVISION]` resolves through huggingface_hub's cache (offline here: the
+    test fills the cache with the tiny model)."""
+    import shutil
+
+    from huggingface_hub import constants
+    from vlm_jax import paths
+    from vlm_jax.data.processor import Processor
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-vl"
+    shutil.copytree(assets / "model", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    paths._hub_snapshot.cache_clear()
+    try:
+        for name in ("tiny-org/tiny-vl", f"tiny-org/tiny-vl@{commit}"):
+            curriculum.check_model_dir(name)
+            assert_bitwise(models.from_pretrained(name)[1], models.from_pretrained(assets / "model")[1])
+        assert Processor.from_pretrained("tiny-org/tiny-vl").image_token_id > 0
+        with pytest.raises(config_lib.ConfigError, match="does not exist, and as a Hugging Face hub id"):
+            curriculum.check_model_dir("tiny-org/no-such-model")
+    finally:
+        paths._hub_snapshot.cache_clear()

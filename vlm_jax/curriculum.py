@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +105,8 @@ def open_sources(cfg: config_lib.Config) -> dict:
     return out
 
 
-def check_workdir(workdir: Path) -> None:
-    """The workdir exists (created) and is writable, or a ConfigError naming it."""
+def check_workdir(workdir) -> None:
+    """The workdir (local, created, or a URL) is writable, or a ConfigError naming it."""
     try:
         paths.check_writable(workdir)
     except OSError as e:
@@ -120,7 +119,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def check_model_dir(path: str) -> None:
     """The model directory has its config, weights and tokenizer files, or a ConfigError saying
     which is missing."""
-    d = Path(path).expanduser()
+    try:
+        d = paths.model_dir(path)  # a folder, a URL or a Hugging Face hub id
+    except paths.ModelPathError as e:
+        raise config_lib.ConfigError(str(e), "model.path") from None
     if not d.is_dir():
         raise config_lib.ConfigError(f"model directory {str(d)!r} does not exist", "model.path")
     missing = [f for f in ("config.json", "preprocessor_config.json") if not (d / f).is_file()]
@@ -657,11 +659,18 @@ def check_optimizer_carry(env: Env) -> None:
             )
 
 
-def remove_partial_checkpoints(directory: Path) -> None:
+def remove_partial_checkpoints(directory) -> None:
     """Deletes orbax's temporary directories of saves that never committed (a crash mid-save), so
-    the newest entry in the checkpoint directory is always a complete checkpoint."""
-    for tmp in Path(directory).glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    the newest entry in the checkpoint directory is always a complete checkpoint. In a bucket orbax
+    writes a step in place and marks it committed with `commit_success.txt`; a step without it is
+    removed."""
+    directory = paths.as_path(directory)
+    for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+        paths.rmtree(tmp)
+    if paths.is_url(directory) and directory.exists():
+        for step in directory.iterdir():
+            if step.name.isdigit() and not (step / "commit_success.txt").exists():
+                paths.rmtree(step)
 
 
 def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None = None) -> str:
@@ -672,7 +681,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     once the global step reaches it, e.g. for a time-boxed job; the run checkpoints and returns
     "preempted". On an error the pending checkpoint saves finish (or their partial directories are
     removed) and every writer is closed before the error propagates."""
-    workdir = Path(workdir).resolve()  # orbax needs absolute paths
+    workdir = paths.resolve(workdir)  # orbax needs absolute paths (or a URL)
     from vlm_jax.data.pipeline import interrupt_data_waits
 
     check_workdir(workdir)
@@ -682,6 +691,9 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         check_optimizer_carry(env)
         check_first_batches(env, stop_check=lambda: guard.requested)
         (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
+        if jax.process_index() == 0:  # a save killed mid-write (SIGKILL) leaves one behind
+            for sub in ("checkpoints", "reference", "lora_base"):
+                remove_partial_checkpoints(workdir / sub)
         ckpt = Checkpointer(
             workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
@@ -719,7 +731,7 @@ def _close_quietly(ckpt: Checkpointer, others: tuple[Checkpointer, ...], writer:
         except Exception as e:  # noqa: BLE001 - the original error is the one to report
             log.warning("while closing after an error: %s: %s", type(e).__name__, e)
     for c in (ckpt, *others):
-        remove_partial_checkpoints(Path(str(c.directory)))
+        remove_partial_checkpoints(c.directory)
 
 
 def _loop(env: Env, cfg: config_lib.Config, ckpt: Checkpointer, refs: Checkpointer, bases: Checkpointer,
@@ -876,7 +888,7 @@ def restore_for_export(workdir: str | Path, *, with_meta: bool = False):
     the checkpoint's metadata as a fourth element."""
     from vlm_jax.data.processor import Processor
 
-    workdir = Path(workdir).resolve()
+    workdir = paths.resolve(workdir)
     cfg_file = workdir / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(

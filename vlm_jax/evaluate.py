@@ -173,7 +173,7 @@ def load_for_eval(path: str | Path, dtype=None):
     from vlm_jax import models
     from vlm_jax.data.processor import Processor
 
-    path = Path(path)
+    path = paths.model_dir(path)  # a folder, a URL (gs://...) or a Hugging Face hub id
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         model, params = models.from_pretrained(path, dtype=dtype or jnp.float32)
         return model, params, Processor.from_pretrained(path)
@@ -206,10 +206,10 @@ def pick_split(name: str, data_dir) -> str:
     return splits[0]
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out) -> None:
     """Creates the folder of `out` and checks a file can be written there (before any evaluation)."""
     try:
-        paths.check_writable(out.parent)
+        paths.check_writable(paths.as_path(out).parent)
     except OSError as e:
         raise ValueError(f"--out {str(out)!r} cannot be written ({e.strerror or e})") from None
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vlm_jax import data
         from vlm_jax.data.prepare import SUFFIXES as FILE_SUFFIXES
 
-        check_writable(Path(args.out))
+        check_writable(args.out)
         data_dir = paths.data_dir(args.data_dir)
         print(paths.describe_data_dir(args.data_dir))
         sources = []
@@ -280,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n": n,
         "rows": sum(r["rows"] for r in results.values()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"overall": overall, "datasets": results}, indent=2))
+    out = paths.as_path(args.out)  # a local file or a URL (gs://...)
+    paths.makedirs(out.parent)
+    out.write_text(json.dumps({"overall": overall, "datasets": results}, indent=2))
     print(
         f"overall: accuracy {overall['accuracy']:.3f}  mean response length "
         f"{overall['mean_response_length']:.1f}  -> {args.out}"

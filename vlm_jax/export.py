@@ -5,6 +5,7 @@ config.json, tokenizer, image processor, chat template) that transformers loads.
 LoRA stage is written merged, and its adapters alone also in PEFT's format in `HF_DIR/adapter`
 (`peft.PeftModel.from_pretrained(base, HF_DIR/adapter)`); the base they belong to is the training's
 model directory, or, when earlier stages had changed the weights, `HF_DIR/adapter_base` (written too).
+DIR and HF_DIR may be local folders or bucket URLs (`gs://...`).
 """
 
 import argparse
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from vlm_jax import models
+from vlm_jax import models, paths
 from vlm_jax.models import lora
 
 
@@ -25,19 +26,22 @@ def export(workdir, out_dir):
     if isinstance(params, lora.LoraParams):
         from vlm_jax.checkpoint import Checkpointer
 
-        with Checkpointer(Path(workdir).resolve() / "lora_base", keep=2, async_save=False) as bases:
+        with Checkpointer(paths.resolve(workdir) / "lora_base", keep=2, async_save=False) as bases:
             saved = meta["opt_stage"] in bases.all_steps()
         base_dir = str(model.source_dir)
         if saved:  # the weights at the LoRA stage's start, not the training's model directory
-            base_dir = str(models.save_pretrained(model, params.base, Path(out) / "adapter_base"))
+            base_dir = str(models.save_pretrained(model, params.base, paths.as_path(out) / "adapter_base"))
             share_files(base_dir)
-        share_files(models.save_peft_adapters(model, params, Path(out) / "adapter", base_model=base_dir))
+        share_files(models.save_peft_adapters(model, params, paths.as_path(out) / "adapter", base_model=base_dir))
     return out
 
 
 def share_files(directory) -> None:
     """Gives the exported files the usual permissions (0644 under the default umask) instead of the
-    0600 of the temporary files they were written through, so other users and jobs can read them."""
+    0600 of the temporary files they were written through, so other users and jobs can read them
+    (nothing for a bucket: access there is the bucket's)."""
+    if paths.is_url(directory):
+        return
     umask = os.umask(0)
     os.umask(umask)
     for f in Path(directory).iterdir():

@@ -14,6 +14,11 @@ One `MetricsWriter` per run, owned by the curriculum loop. Layout under the work
 
 Only the main process (JAX process 0) writes; on the others every method is a no-op, so the loop
 can call them unconditionally.
+
+The workdir may be a bucket (`gs://...`, through `vlm_jax.paths`): objects cannot be appended to,
+so `metrics.jsonl` is uploaded whole at each flush (it stays small: one line per logged step), and
+the TensorBoard event files are written in a local temporary folder and uploaded every
+`_TB_FLUSH_SECS` and at `flush` / `close`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -31,6 +38,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from vlm_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_DIR = "eval"
@@ -160,15 +169,17 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | os.PathLike[str], *, tensorboard: bool = True,
                  progress: bool = True, is_main: bool | None = None):
-        self.workdir = Path(workdir)
+        self.workdir = paths.as_path(workdir)
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
         self.tensorboard = tensorboard
         self.progress = progress
         self._file: IO[str] | None = None
         self._tb: Any = None
+        self._tb_local: str | None = None  # a bucket workdir: the local folder of the event files
+        self._tb_uploaded = 0.0
         self._purge_step: int | None = None
         if self.is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            paths.makedirs(self.workdir)
 
     @property
     def metrics_path(self) -> Path:
@@ -181,7 +192,8 @@ class MetricsWriter:
     # ----------------------------------------------------------------------------------- JSONL
     def _jsonl(self) -> IO[str]:
         if self._file is None:
-            self._file = open(self.metrics_path, "a", encoding="utf-8")
+            self._file = (_ObjectAppender(self.metrics_path) if paths.is_url(self.metrics_path)
+                          else open(self.metrics_path, "a", encoding="utf-8"))
         return self._file
 
     def _summary_writer(self) -> Any:
@@ -193,9 +205,24 @@ class MetricsWriter:
             # A unique suffix: tensorboardX names files by the second and opens them with "wb", so
             # two writers started within one second (resume, reopen) would clobber each other.
             suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=self._purge_step,
+            logdir = self.workdir / TENSORBOARD_DIR
+            if paths.is_url(logdir):  # events written locally, uploaded by `_upload_tb`
+                self._tb_local = tempfile.mkdtemp(prefix="vlm_jax_tb_")
+                self._tb_uploaded = time.time()
+                logdir = self._tb_local
+            self._tb = SummaryWriter(str(logdir), purge_step=self._purge_step,
                                      flush_secs=_TB_FLUSH_SECS, filename_suffix=suffix)
         return self._tb
+
+    def _upload_tb(self, *, force: bool) -> None:
+        """A bucket workdir: copies the local event files to `workdir/tensorboard` (every
+        `_TB_FLUSH_SECS`, or now with `force`)."""
+        if self._tb_local is None or (not force and time.time() - self._tb_uploaded < _TB_FLUSH_SECS):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        paths.copy_tree(Path(self._tb_local), self.workdir / TENSORBOARD_DIR)
+        self._tb_uploaded = time.time()
 
     def _append(self, step: int, stage: str, stage_step: int | None,
                 metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,6 +247,7 @@ class MetricsWriter:
             for key in metrics:
                 if record[key] is not None:
                     tb.add_scalar(key, record[key], global_step=step)
+            self._upload_tb(force=False)
         return record
 
     def write(self, step: int, stage: str, stage_step: int, metrics: Mapping[str, Any]) -> None:
@@ -250,7 +278,7 @@ class MetricsWriter:
         step = _check_step("step", step)
         content = {**_jsonable(dict(result)), "step": step, "stage": stage, "name": name,
                    "when": when}
-        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self.eval_dir)
         path = self.eval_dir / eval_filename(step, stage, name)
         _atomic_write_text(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
         tag = f"eval/{metric_name(name)}"
@@ -267,8 +295,7 @@ class MetricsWriter:
         step = _check_step("step", step)
         self._purge_step = step
         if self._tb is not None:  # Reopen so the purge marker is written at the resume point.
-            self._tb.close()
-            self._tb = None
+            self._close_tb()
         if not self.is_main or not self.metrics_path.exists():
             return 0
         if self._file is not None:
@@ -325,6 +352,7 @@ class MetricsWriter:
             self._file.flush()
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tb(force=True)
 
     def close(self) -> None:
         """Flush and close every sink; the writer may be used again afterwards (files reopen)."""
@@ -332,8 +360,15 @@ class MetricsWriter:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            self._close_tb()
+
+    def _close_tb(self) -> None:
+        self._tb.close()
+        self._upload_tb(force=True)
+        self._tb = None
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -362,7 +397,29 @@ def _jsonable(value: Any, key: str = "result") -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write via a temporary file and rename (an object in a bucket: one upload), so readers never
+    see a half-written file."""
+    paths.write_text_atomic(path, text)
+
+
+class _ObjectAppender:
+    """`open(path, "a")` for an object in a bucket: the text so far is kept and the whole object is
+    uploaded again at each `flush` (objects are immutable)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._text = path.read_text(encoding="utf-8") if path.exists() else ""
+        self._dirty = False
+
+    def write(self, text: str) -> int:
+        self._text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self._text, encoding="utf-8")
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax import paths
 from vlm_jax.metrics import EVAL_DIR, EVAL_WHEN, METRICS_FILE
 
 Record = dict[str, Any]
@@ -34,7 +35,7 @@ _PLOT_DPI = 100
 
 # ----------------------------------------------------------------------------------- Loading
 def _require_workdir(workdir: str | os.PathLike[str]) -> Path:
-    path = Path(workdir)
+    path = paths.as_path(workdir)  # a local folder or a URL (gs://...)
     if not path.is_dir():
         raise FileNotFoundError(f"workdir {str(path)!r} does not exist or is not a directory")
     return path
@@ -364,7 +365,7 @@ def plot(workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
     """Write reward, eval accuracy, response length and loss plots (PNG) to `out_dir` (default
     `workdir/plots`). A plot whose data is absent is skipped. Returns the written paths."""
     workdir = _require_workdir(workdir)
-    out = Path(out_dir) if out_dir is not None else workdir / "plots"
+    out = paths.as_path(out_dir) if out_dir is not None else workdir / "plots"
     metrics, evals = load_metrics(workdir), load_evals(workdir)
     bounds = stage_boundaries(metrics, evals)
     lengths = {"train (response_length/mean)": metric_series(metrics, "response_length/mean")}
@@ -384,9 +385,10 @@ def plot(workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
     for name, fig in figures.items():
         if fig is None:
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out)
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=_PLOT_DPI)
+        with path.open("wb") as f:  # a file object: also for a bucket
+            fig.savefig(f, dpi=_PLOT_DPI, format="png")
         written.append(path)
     return written
 

@@ -36,6 +36,7 @@ the first bad row with one line naming the row and the reason, and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax import paths
 from vlm_jax.data import schema, tfds_builders
 
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
@@ -99,7 +101,7 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     A JSONL line that is not valid JSON yields ``(row_number, _InvalidJson(error))`` so
     the caller can skip or fail on it like any other bad row.
     """
-    path = Path(path)
+    path = paths.as_path(path)  # a local file or a URL (gs://...)
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -121,10 +123,12 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq  # noqa: PLC0415 - only Parquet inputs need it
 
         i = 0
-        for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                yield i, row
-                i += 1
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(path.open("rb")) if paths.is_url(path) else str(path)
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    yield i, row
+                    i += 1
     else:
         raise ValueError(f"{path}: unsupported input format {suffix!r}; use one of {list(SUFFIXES)}")
 
@@ -160,14 +164,17 @@ class ImageRoots:
     """Where relative image paths are looked up: ``--image_dir`` only when given, else the data
     file's folder and then up to ``PARENT_LOOKUPS`` of its parents."""
 
-    dirs: tuple[Path, ...]
+    dirs: tuple[Path, ...]  # local folders or URLs (gs://...)
 
     @classmethod
     def for_file(cls, data_file: str | Path, image_dir: str | Path | None) -> ImageRoots:
         if image_dir is not None:
-            return cls((Path(image_dir).expanduser().resolve(),))
-        folder = Path(data_file).expanduser().resolve().parent
-        return cls((folder, *list(folder.parents)[:PARENT_LOOKUPS]))
+            return cls((paths.resolve(image_dir),))
+        folder = paths.resolve(data_file).parent
+        parents = list(folder.parents)
+        if paths.is_url(folder):  # no lookups above the bucket
+            parents = [p for p in parents if len(p.parts) >= 3]
+        return cls((folder, *parents[:PARENT_LOOKUPS]))
 
     def find(self, relative: Path) -> Path:
         """The first existing ``root / relative``; FileNotFoundError naming every path tried."""
@@ -190,13 +197,18 @@ def _read_image(entry: Any, image_dir: Path | ImageRoots) -> bytes:
             raise TypeError("image dict has neither 'bytes' nor 'path'")
     if isinstance(entry, (bytes, bytearray)):
         return bytes(entry)
+    if isinstance(entry, str) and paths.is_url(entry):
+        path = paths.resolve(entry)
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r}")
+        return path.read_bytes()
     if isinstance(entry, str):
         path = Path(entry).expanduser()
         if path.is_absolute():
             if not path.is_file():
                 raise FileNotFoundError(f"no file {str(path)!r}")
             return path.read_bytes()
-        roots = image_dir if isinstance(image_dir, ImageRoots) else ImageRoots((Path(image_dir),))
+        roots = image_dir if isinstance(image_dir, ImageRoots) else ImageRoots((paths.as_path(image_dir),))
         return roots.find(path).read_bytes()
     raise TypeError(f"image entry of type {type(entry).__name__}")
 
@@ -337,7 +349,7 @@ def load(
     """
     text = str(spec)
     if Path(text).suffix.lower() in SUFFIXES:
-        if not Path(text).is_file():
+        if not paths.as_path(text).is_file():
             raise ValueError(f"data file {text!r} does not exist")
         report = PrepareReport(source=text)
         rows = list(iter_good_rows(text, report, image_dir=image_dir, strict=strict))

@@ -99,10 +99,17 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Processor:
-        """Load the tokenizer and the PIL image processor from an HF model directory (offline)."""
+        """Load the tokenizer and the PIL image processor from an HF model directory (offline), a
+        model directory in a bucket (`gs://...`: its small files are fetched, never the weights) or
+        a Hugging Face hub id (`vlm_jax.paths.model_dir`)."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        path = Path(path)
+        from vlm_jax import paths
+
+        path = paths.model_dir(path)
+        if paths.is_url(path):
+            names = [p.name for p in path.iterdir() if not p.name.endswith(".safetensors")]
+            path = paths.local_files(path, names)
         if not (path / "preprocessor_config.json").is_file():
             raise FileNotFoundError(f"{path}: no preprocessor_config.json (not a Qwen-VL directory?)")
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
+from vlm_jax import paths
 from vlm_jax.data import schema
 
 DATASET_VERSION = "1.0.0"
@@ -294,6 +295,9 @@ def write_local_split(
     if first is None:  # TFDS would fail later with an opaque AssertionError
         raise ValueError(f"dataset {name!r}: no rows to write to split {split!r}")
     rows = itertools.chain([first], rows)
+    if paths.is_url(data_dir):
+        return _write_remote_split(name, split, rows, paths.resolve(data_dir), description=description,
+                                   verbose=verbose)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / name / DATASET_VERSION
@@ -328,12 +332,28 @@ def write_local_split(
     return target
 
 
+def _write_remote_split(name, split, rows, data_dir, *, description, verbose):
+    """`write_local_split` into a bucket: the dataset (its other splits downloaded first) is built
+    in a local temporary folder, then the split's old files are removed and the folder uploaded."""
+    target = data_dir / name / DATASET_VERSION
+    with tempfile.TemporaryDirectory(prefix=f"vlm_jax_{name}_") as tmp:
+        local = Path(tmp) / name / DATASET_VERSION
+        if (target / "dataset_info.json").exists():
+            local.mkdir(parents=True)
+            paths.copy_tree(target, local)
+        write_local_split(name, split, rows, tmp, description=description, verbose=verbose)
+        for old_file in target.glob(f"{name}-{split}.array_record-*"):
+            old_file.unlink()
+        paths.copy_tree(local, target)
+    return target
+
+
 # --------------------------------------------------------------------------- reading
 
 
 def available_datasets(data_dir: str | Path) -> list[str]:
     """Names of the prepared datasets (``NAME/VERSION/dataset_info.json``) in ``data_dir``."""
-    root = Path(data_dir)
+    root = paths.as_path(data_dir)
     if not root.is_dir():
         return []
     names = {p.parent.parent.name for p in root.glob("*/*/dataset_info.json")}
@@ -347,14 +367,30 @@ def dataset_splits(name: str, data_dir: str | Path) -> dict[str, int]:
 
 
 def _version_dir(name: str, data_dir: str | Path) -> Path:
-    root = Path(data_dir)
+    root = paths.as_path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data_dir {str(root)!r} does not exist (dataset {name!r} requested)")
     available = available_datasets(root)
     if name not in available:
         raise ValueError(f"unknown dataset {name!r} in data_dir {str(root)!r}; available: {available}")
-    versions = sorted(p.parent for p in (root / name).glob("*/dataset_info.json"))
-    return versions[-1]
+    versions = sorted((p.parent for p in (root / name).glob("*/dataset_info.json")), key=str)
+    return _local_copy(versions[-1]) if paths.is_url(root) else versions[-1]
+
+
+def _local_copy(version_dir) -> Path:
+    """A prepared dataset in a bucket, copied once per host to `$VLM_JAX_HOME/url_cache` (ArrayRecord
+    reads local files), again when its `dataset_info.json` changed."""
+    cache = paths.home() / "url_cache" / re.sub(r"[^A-Za-z0-9._-]+", "_", str(version_dir))
+    info = (version_dir / "dataset_info.json").read_text()
+    if (cache / "dataset_info.json").is_file() and (cache / "dataset_info.json").read_text() == info:
+        return cache
+    paths.home().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=paths.home()))
+    paths.copy_tree(version_dir, tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(cache)
+    return cache
 
 
 class TfdsSource:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from vlm_jax import paths
 from vlm_jax import sharding as shd
 from vlm_jax.models import hf_io
 from vlm_jax.models import lora
@@ -74,7 +75,7 @@ class Model:
     hf_config: dict
     dtype: Any
     mesh: Mesh | None = None
-    source_dir: Path | None = None
+    source_dir: Any = None  # a local Path or a URL (etils.epath.Path)
     options: Any = None  # the family's ModelOptions (compute dtype, remat, chunk sizes)
 
     def prepare(self, batch: Mapping[str, Any], **kw):
@@ -112,8 +113,13 @@ def from_pretrained(
     """Loads an HF directory (`config.json` + `*.safetensors`) into (model, params), each parameter read
     slice by slice into its target sharding (on `mesh` by the logical-axis rules, else one device).
     `dtype` is how the parameters are stored; `options` (the family's `ModelOptions`, or a dict of
-    its fields) how the model computes (e.g. `compute_dtype="bfloat16"` over fp32 parameters)."""
-    path = Path(path)
+    its fields) how the model computes (e.g. `compute_dtype="bfloat16"` over fp32 parameters).
+    `path` may be a URL (`gs://...`: each host reads only its slices from the bucket) or a Hugging
+    Face hub id (see `vlm_jax.paths.model_dir`)."""
+    try:
+        path = paths.model_dir(path)
+    except paths.ModelPathError as e:
+        raise CheckpointError(str(e)) from None
     raw = hf_io.read_config(path)
     source = str(path / "config.json")
     family = family_for(raw, source)
@@ -151,7 +157,6 @@ def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 <
     """Writes an HF directory transformers loads: safetensors (legacy file names), config.json and,
     when the model came from a directory, its tokenizer / processor / chat-template files. LoRA
     parameters (`lora.LoraParams`) are written merged."""
-    out_dir = Path(out_dir)
     if isinstance(params, lora.LoraParams):  # adapters merged into the weights
         params = lora.merge(params, dtype=model.dtype)
     flat = nnx.to_flat_state(params)
@@ -160,17 +165,20 @@ def save_pretrained(model: Model, params, out_dir, *, max_shard_bytes: int = 2 <
     for key_path, var in flat:
         spec = specs[_path(key_path)]
         tensors[spec.names[0]] = functools.partial(lambda s, v: s.from_jax(hf_io.to_host(v)), spec, var[...])
-    hf_io.save_tensors(tensors, out_dir, max_shard_bytes)
-    if jax.process_index() == 0:
-        raw = dict(model.hf_config)
-        raw["dtype"] = jnp.dtype(model.dtype).name
-        raw.setdefault("architectures", list(model.family.ARCHITECTURES))
-        (out_dir / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
-        if model.source_dir is not None and model.source_dir.resolve() != out_dir.resolve():
-            for name in PROCESSOR_FILES:
-                if (model.source_dir / name).exists():
-                    shutil.copy(model.source_dir / name, out_dir / name)
-    return out_dir
+    target = paths.resolve(out_dir) if paths.is_url(out_dir) else Path(out_dir)
+    with paths.staged_dir(out_dir) as local:  # a bucket: written locally, then uploaded
+        hf_io.save_tensors(tensors, local, max_shard_bytes)
+        if jax.process_index() == 0:
+            raw = dict(model.hf_config)
+            raw["dtype"] = jnp.dtype(model.dtype).name
+            raw.setdefault("architectures", list(model.family.ARCHITECTURES))
+            (local / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
+            src = model.source_dir
+            if src is not None and (paths.is_url(src) or paths.is_url(target) or src.resolve() != target.resolve()):
+                for name in PROCESSOR_FILES:
+                    if (src / name).exists():
+                        paths.copy_file(src / name, local / name)
+    return target
 
 
 def hf_module_name(spec) -> str:
@@ -184,7 +192,7 @@ def save_peft_adapters(model: Model, params: lora.LoraParams, out_dir, *, base_m
     """Writes the adapters of `params` in PEFT's LoRA format (`adapter_config.json` +
     `adapter_model.safetensors`), which `peft.PeftModel.from_pretrained(base, out_dir)` loads over
     the transformers model of the base (`base_model`, recorded as `base_model_name_or_path`)."""
-    out_dir = Path(out_dir)
+    target = paths.resolve(out_dir) if paths.is_url(out_dir) else Path(out_dir)
     adapters = list(lora.iter_adapters(params.adapters))
     names = [f"{m}.kernel" for m, _, _ in adapters]
     specs = model.family.tensor_map(names, model.config)
@@ -199,16 +207,17 @@ def save_peft_adapters(model: Model, params: lora.LoraParams, out_dir, *, base_m
     if jax.process_index() == 0:
         from safetensors.numpy import save_file
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = dict(
-            peft_type="LORA", task_type=None, r=rank, lora_alpha=params.scale * rank, lora_dropout=0.0,
-            target_modules=targets, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
-            init_lora_weights=True, inference_mode=True, modules_to_save=None,
-            base_model_name_or_path=base_model or None,
-        )
-        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+        with paths.staged_dir(target) as out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config = dict(
+                peft_type="LORA", task_type=None, r=rank, lora_alpha=params.scale * rank, lora_dropout=0.0,
+                target_modules=targets, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                init_lora_weights=True, inference_mode=True, modules_to_save=None,
+                base_model_name_or_path=base_model or None,
+            )
+            (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return target
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -2,12 +2,15 @@
 
 Loading never materialises the whole model on one device or as a full host copy: each device shard of
 each parameter is read straight from its file slice (`safe_open(...).get_slice`) in
-`jax.make_array_from_callback`, cast to the target dtype slice by slice.
+`jax.make_array_from_callback`, cast to the target dtype slice by slice. A directory in a bucket
+(`gs://...`) is read the same way: the header of each file, then only the byte ranges of the rows a
+shard needs (`RemoteSafetensors`), with no local copy.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,12 +21,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vlm_jax import paths
+
 
 class CheckpointError(ValueError):
     """A model directory or tensor that cannot be loaded; the message names the file or tensor."""
 
 
-def read_config(path: Path) -> dict:
+def read_config(path) -> dict:
     if not path.exists():
         raise CheckpointError(f"model directory not found: {path}")
     if not path.is_dir():
@@ -40,12 +45,12 @@ def read_config(path: Path) -> dict:
 class SafetensorsIndex:
     """All tensors of a directory: name -> file, with lazily opened handles (use as a context)."""
 
-    def __init__(self, path: Path):
-        files = sorted(path.glob("*.safetensors"))
+    def __init__(self, path):
+        files = sorted(path.glob("*.safetensors"), key=str)
         index_file = path / "model.safetensors.index.json"
         if index_file.exists():
             weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-            listed = sorted({path / f for f in weight_map.values()})
+            listed = [path / f for f in sorted(set(weight_map.values()))]
             missing = [str(f) for f in listed if not f.exists()]
             if missing:
                 raise CheckpointError(f"{index_file} lists missing safetensors files: {missing}")
@@ -57,7 +62,10 @@ class SafetensorsIndex:
         self.file_of: dict[str, Path] = {}
         for f in files:
             try:
-                handle = self._stack.enter_context(safe_open(str(f), framework="numpy"))
+                if paths.is_url(f):
+                    handle = self._stack.enter_context(RemoteSafetensors(f))
+                else:
+                    handle = self._stack.enter_context(safe_open(str(f), framework="numpy"))
             except Exception as e:  # SafetensorError, OSError: truncated file, bad header JSON, ...
                 self._stack.close()
                 raise CheckpointError(f"safetensors file {f} is truncated or corrupt: {e}") from e
@@ -79,6 +87,72 @@ class SafetensorsIndex:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class RemoteSafetensors:
+    """`safe_open(...)` for a safetensors file in a bucket: `keys()` and `get_slice(name)` from the
+    header; a slice reads only the byte range of the rows (first axis) it covers."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = path.open("rb")
+        try:
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(n))
+        except Exception:
+            self._file.close()
+            raise
+        header.pop("__metadata__", None)
+        self._header, self._base = header, 8 + n
+
+    def keys(self):
+        return list(self._header)
+
+    def get_slice(self, name: str) -> "_RemoteSlice":
+        return _RemoteSlice(self, self._header[name])
+
+    def read(self, offset: int, size: int) -> bytes:
+        self._file.seek(self._base + offset)
+        return self._file.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+class _RemoteSlice:
+    def __init__(self, owner: RemoteSafetensors, info: dict):
+        self._owner, self._info = owner, info
+        self._dtype = np.dtype(jnp.dtype(_DTYPES[info["dtype"]]))
+
+    def get_shape(self) -> list[int]:
+        return list(self._info["shape"])
+
+    def get_dtype(self) -> str:
+        return self._info["dtype"]
+
+    def __getitem__(self, index) -> np.ndarray:
+        shape = tuple(self._info["shape"])
+        index = index if isinstance(index, tuple) else (index,)
+        if not shape:
+            rows, rest = slice(None), ()
+        else:
+            rows, rest = index[0], index[1:]
+        start, stop, step = rows.indices(shape[0]) if shape else (0, 1, 1)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self._dtype.itemsize
+        begin = self._info["data_offsets"][0] + start * row_bytes
+        count = max(stop - start, 0)
+        data = self._owner.read(begin, count * row_bytes)
+        block = np.frombuffer(data, dtype=self._dtype).reshape((count, *shape[1:]) if shape else ())
+        if not shape:
+            return block.copy()
+        return block[(slice(None, None, step), *rest)].copy()
 
 
 def load_sharded(

@@ -161,6 +161,7 @@ def stage_table(evals: Sequence[Record], stages: Sequence[str]) -> str:
             before = _last(evals, stage=stage, name=name, when="before")
             if before is None and previous is not None:  # evaluated at the previous stage's end only
                 before = _last(evals, stage=previous, name=name, when="after")
+            after = _last(evals, stage=stage, name=name, when="after")
             tasks = sorted({*(before or {}).get("per_task", {}), *(after or {}).get("per_task", {})})
             if len(tasks) == 1 and tasks[0] in NO_TASK_KEYS:
                 tasks = []  # rows without a task: the overall row says it all
@@ -265,11 +266,16 @@ def gains_table(gains: Sequence[dict[str, Any]]) -> str:
     """Markdown: each stage's own-capability accuracy before / after, gain ± paired SE, gain / SE."""
     if not gains:
         return "_No stage trained a capability it also evaluated._\n"
+    def score(g):  # partial credit (e.g. per grid cell), where the set has it
+        if g.get("score_gain") is None or abs(g["score_before"] - g["before"]) < 1e-9:
+            return MISSING
+        return f"{100 * g['score_gain']:+.1f}" + ("" if g.get("score_se") is None else f" ± {100 * g['score_se']:.1f}")
+
     rows = [[g["stage"], g["dataset"], _pct(g["before"]), _pct(g["after"]),
              f"{100 * g['gain']:+.1f}" + ("" if g["se"] is None else f" ± {100 * g['se']:.1f}"),
-             MISSING if g["z"] is None else f"{g['z']:.1f}"] for g in gains]
-    return _markdown_table(["stage", "own set", "acc before %", "acc after %", "gain ± SE (pts)", "gain / SE"],
-                           rows, numeric_from=2)
+             MISSING if g["z"] is None else f"{g['z']:.1f}", score(g)] for g in gains]
+    return _markdown_table(["stage", "own set", "acc before %", "acc after %", "gain ± SE (pts)", "gain / SE",
+                            "graded score gain ± SE (pts)"], rows, numeric_from=2)
 
 
 def final_evals(evals: Sequence[Record]) -> dict[str, Record]:

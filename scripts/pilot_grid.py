@@ -2,7 +2,7 @@
 steps, greedy and sampled (T=1), so the demo's base leaves every stage headroom (sampled pass rates
 ~40-60% perception, 30-50% textual, 15-30% visual; greedy far from 100%).
 
-    python scripts/pilot_grid.py --steps 100,150,200 [--items 128] [--out pilot.json]
+    python scripts/pilot_grid.py --steps 400,600,800 [--items 128] [--out pilot.json]
 
 Builds the grid data and the untrained tiny model as `python -m vlm_jax.demo_setup` does (reused
 when present), pre-trains once per step count with `configs/pretrain_tiny.py` and evaluates.
@@ -37,7 +37,7 @@ def evaluate_base(model_dir: Path, data_dir: str, items: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="100,150,200")
+    ap.add_argument("--steps", default="400,600,800")
     ap.add_argument("--items", type=int, default=128)
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--work", default="workdirs/pilot_grid")

@@ -77,54 +77,76 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+STAGE_OF = {"grid_perception[validation]": "perception", "grid_textual_reasoning[validation]": "textual_reasoning",
+            "grid_visual_reasoning[validation]": "visual_reasoning"}
+
+
+def _cell(e: dict) -> str:
+    extra = f" ({_pct(e['score'])})" if e.get("score") is not None and abs(e["score"] - e["accuracy"]) > 1e-9 else ""
+    return _pct(e["accuracy"]) + extra
+
+
 @renderer("demo", "demo.json", "experiment.json")
 def render_demo(demo, experiment) -> str:
-    """The CPU demo's capability matrix and stage gains (docs/results/demo.json: a demo run's
-    report.json, taken with `python scripts/render_docs.py --take-demo WORKDIR`), with the spread of
-    the same run over the experiment's seeds (its `staged` arm)."""
+    """The CPU demo's capability matrix with each stage's gain on its own capability
+    (docs/results/demo.json: a demo run's report.json, taken with `python scripts/render_docs.py
+    --take-demo WORKDIR`), and the range of those gains over the experiment's seeds (its `staged` arm)."""
     if demo is None:
         return NOT_MEASURED
-    meta = demo["meta"]
-    points = demo["points"]
-    names = [n for n in CAP_LABEL if n in points[0]["evals"]]
-    header = ["capability (accuracy %, per-cell score % in brackets)",
-              *["start" if p["after"] == "start" else f"after {p['after']}" for p in points]]
+    meta, points = demo["meta"], demo["points"]
+    gains = {g["stage"]: g for g in demo["gains"]}
+    header = ["accuracy % (per-cell %)", *["start" if p["after"] == "start" else f"after {p['after'].split('_')[0]}"
+                                          for p in points], "own stage: gain ± SE"]
     rows = []
-    for n in names:
-        cells = []
-        for p in points:
-            e = p["evals"][n]
-            extra = f" ({_pct(e['score'])})" if e.get("score") is not None and abs(e["score"] - e["accuracy"]) > 1e-9 else ""
-            cells.append(_pct(e["accuracy"]) + extra)
-        rows.append([CAP_LABEL[n], *cells])
-    rows.append(["mean response length, visual (tokens)",
-                 *[f"{p['evals'][names[-1]]['mean_response_length']:.1f}" for p in points]])
-    out = [f"`{meta['command']}` (seed {meta['seed']}; {meta['machine']}; commit {meta['commit']}; "
-           f"{meta['eval_items']} items per capability):", "", table(header, rows, "l" + "r" * len(points)), "",
-           "Each stage's gain on its own capability, with its paired standard error over the items:", ""]
-    grows = [[g["stage"], _pct(g["before"]), _pct(g["after"]),
-              f"{100 * g['gain']:+.1f} ± {100 * g['se']:.1f}", f"{g['z']:.1f}"] for g in demo["gains"]]
-    out.append(table(["stage", "before %", "after %", "gain ± SE (pts)", "gain / SE"], grows, "lrrrr"))
+    for name, label in CAP_LABEL.items():
+        if name not in points[0]["evals"]:
+            continue
+        g = gains.get(STAGE_OF[name])
+        gain = "—" if g is None else f"{100 * g['gain']:+.1f} ± {100 * g['se']:.1f}"
+        if g is not None and g.get("score_gain") is not None and abs(g["score_before"] - g["before"]) > 1e-9:
+            gain += f" (per-cell {100 * g['score_gain']:+.1f} ± {100 * g['score_se']:.1f})"
+        rows.append([label, *[_cell(p["evals"][name]) for p in points], gain])
+    out = [table(header, rows, "l" + "r" * (len(points) + 1)), "",
+           f"`{meta['command']}`, seed {meta['seed']}, {meta['eval_items']} items per capability, "
+           f"{meta['machine']}, commit `{meta['commit']}`."]
     if experiment is not None and "staged" in experiment["analysis"]["arms"]:
         arm = experiment["analysis"]["arms"]["staged"]
         spread = []
         for k, g in enumerate(arm["gains"][0]):
-            gains = [100 * run[k]["gain"] for run in arm["gains"]]
-            zs = [run[k]["z"] for run in arm["gains"]]
-            spread.append(f"{g['stage']} {min(gains):+.1f} to {max(gains):+.1f} pts (gain / SE {min(zs):.1f} to {max(zs):.1f})")
-        out += ["", f"Across the experiment's {len(arm['seeds'])} seeds the same run's gains range: "
-                + "; ".join(spread) + " ([docs/experiment.md](docs/experiment.md))."]
+            gs = [100 * run[k]["gain"] for run in arm["gains"]]
+            spread.append(f"{g['stage'].split('_')[0]} {min(gs):+.1f} to {max(gs):+.1f}")
+        out[-1] += (f" Over the experiment's {len(arm['seeds'])} seeds the same run's own-stage gains range "
+                    + ", ".join(spread) + " points.")
     return "\n".join(out)
 
 
 @renderer("experiment", "experiment.json")
 def render_experiment(experiment) -> str:
-    """The multi-seed experiment (`python scripts/reproduce_paper.py`): its markdown tables, as the
-    script wrote them next to the JSON."""
+    """README: the primary comparison (staged against merged) and where the rest is."""
     if experiment is None:
         return NOT_MEASURED
-    md = RESULTS / "experiment.md"
-    return md.read_text().rstrip("\n") if md.exists() else NOT_MEASURED
+    a = experiment["analysis"]
+    lines = []
+    for row in a["comparisons"]:
+        m = row["metrics"]["average"]
+        lines.append(f"- {row['question']} ({row['form']} form): {100 * m['diff']:+.1f} points of mean accuracy "
+                     f"[{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}], {m['a_better']} of {len(row['seeds'])} seeds for "
+                     f"{row['a']}")
+    return "\n".join(lines + ["", f"`{experiment['meta']['command']}`; tables, per-stage gains and plots in "
+                                  "[docs/experiment.md](docs/experiment.md)."])
+
+
+@renderer("experiment-tables", "experiment.json")
+def render_experiment_tables(experiment) -> str:
+    """docs/experiment.md: the tables `scripts/reproduce_paper.py` writes (its markdown, from the JSON)."""
+    if experiment is None:
+        return NOT_MEASURED
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.markdown(experiment).rstrip("\n")
 
 
 def take_demo(workdir: str) -> Path:

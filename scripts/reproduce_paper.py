@@ -91,7 +91,10 @@ def run_arm(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir
 
     from vlm_jax import curriculum, report
 
+    import shutil
+
     cfg = arm_config(arm, seed, budget, model, data_dir)
+    shutil.rmtree(workdir, ignore_errors=True)  # a run interrupted before: start it again
     t0 = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
         status = curriculum.run(cfg, workdir)
@@ -330,8 +333,20 @@ def main(argv=None) -> int:
     print(f"base: {model}; data: {data_dir}; {len(arms)} arms x {seeds} seeds, {args.jobs} at once", flush=True)
     base = evaluate_base(model, data_dir, budget, experiment.EVAL_ITEMS)
     work = Path(args.workdir)
-    runs = []
-    tasks = [(arm, seed) for seed in range(seeds) for arm in arms]
+    work.mkdir(parents=True, exist_ok=True)
+    # finished runs are kept in runs.jsonl, so an interrupted experiment reruns only what is missing
+    done_file = work / "runs.jsonl"
+    key = json.dumps({"budget": dataclasses.asdict(budget), "model": model})
+    done = {}
+    if done_file.exists():
+        for line in done_file.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("key") == key:
+                done[(r["arm"], r["seed"])] = r
+    runs = [done[(arm, seed)] for seed in range(seeds) for arm in arms if (arm, seed) in done]
+    tasks = [(arm, seed) for seed in range(seeds) for arm in arms if (arm, seed) not in done]
+    if runs:
+        print(f"{len(runs)} runs already finished in {done_file}; {len(tasks)} to go", flush=True)
     import multiprocessing
 
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -340,6 +355,8 @@ def main(argv=None) -> int:
         for f in futures:
             r = f.result()
             runs.append(r)
+            with done_file.open("a") as fh:
+                fh.write(json.dumps({**r, "key": key}) + "\n")
             final = r["points"][-1]["evals"]
             print(f"{r['arm']:>13} seed {r['seed']}: " + "  ".join(
                 f"{c[0].upper()} {100 * final[EVAL_NAMES[c]]['accuracy']:.1f}" for c in CAPS)

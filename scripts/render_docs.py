@@ -157,7 +157,10 @@ def take_demo(workdir: str) -> Path:
 
     report = json.loads((Path(workdir) / "report.json").read_text())
     seed = json.loads((Path(workdir) / "config.json").read_text()).get("seed", 0) if (Path(workdir) / "config.json").exists() else 0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # the commit of the checkout the run was made in (the workdir's), else this one's
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(workdir).resolve(), capture_output=True,
+                            text=True).stdout.strip() or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     first = report["points"][0]["evals"]
     report["meta"] = {"command": "bash scripts/demo.sh" + (f" --config.seed={seed}" if seed else ""), "seed": seed,
                       "machine": f"{os.cpu_count()}-core CPU", "commit": commit,

@@ -129,9 +129,8 @@ def render_experiment(experiment) -> str:
     lines = []
     for row in a["comparisons"]:
         m = row["metrics"]["average"]
-        lines.append(f"- {row['question']} ({row['form']} form): {100 * m['diff']:+.1f} points of mean accuracy "
-                     f"[{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}], {m['a_better']} of {len(row['seeds'])} seeds for "
-                     f"{row['a']}")
+        lines.append(f"- {row['question']} ({row['form']} form): {100 * m['diff']:+.1f} "
+                     f"[{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}], {m['a_better']}/{len(row['seeds'])} seeds")
     return "\n".join(lines + ["", f"`{experiment['meta']['command']}`; tables, per-stage gains and plots in "
                                   "[docs/experiment.md](docs/experiment.md)."])
 

@@ -1,7 +1,7 @@
 """The grid-world experiment end to end (slow: builds the demo's base, then
-`scripts/reproduce_paper.py --quick`): the numbers' structure, that the demo-shaped arm's textual
-stage learns its own capability in every seed, and the base's controls (blank images at chance; visual items given
-as text at the textual level)."""
+`scripts/reproduce_paper.py --quick`): the numbers' structure (every run's matrix, gains with
+their paired SEs, comparisons with intervals, plots), and the base's controls (blank images at
+chance; visual items given as text at the textual level)."""
 import json
 import os
 import subprocess
@@ -64,8 +64,8 @@ def test_quick_experiment(built, tmp_path):
             assert [g["stage"] for g in run] == ["perception", "textual_reasoning", "visual_reasoning"]
             for g in run:
                 assert g["se"] >= 0 and (g["se"] == 0 or abs(g["z"] - g["gain"] / g["se"]) < 1e-9)
-    for run in arms["staged"]["gains"]:  # the cross-entropy textual stage learns in every seed
-        assert run[1]["gain"] > 0, run
+    # Not asserted: that each stage learns. At --quick's half-length stages the textual stage's gain
+    # is within noise of zero (seed 0: +0.3 points); at full length it is +14.5 to +21.1 (docs/experiment.md).
     comparisons = {c["question"]: c for c in results["analysis"]["comparisons"]}
     row = comparisons["staged vs merged"]["metrics"]["average"]
     assert row["ci"][0] <= row["diff"] <= row["ci"][1]

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vlm_jax import experiment  # noqa: E402
+from vlm_jax import experiment, report  # noqa: E402
 from vlm_jax.data.synthetic.grid import DATASETS  # noqa: E402
 
 CAPS = experiment.CAPABILITIES
@@ -89,7 +89,7 @@ def run_arm(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir
     import contextlib
     import io
 
-    from vlm_jax import curriculum, report
+    from vlm_jax import curriculum
 
     import shutil
 
@@ -207,11 +207,18 @@ def stage_gains(base: dict, run: dict) -> list[dict]:
             continue  # the merged stage has no own capability
         name = EVAL_NAMES[stage]
         before, after = points[k - 1]["evals"][name], points[k]["evals"][name]
-        d = np.array([int(x) for x in after["correct"]], float) - np.array([int(x) for x in before["correct"]], float)
-        se = float(d.std(ddof=1) / np.sqrt(len(d)))
+        gain = report.paired_gain(_as_record(before), _as_record(after))
+        if gain is None:
+            raise ValueError(f"{run['arm']} seed {run['seed']}: {name} was not evaluated on the base's items")
+        mean, se = gain
         out.append({"stage": stage, "before": before["accuracy"], "after": after["accuracy"],
-                    "gain": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else 0.0})
+                    "gain": mean, "se": se, "z": mean / se if se > 0 else 0.0})
     return out
+
+
+def _as_record(summary: dict) -> dict:
+    """A run summary's per-item results in the shape `vlm_jax.report` reads (`items`)."""
+    return {"items": {"index": summary["index"], "correct": [int(c) for c in summary["correct"]]}}
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vlm_jax.data.synthetic import grid  # noqa: E402  (imports numpy and PIL only)
+
 RESULTS = ROOT / "docs" / "results"
 NOT_MEASURED = "*Not yet measured: no committed results file.*"
 BLOCK = re.compile(r"(<!-- BEGIN results:([\w.-]+) -->\n)(.*?)(<!-- END results:\2 -->)", re.S)
@@ -69,16 +72,15 @@ def commit_link(commit: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- renderers
-CAP_LABEL = {"grid_perception[validation]": "perception", "grid_textual_reasoning[validation]": "textual reasoning",
-             "grid_visual_reasoning[validation]": "visual reasoning"}
+# the grid world's evaluation sets (`name[split]`) -> the capability (= the stage that trains it)
+STAGE_OF = {f"{name}[validation]": capability for capability, name in grid.DATASETS.items()}
+CAP_LABEL = {name: capability.replace("_", " ") for name, capability in STAGE_OF.items()}
 
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
-STAGE_OF = {"grid_perception[validation]": "perception", "grid_textual_reasoning[validation]": "textual_reasoning",
-            "grid_visual_reasoning[validation]": "visual_reasoning"}
 
 
 def _cell(e: dict) -> str:
@@ -126,7 +128,9 @@ def render_experiment(experiment) -> str:
     if experiment is None:
         return NOT_MEASURED
     a = experiment["analysis"]
-    lines = []
+    lines = [] if a["comparisons"] else [
+        f"- *Not yet measured at the current budget: the committed run has the arms {', '.join(sorted(a['arms']))}"
+        " only (all arms: `python scripts/reproduce_paper.py --seeds 5`).*"]
     for row in a["comparisons"]:
         m = row["metrics"]["average"]
         lines.append(f"- {row['question']} ({row['form']} form): {100 * m['diff']:+.1f} "

@@ -21,7 +21,7 @@ from vlm_jax.data.synthetic.grid import DATASETS, MAX_NEW_TOKENS
 
 CAPABILITIES = ("perception", "textual_reasoning", "visual_reasoning")
 SHORT = {"perception": "P", "textual_reasoning": "T", "visual_reasoning": "V"}
-BATCH = 8  # prompts per step, every stage (the merged baseline needs one batch size)
+BATCH = 32  # prompts per step, every stage (the merged baseline needs one batch size)
 EVAL_ITEMS = 512
 
 
@@ -30,11 +30,11 @@ class Budget:
     """Steps and learning rates per stage (chosen by `scripts/pilot_grid.py`); `scale` multiplies
     every stage's steps (the experiment's --quick variant)."""
 
-    sft_steps: tuple[int, int, int] = (60, 300, 300)  # perception, textual, visual: a stage by SFT
+    sft_steps: tuple[int, int, int] = (60, 300, 200)  # perception, textual, visual: a stage by SFT
     grpo_steps: tuple[int, int, int] = (60, 60, 60)  # the same stages by GRPO
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 2e-4
     sft_lr: float = 1e-3
-    num_samples: int = 4
+    num_samples: int = 8
     temperature: float = 0.7  # rollouts; at 1.0 the tiny model's sampled answers are far worse than its greedy ones
     warmup_steps: int = 10
     kl_coef: float = 1e-2

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from vlm_jax import config as config_lib
-from vlm_jax import curriculum, models, sft, train
+from vlm_jax import curriculum, models, sft, startup, train
+from vlm_jax.workdir import restore_for_export
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.rl import policy, sampler
 
@@ -68,7 +69,7 @@ def two_stage_config(assets, **over):
 
 
 def final_params(workdir):
-    model, params, _ = curriculum.restore_for_export(workdir)
+    model, params, _ = restore_for_export(workdir)
     return model, params
 
 
@@ -280,7 +281,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
     wd = tmp_path / "wd"
     shutil.copytree(preempted_at_2, wd)
     DAMAGE[damage](wd / "checkpoints" / "2")
-    curriculum.restore_for_export(wd)  # export / evaluate skip the damaged step 2 and rename nothing
+    restore_for_export(wd)  # export / evaluate skip the damaged step 2 and rename nothing
     assert Checkpointer(wd / "checkpoints").all_steps() == [1, 2]
     assert curriculum.run(cfg, wd) == "finished"
     assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
@@ -505,7 +506,7 @@ def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
     """The 3B recipe's CPU smoke variant (remat, micro-batches, chunked scoring and sampling, fp32
     storage) trains its text-only GRPO stage through the trainer, sampling in a decoding layout
     (`grpo.rollout_tensor=2`, as the 7B recipe's 4, on the 8 fake devices)."""
-    cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_smoke_cpu.py"), [
+    cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_tpu.py:smoke"), [
         f"model.path={assets / 'model'}", f"data.data_dir={assets / 'data'}", "compilation_cache_dir=",
         "stages.1.steps=2", "stages.1.grpo.rollout_tensor=2"])
     st = cfg.stages[1]
@@ -608,10 +609,10 @@ def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkey
     paths._hub_snapshot.cache_clear()
     try:
         for name in ("tiny-org/tiny-vl", f"tiny-org/tiny-vl@{commit}"):
-            curriculum.check_model_dir(name)
+            startup.check_model_dir(name)
             assert_bitwise(models.from_pretrained(name)[1], models.from_pretrained(assets / "model")[1])
         assert Processor.from_pretrained("tiny-org/tiny-vl").image_token_id > 0
         with pytest.raises(config_lib.ConfigError, match="does not exist, and as a Hugging Face hub id"):
-            curriculum.check_model_dir("tiny-org/no-such-model")
+            startup.check_model_dir("tiny-org/no-such-model")
     finally:
         paths._hub_snapshot.cache_clear()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax import curriculum, models
+from vlm_jax import models, startup
 from vlm_jax.config import ConfigError, GRPOConfig, MeshConfig
 from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import TinySpec, build_tiny_model
@@ -143,7 +143,7 @@ def test_bad_rollout_tensor_is_refused_before_compiling(env):
   stage = lambda n: SimpleNamespace(objective="grpo", grpo=GRPOConfig(rollout_tensor=n))  # noqa: E731
   cfg = SimpleNamespace(stages=[stage(2), stage(0), stage(3)])
   with pytest.raises(ConfigError, match=r"stages.2.grpo.rollout_tensor: 3 does not divide the 8 devices"):
-    curriculum.check_rollout_layouts(cfg, env.model.config, 8)
+    startup.check_rollout_layouts(cfg, env.model.config, 8)
 
 
 def test_lora_policy_is_resharded_with_its_adapters(env):

@@ -244,9 +244,9 @@ def lora_run(tmp_path_factory):
 
 
 def final(workdir):
-    from vlm_jax import curriculum
+    from vlm_jax.workdir import restore_for_export
 
-    return curriculum.restore_for_export(workdir)[1]
+    return restore_for_export(workdir)[1]
 
 
 @pytest.mark.slow
@@ -301,10 +301,10 @@ def test_lora_workdir_exports_merged_weights_and_peft_adapters(lora_run, tmp_pat
         assert (tmp_path / f).exists(), f
     import torch
     from PIL import Image
-    from vlm_jax import curriculum
+    from vlm_jax.workdir import restore_for_export
     from vlm_jax.data.processor import Processor
 
-    model, params, _ = curriculum.restore_for_export(lora_run.wd)
+    model, params, _ = restore_for_export(lora_run.wd)
     proc = Processor.from_pretrained(tmp_path / "hf")
     img = Image.fromarray((np.arange(56 * 84 * 3) % 251).astype(np.uint8).reshape(56, 84, 3))
     text = proc.apply_chat_template(

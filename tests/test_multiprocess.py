@@ -241,6 +241,7 @@ def test_two_process_training_run_matches_one_process(run):
   process with 8 devices reading both shards."""
   import multiprocess_worker
   from vlm_jax import config as config_lib, curriculum
+  from vlm_jax.workdir import restore_for_export
 
   assert all(r["train"] == "finished" for r in run["results"])
   d = run["tmp"] / "train"
@@ -269,8 +270,8 @@ def test_two_process_training_run_matches_one_process(run):
     np.testing.assert_allclose([r[key] for r in grpo],
                                [r[key] for r in single if r.get("stage") == "grpo" and "loss" in r],
                                rtol=1e-5, err_msg=key)
-  _, got, _ = curriculum.restore_for_export(d / "workdir")
-  _, want, _ = curriculum.restore_for_export(d / "single")
+  _, got, _ = restore_for_export(d / "workdir")
+  _, want, _ = restore_for_export(d / "single")
   _, init = models.from_pretrained(d / "model")
   # Same samples, but gradients summed in another order; Adam (lr 1e-3) turns a round-off-sized
   # gradient of a barely used weight into an update of up to ~lr, so compare at a fraction of lr

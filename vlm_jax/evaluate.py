@@ -177,7 +177,7 @@ def load_for_eval(path: str | Path, dtype=None):
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         model, params = models.from_pretrained(path, dtype=dtype or jnp.float32)
         return model, params, Processor.from_pretrained(path)
-    from vlm_jax.curriculum import restore_for_export
+    from vlm_jax.workdir import restore_for_export
 
     return restore_for_export(path)
 

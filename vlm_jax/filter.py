@@ -323,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
   """Fills the per-mode defaults and rejects flags of the other mode / impossible values."""
-  from vlm_jax.data.pipeline import REASONING_INSTRUCTION
+  from vlm_jax.data.rows import REASONING_INSTRUCTION
   perception = args.mode == "perception"
   wrong_mode = [f"--{k}" for k in (("num_samples",) if perception else
                                    ("k", "image_wrong", "caption_right", "count_unanswered_as_wrong"))

@@ -112,6 +112,11 @@ class Stage:
         return (f"stage {self.cfg.name}: {steps_done}/{self.cfg.steps} steps; data rows used "
                 f"{stats['rows']}, skipped {sum(stats['skipped'].values())} ({describe_skips(stats['skipped'])})")
 
+    def update_args(self) -> dict:
+        """The keyword arguments every objective's update step takes from the stage."""
+        return dict(graphdef=self.model.graphdef, optimizer=self.optimizer, micro_batch=self.cfg.micro_batch_size,
+                    mesh=self.model.mesh, frozen=self.frozen)
+
     def finish_metrics(self, state: TrainState, host: dict) -> dict:
         host["skipped_nonfinite"] = int(state.skipped)
         host.update(data_metrics(self.iterator))
@@ -129,16 +134,7 @@ class SFTStage(Stage):
         loss_mask = np.asarray(batch["loss_mask"], np.float32)
         loss_mask = (jnp.asarray(loss_mask) if model.mesh is None
                      else sharding.shard_batch(loss_mask, model.mesh, local=True))
-        state, m = sft_step(
-            state,
-            SFTBatch(inputs, loss_mask),
-            graphdef=model.graphdef,
-            optimizer=self.optimizer,
-            normalize=st.sft.normalize,
-            micro_batch=st.micro_batch_size,
-            mesh=model.mesh,
-            frozen=self.frozen,
-        )
+        state, m = sft_step(state, SFTBatch(inputs, loss_mask), normalize=st.sft.normalize, **self.update_args())
         host = {k: float(v) for k, v in sharding.to_host(m).items()}
         return state, self.finish_metrics(state, host)
 
@@ -191,21 +187,8 @@ class GRPOStage(Stage):
             rules=env.cfg.logical_axis_rules,
             shards=data_shards(env.cfg) // jax.process_count(),
         )
-        state, m = grpo_step(
-            state,
-            rbatch,
-            upd_rng,
-            graphdef=model.graphdef,
-            optimizer=self.optimizer,
-            group_size=g.num_samples,
-            loss_cfg=self.loss_cfg,
-            mu=g.mu,
-            minibatch=g.mini_batch_size,
-            micro_batch=st.micro_batch_size,
-            mesh=model.mesh,
-            frozen=self.frozen,
-            share_prompt=g.share_prompt,
-        )
+        state, m = grpo_step(state, rbatch, upd_rng, group_size=g.num_samples, loss_cfg=self.loss_cfg, mu=g.mu,
+                             minibatch=g.mini_batch_size, share_prompt=g.share_prompt, **self.update_args())
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
         host["reward/errors"] = sum(rewards_lib.reward_errors().values()) - errors_before
         return state, self.finish_metrics(state, host)

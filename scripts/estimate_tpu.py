@@ -83,7 +83,8 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from vlm_jax import models, plan, stages, startup
+    from vlm_jax import models, plan, startup
+    from vlm_jax.stages import loss_config
     from vlm_jax import sharding as shd
     from vlm_jax.rl import policy
     from vlm_jax.train_state import init_fn, make_optimizer
@@ -129,7 +130,7 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
     upd = rollout_batch(sizes["update"])
     programs = {"update": compile_cost(policy.grpo_step, (state, upd, key),
                                        dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
-                                            loss_cfg=stages.loss_config(st), mu=1, minibatch=sizes["update"],
+                                            loss_cfg=loss_config(st), mu=1, minibatch=sizes["update"],
                                             micro_batch=sizes["update"], mesh=mesh))}
     if g.kl_coef > 0:
         sc = rollout_batch(sizes["score"])

@@ -264,7 +264,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     `num_layers` cuts the decoder to that many layers (for compile-time comparisons). `suggest`
     adds the largest micro-batch that fits to the sft / grpo rows (`suggest_micro_batch`: two or
     three more compiles each)."""
-    from vlm_jax import models, stages, startup
+    from vlm_jax import models, startup
+    from vlm_jax.stages import loss_config
     from vlm_jax.rl import policy, sampler
     from vlm_jax.sft import SFTBatch, sft_step
     from vlm_jax.shapes import bucket
@@ -291,7 +292,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if stages is not None and st.name not in stages:
             continue
         optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
-        model = base_model.with_options(remat=st.remat)  # as `stages.build_stage` does
+        model = base_model.with_options(remat=st.remat)  # as `vlm_jax.stages.build_stage` does
         graphdef = model.graphdef
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
         frozen, policy_params = None, params
@@ -354,7 +355,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
             if "grpo" in programs:
                 grpo_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, group_size=G,  # noqa: E731
-                                         loss_cfg=stages.loss_config(st), mu=g.mu, minibatch=mb,
+                                         loss_cfg=loss_config(st), mu=g.mu, minibatch=mb,
                                          micro_batch=m, mesh=mesh, frozen=frozen, share_prompt=g.share_prompt)
                 run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size),
                     ref_bytes)

@@ -73,7 +73,8 @@ class Stage:
         return TrainState(state.params, state.opt_state, jnp.zeros_like(state.step), state.skipped)
 
     def reference(self, state: TrainState, restored, refs: Checkpointer, resuming: bool):
-        """The KL reference parameters this stage's steps take (`restored`: a resume's); None."""
+        """The KL reference parameters this stage's steps take (`restored`: the one a resume read);
+        an objective without a reference model has none."""
         return None
 
     def step(self, env: Env, state: TrainState, ref_params, rng) -> tuple[TrainState, dict]:

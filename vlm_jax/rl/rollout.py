@@ -356,9 +356,11 @@ def collect_rollout(
     # the whole batch's rewards (every process's rows, in process order): batch-level baselines and
     # scalings, and the metrics, see all of them; this process keeps its own rows' advantages
     rewards_all = gather_rows(graded.rewards, model.mesh)
+    lengths, truncated = gather_rows(roll.lengths, model.mesh), gather_rows(roll.truncated, model.mesh)
     adv_all = np.asarray(
         grpo.compute_advantages(
-            jnp.asarray(rewards_all), G, estimator=cfg.advantage, scaling=cfg.reward_scaling
+            jnp.asarray(rewards_all), G, estimator=cfg.advantage, scaling=cfg.reward_scaling,
+            lengths_B=jnp.asarray(lengths),
         ),
         np.float32,
     )
@@ -406,7 +408,6 @@ def collect_rollout(
         ref_logp,
         place(adv),
     )
-    lengths, truncated = gather_rows(roll.lengths, model.mesh), gather_rows(roll.truncated, model.mesh)
     counts = allgather(np.asarray([seen_groups, filled], np.int64)).sum(axis=0)
     groups = rewards_all.reshape(-1, G)
     metrics = {

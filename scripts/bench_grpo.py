@@ -319,7 +319,7 @@ class VlmJax:
         self.cfg = config_lib.GRPOConfig(
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
-            share_prompt=share_prompt)
+            share_prompt=share_prompt, length_groups=args.length_groups)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -327,6 +327,9 @@ class VlmJax:
         self.ref = params
         self.state = init_state(jax.tree.map(lambda a: a.copy(), params), self.optimizer)
         self.args = args
+        from vlm_jax.rl import sampler
+
+        self.prompt_buckets = sampler.PROMPT_BUCKETS  # collect_rollout's default
         self.stops = tuple(stops)
         self.step_index = 0
         self.times: dict[str, float] = {}
@@ -383,10 +386,19 @@ class VlmJax:
             batch_size=self.args.prompts)
         jax.block_until_ready(rbatch)
         collected = time.perf_counter()
-        self.state, m = self.policy.grpo_step(
-            self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
-            group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
-            mesh=self.mesh, share_prompt=self.cfg.share_prompt)
+        if self.cfg.length_groups:
+            from vlm_jax.rl import grouped
+
+            self.state, m = grouped.grpo_step_grouped(
+                self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
+                group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, groups=self.cfg.length_groups,
+                prompt_buckets=self.prompt_buckets, mu=1, minibatch=0, mesh=self.mesh,
+                share_prompt=self.cfg.share_prompt)
+        else:
+            self.state, m = self.policy.grpo_step(
+                self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
+                group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
+                mesh=self.mesh, share_prompt=self.cfg.share_prompt)
         metrics = {k: float(v) for k, v in sharding.to_host(m).items()}
         end = time.perf_counter()
         if not np.isfinite(metrics["loss"]):
@@ -411,9 +423,17 @@ class VlmJax:
         prompt_mask = np.asarray(sharding.to_host(rbatch.prompt.attention_mask_BL))
         N, T = rbatch.responses_NT.shape
         B, L = prompt_mask.shape
-        prompt_rows = B if self.cfg.share_prompt else N  # one micro-batch / scoring chunk of all rows
-        prompt_real = int(prompt_mask.sum()) * (prompt_rows // B)
-        frac = fractions(prompt_real, prompt_rows * L, int(lengths.sum()), N * T)
+        share, groups = self.cfg.share_prompt, self.cfg.length_groups
+        if groups:  # the length groups the scoring (same group size here) and the update run
+            from vlm_jax.rl import grouped
+
+            w = grouped.work(grouped.mask_lengths(rbatch.mask_NT), prompt_mask.sum(-1), groups, group_size=G,
+                             cap=T, L=L, prompt_buckets=self.prompt_buckets, share=share)
+            frac = fractions(w["prompt_real"], w["prompt_positions"], int(lengths.sum()), w["response_positions"])
+        else:  # one micro-batch / scoring chunk of all rows, every response at T, every prompt at L
+            prompt_rows = B if share else N
+            prompt_real = int(prompt_mask.sum()) * (prompt_rows // B)
+            frac = fractions(prompt_real, prompt_rows * L, int(lengths.sum()), N * T)
         out.update(update=frac, scoring=frac)
         del policy
         return out
@@ -449,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vlm_jax's grpo.share_prompt (default: the config default)")
     parser.add_argument("--share_prompt_ab", action="store_true",
                         help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
+    parser.add_argument("--length_groups", type=int, default=4,
+                        help="vlm_jax's grpo.length_groups (0: every completion padded to --new_tokens)")
     parser.add_argument("--no_peer", action="store_true",
                         help="vlm_jax only (no TRL venv): its times and its work figures per setting")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side

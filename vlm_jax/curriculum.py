@@ -12,6 +12,7 @@ checkpoints at the next step boundary and returns "preempted" (the CLI exits 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -28,6 +29,7 @@ from vlm_jax.models import lora
 from vlm_jax.metrics import MetricsWriter
 from vlm_jax.rl import grpo
 from vlm_jax.rl import rewards as rewards_lib
+from vlm_jax.rl.grouped import grpo_step_grouped
 from vlm_jax.rl.policy import grpo_step
 from vlm_jax.rl.rollout import collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
@@ -484,7 +486,10 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             rules=env.cfg.logical_axis_rules,
             shards=data_shards(env.cfg) // jax.process_count(),
         )
-        state, m = grpo_step(
+        update = (functools.partial(grpo_step_grouped, groups=g.length_groups,
+                                    prompt_buckets=env.cfg.data.length_buckets) if g.length_groups
+                  else functools.partial(grpo_step, micro_batch=st.micro_batch_size))
+        state, m = update(
             state,
             rbatch,
             upd_rng,
@@ -494,7 +499,6 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             loss_cfg=stage.loss_cfg,
             mu=g.mu,
             minibatch=g.mini_batch_size,
-            micro_batch=st.micro_batch_size,
             mesh=model.mesh,
             frozen=stage.frozen,
             share_prompt=g.share_prompt,

@@ -18,7 +18,7 @@ import numpy as np
 
 from vlm_jax.models import place_inputs
 from vlm_jax.sharding import agree_max, allgather, gather_rows, process_rows, shard_batch, to_memory
-from vlm_jax.rl import grpo, sampler
+from vlm_jax.rl import grouped, grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 
 HOST_KEYS = (
@@ -387,7 +387,15 @@ def collect_rollout(
     place = ((lambda x: jnp.asarray(x)) if model.mesh is None
              else (lambda x: shard_batch(np.asarray(x), model.mesh, local=True)))
     responses = place(np.asarray(roll.tokens, np.int32))
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and cfg.length_groups:  # length-grouped: each group cut to its own buckets
+        placed_mask = place(mask)
+        rows = (cfg.mini_batch_size or len(rewards_all)) // cfg.length_groups
+        ref_logp = grouped.score_grouped(
+            model.graphdef, to_memory(ref_params, "device"), prompt_inputs, responses,
+            grouped.mask_lengths(placed_mask), groups=max(1, len(rewards_all) // max(1, rows)), group_size=G,
+            prompt_buckets=prompt_buckets, mesh=model.mesh, share_prompt=cfg.share_prompt,
+        )
+    elif cfg.kl_coef > 0:
         ref_logp = score_responses(
             model.graphdef,
             to_memory(ref_params, "device"),  # a transient copy when it is kept on the host

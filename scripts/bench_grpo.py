@@ -381,8 +381,8 @@ class VlmJax:
         start = time.perf_counter()
         rbatch, graded, host = self.rollout_lib.collect_rollout(
             self.model, self.state.params, self.ref, iter([self.batch]), cfg=self.cfg,
-            tokenizer=self.proc.tokenizer, reward_fn=self.reward_fn, rng=roll_rng, eos_token_ids=self.stops,
-            pad_token_id=self.proc.pad_token_id, image_token_id=self.proc.image_token_id,
+            tokenizer=self.proc.tokenizer, reward_fn=self.reward_fn, rng=roll_rng,
+            tokens=self.rollout_lib.SpecialTokens(self.stops, self.proc.pad_token_id, self.proc.image_token_id),
             batch_size=self.args.prompts)
         jax.block_until_ready(rbatch)
         collected = time.perf_counter()

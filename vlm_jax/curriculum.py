@@ -31,7 +31,7 @@ from vlm_jax.rl import grpo
 from vlm_jax.rl import rewards as rewards_lib
 from vlm_jax.rl.grouped import grpo_step_grouped
 from vlm_jax.rl.policy import grpo_step
-from vlm_jax.rl.rollout import collect_rollout
+from vlm_jax.rl.rollout import SpecialTokens, collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
 from vlm_jax.shapes import row_patch_budget
 from vlm_jax.train_state import TrainState, init_fn, init_state, make_optimizer
@@ -477,9 +477,7 @@ def train_step(env: Env, stage: Stage, state: TrainState, ref_params, rng) -> tu
             tokenizer=proc.tokenizer,
             reward_fn=stage.reward_fn,
             rng=roll_rng,
-            eos_token_ids=proc.eos_token_ids,
-            pad_token_id=proc.pad_token_id,
-            image_token_id=proc.image_token_id,
+            tokens=SpecialTokens.of(proc),
             batch_size=st.batch_size // jax.process_count(),  # this process's prompts
             prompt_buckets=env.cfg.data.length_buckets,
             num_patches=env.num_patches,

@@ -1,9 +1,11 @@
 """Rollout orchestration: prompts -> samples -> decoded texts -> rewards -> advantages -> batch.
 
 `generate_and_grade` is the one "generate and grade" function that GRPO rollouts, evaluation and
-data filtering share. `collect_rollout` adds group advantages, optional dynamic sampling (DAPO: drop
-groups whose rewards are all equal and draw more prompts until the batch is full, with a cap on
-extra draws) and reference log-probs.
+data filtering share; it takes the sampling settings as one `SamplingSpec` and the special token
+ids as one `SpecialTokens`. `collect_rollout` is `sample_groups` (sampling and grading, optional
+dynamic sampling: DAPO drops groups whose rewards are all equal and draws more prompts until the
+batch is full, with a cap on extra draws) then `build_update_batch` (advantages, reference
+log-probs, placement on the devices, metrics).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import TinySpec, build_tiny_model
 from vlm_jax.plan import loop_collectives
 from vlm_jax.rl import sampler
-from vlm_jax.rl.rollout import collect_rollout
+from vlm_jax.rl.rollout import SpecialTokens, collect_rollout
 from vlm_jax.sharding import make_mesh
 
 G = 2      # samples per prompt
@@ -50,8 +50,8 @@ def rollout(env, tensor: int, temperature: float = 0.0):
   with jax.default_matmul_precision("highest"):
     rb, graded, _ = collect_rollout(
         env.model, env.params, env.params, iter([batch]), cfg=cfg, tokenizer=env.proc.tokenizer,
-        reward_fn=reward, rng=jax.random.key(0), eos_token_ids=(), pad_token_id=env.proc.pad_token_id,
-        image_token_id=env.proc.image_token_id, batch_size=8)
+        reward_fn=reward, rng=jax.random.key(0),
+        tokens=SpecialTokens((), env.proc.pad_token_id, env.proc.image_token_id), batch_size=8)
   return rb, graded
 
 

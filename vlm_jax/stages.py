@@ -10,6 +10,7 @@ step of its objective. A new objective is a new `Stage` subclass and a line in `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -24,8 +25,9 @@ from vlm_jax.metrics import MetricsWriter
 from vlm_jax.models import lora
 from vlm_jax.rl import grpo
 from vlm_jax.rl import rewards as rewards_lib
+from vlm_jax.rl.grouped import grpo_step_grouped
 from vlm_jax.rl.policy import grpo_step
-from vlm_jax.rl.rollout import collect_rollout
+from vlm_jax.rl.rollout import SpecialTokens, collect_rollout
 from vlm_jax.sft import SFTBatch, sft_step
 from vlm_jax.startup import Env, data_shards, dtype_of, make_iterator
 from vlm_jax.train_state import TrainState, init_state, make_optimizer
@@ -179,17 +181,22 @@ class GRPOStage(Stage):
             tokenizer=proc.tokenizer,
             reward_fn=self.reward_fn,
             rng=roll_rng,
-            eos_token_ids=proc.eos_token_ids,
-            pad_token_id=proc.pad_token_id,
-            image_token_id=proc.image_token_id,
+            tokens=SpecialTokens.of(proc),
             batch_size=st.batch_size // jax.process_count(),  # this process's prompts
             prompt_buckets=env.cfg.data.length_buckets,
             num_patches=env.num_patches,
             rules=env.cfg.logical_axis_rules,
             shards=data_shards(env.cfg) // jax.process_count(),
         )
-        state, m = grpo_step(state, rbatch, upd_rng, group_size=g.num_samples, loss_cfg=self.loss_cfg, mu=g.mu,
-                             minibatch=g.mini_batch_size, share_prompt=g.share_prompt, **self.update_args())
+        args = self.update_args()
+        if g.length_groups:  # micro-batches of similar response length, each cut to its own buckets
+            update = functools.partial(grpo_step_grouped, groups=g.length_groups,
+                                       prompt_buckets=env.cfg.data.length_buckets)
+            del args["micro_batch"]
+        else:
+            update = grpo_step
+        state, m = update(state, rbatch, upd_rng, group_size=g.num_samples, loss_cfg=self.loss_cfg, mu=g.mu,
+                          minibatch=g.mini_batch_size, share_prompt=g.share_prompt, **args)
         host.update({k: float(v) for k, v in sharding.to_host(m).items()})
         host["reward/errors"] = sum(rewards_lib.reward_errors().values()) - errors_before
         return state, self.finish_metrics(state, host)

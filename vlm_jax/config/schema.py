@@ -284,11 +284,16 @@ class GRPOConfig(_Node):
     rollout_tensor: int = 0
     #: Run each distinct prompt once per micro-batch / scoring chunk (same values as full rows, less work).
     share_prompt: bool = True
+    #: Length-grouped scoring and update (> 0): each mini-batch sorted by response length into that many
+    #: micro-batches, each cut to its own length / prompt bucket (same values, work near the real tokens;
+    #: replaces the stage's micro_batch_size); the scoring uses groups of the same size (0 = off).
+    length_groups: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor")
+                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor",
+                  "length_groups")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")

@@ -618,6 +618,23 @@ def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path,
     assert not (tmp_path / "gs:").exists()
 
 
+def test_unwritable_bucket_compilation_cache_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):
+    """`compilation_cache_dir=gs://...` that cannot be written is one line naming the key and the
+    cause before set-up (JAX itself would only warn at every compile and carry on uncached)."""
+    cfg = two_stage_config(assets, compilation_cache_dir="gs://no-such-bucket/jax_cache")
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable cache"))
+    assert train.main(["--config", str(cfg_file), "--workdir", f"{gcs}/cache_check/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: compilation_cache_dir: gs://no-such-bucket/jax_cache"), err
+    assert "no such bucket" in err[0], err
+
+
 def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkeypatch):
     """`model.path=ORG/NAME[@REVISION]` resolves through huggingface_hub's cache (offline here: the
     test fills the cache with the tiny model)."""

@@ -127,3 +127,46 @@ def test_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(gc
     with Checkpointer(url, keep=3) as ckpt:
         step, restored, meta = ckpt.restore_newest(lambda m: abstract(state))
         assert (step, meta) == (6, {"step": 66}) and host_bytes(restored) == host_bytes(scale_params(state, 7.0))
+
+
+# --- the persistent compilation cache in a bucket
+
+
+def test_compilation_cache_in_a_bucket_is_written_and_read_back(gcs):
+    """JAX's persistent cache takes a `gs://` directory itself (through etils.epath): a compile
+    writes its entry to the bucket and, with JAX's in-memory caches cleared, is read back from it."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src import compilation_cache as cc
+
+    url = f"{gcs}/jax_cache"
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        for k, v in zip(keys, (url, 0, 0)):
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+        def fn(x):
+            return jnp.sin(x) * 3.0 + 1.0
+
+        expected = jax.jit(fn)(jnp.arange(5.0))
+        entries = [p.name for p in paths.resolve(url).iterdir() if p.name.startswith("jit_fn-")]
+        assert len(entries) == 1, entries
+        jax.clear_caches()
+        cc.reset_cache()
+        hits = []
+        real_get = cc.get_executable_and_time
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cc, "get_executable_and_time",
+                       lambda *a, **k: hits.append(out := real_get(*a, **k)) or out)
+            again = jax.jit(fn)(jnp.arange(5.0))
+        assert any(h[0] is not None for h in hits), hits  # an executable came from the bucket
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(expected))
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        jax.clear_caches()
+        cc.reset_cache()
+    assert not Path("gs:").exists()

@@ -703,8 +703,9 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         check_lora(env)
         check_optimizer_carry(env)
         check_first_batches(env, stop_check=lambda: guard.requested)
-        (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
-        if jax.process_index() == 0:  # a save killed mid-write (SIGKILL) leaves one behind
+        if jax.process_index() == 0:  # one writer of a shared workdir (one upload to a bucket)
+            (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
+            # a save killed mid-write (SIGKILL) leaves one behind
             for sub in ("checkpoints", "reference", "lora_base"):
                 remove_partial_checkpoints(workdir / sub)
         ckpt = Checkpointer(

@@ -347,6 +347,7 @@ class Checkpointer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("vlm_jax_checkpoint_quarantine")
+        paths.forget_listings(self.directory)  # a bucket: the other processes' cached listings are stale
         self._manager.reload()
 
     def _resolve_step(self, step: int | None) -> int:

@@ -206,6 +206,16 @@ def move_tree(src: AnyPath, dst: AnyPath) -> None:
         fs.invalidate_cache(name)
 
 
+def forget_listings(path: AnyPath) -> None:
+    """Drops this process's cached folder listings of a URL's filesystem (gcsfs keeps them for the
+    life of the process): after another process of a multi-host run moved or removed objects there,
+    the next listing reads the bucket again. Nothing for a local path."""
+    if is_url(path):
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(str(path)).invalidate_cache()
+
+
 def copy_file(src: AnyPath, dst: AnyPath) -> None:
     with as_path(src).open("rb") as fi, as_path(dst).open("wb") as fo:
         shutil.copyfileobj(fi, fo, 16 << 20)

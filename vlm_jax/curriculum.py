@@ -724,7 +724,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
         refs.close()
         bases.close()
         writer.close()
-    if status == "finished":
+    if status == "finished" and jax.process_index() == 0:  # one writer of the report and plots
         from vlm_jax import report
 
         text = report.write_report(workdir, [s.name for s in cfg.stages],

@@ -291,6 +291,35 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
     assert [r["step"] for r in rows] == list(range(1, 7))  # step 2 redone once, logged once
 
 
+def test_damaged_latest_checkpoint_in_a_bucket_resumes_from_the_previous_step_bitwise(
+        gcs, uninterrupted, preempted_at_2, tmp_path, caplog, monkeypatch):
+    """The same in a bucket workdir: the newest step (2) truncated, and a save killed mid-write
+    (step 3 written in place without `commit_success.txt`, orbax's commit on GCS): the partial step
+    is removed at start, step 2 is set aside as `2.damaged`, the run resumes from step 1 and ends
+    bitwise equal to the uninterrupted run."""
+    from test_storage import BUCKET_DAMAGE
+
+    from vlm_jax import paths
+
+    full_wd, cfg, _ = uninterrupted
+    monkeypatch.chdir(tmp_path)
+    wd = f"{gcs}/damaged_run"
+    paths.copy_tree(preempted_at_2, wd)
+    ckpts = paths.resolve(wd) / "checkpoints"
+    paths.copy_tree(preempted_at_2 / "checkpoints" / "2", ckpts / "3")
+    (ckpts / "3" / "commit_success.txt").unlink()
+    BUCKET_DAMAGE["truncated_array_file"](ckpts / "2")
+    assert Checkpointer(ckpts).all_steps() == [1, 2]  # the uncommitted step 3 is never listed
+    assert curriculum.run(cfg, wd) == "finished"
+    assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
+    names = {p.name for p in ckpts.iterdir()}
+    assert "2.damaged" in names and "3" not in names, names
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+    rows = [json.loads(l) for l in (paths.resolve(wd) / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert not (tmp_path / "gs:").exists()
+
+
 def test_failing_checkpoint_write_stops_the_run_with_the_previous_checkpoint_intact(
         assets, uninterrupted, tmp_path, capsys, monkeypatch):
     """The save of step 2 hits a full disk: `train` exits 1 naming the step and the cause, step 1
@@ -588,6 +617,23 @@ def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gs://no-such-bucket/runs/demo" in err[0] and "no such bucket" in err[0], err
     assert not (tmp_path / "gs:").exists()
+
+
+def test_unwritable_bucket_compilation_cache_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):
+    """`compilation_cache_dir=gs://...` that cannot be written is one line naming the key and the
+    cause before set-up (JAX itself would only warn at every compile and carry on uncached)."""
+    cfg = two_stage_config(assets, compilation_cache_dir="gs://no-such-bucket/jax_cache")
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable cache"))
+    assert train.main(["--config", str(cfg_file), "--workdir", f"{gcs}/cache_check/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: compilation_cache_dir: gs://no-such-bucket/jax_cache"), err
+    assert "no such bucket" in err[0], err
 
 
 def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkeypatch):

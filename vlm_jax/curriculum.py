@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+
 from vlm_jax import config as config_lib
 from vlm_jax import paths
 from vlm_jax.checkpoint import PreemptionGuard
 from vlm_jax.metrics import MetricsWriter
 from vlm_jax.stages import Stage, build_stage, step_rng
-from vlm_jax.startup import (Env, check_first_batches, check_lora, check_optimizer_carry, check_workdir,
-                             drop_base_params, setup)
+from vlm_jax.startup import (Env, check_compilation_cache, check_first_batches, check_lora, check_optimizer_carry,
+                             check_workdir, drop_base_params, setup)
 from vlm_jax.train_state import TrainState
 from vlm_jax.workdir import RunCheckpoints, lora_base, restore
 
@@ -46,12 +48,14 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
     from vlm_jax.data.pipeline import interrupt_data_waits
 
     check_workdir(workdir)
+    check_compilation_cache(cfg.compilation_cache_dir)
     with PreemptionGuard() as guard, interrupt_data_waits():
         env = setup(cfg, workdir)
         check_lora(env)
         check_optimizer_carry(env)
         check_first_batches(env, stop_check=lambda: guard.requested)
-        (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
+        if jax.process_index() == 0:  # one writer of a shared workdir (one upload to a bucket)
+            (workdir / "config.json").write_text(json.dumps(config_lib.config_to_dict(cfg), indent=2))
         ckpts = RunCheckpoints(cfg, workdir)
         writer = MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         try:
@@ -61,7 +65,7 @@ def run(cfg: config_lib.Config, workdir: str | Path, *, stop_after: int | None =
             raise
         ckpts.close()
         writer.close()
-    if status == "finished":
+    if status == "finished" and jax.process_index() == 0:  # one writer of the report and plots
         from vlm_jax import report
 
         text = report.write_report(workdir, [s.name for s in cfg.stages],

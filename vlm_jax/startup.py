@@ -99,6 +99,18 @@ def check_workdir(workdir) -> None:
         raise config_lib.ConfigError(f"{workdir} is not writable ({e.strerror or e})", "workdir") from None
 
 
+def check_compilation_cache(value: str) -> None:
+    """A compilation cache in a bucket (`compilation_cache_dir=gs://...`, which JAX reads and writes
+    through etils) is writable, or a ConfigError naming it (JAX itself would only warn at every
+    compile); a local cache is JAX's to create."""
+    cache = paths.cache_dir(value)
+    if cache is not None and paths.is_url(cache):
+        try:
+            paths.check_writable(cache)
+        except OSError as e:
+            raise config_lib.ConfigError(f"{cache} is not writable ({e})", "compilation_cache_dir") from None
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

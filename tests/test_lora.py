@@ -334,18 +334,19 @@ def test_lora_base_saved_in_a_bucket_is_the_base_a_resume_uses(gcs, env):
 
     from test_curriculum import assert_bitwise
     from vlm_jax import config as config_lib
-    from vlm_jax import curriculum
     from vlm_jax.checkpoint import Checkpointer
+    from vlm_jax.startup import dtype_of
+    from vlm_jax.workdir import lora_base
 
     cfg = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs/demo_cpu_lora.py"))
-    dtype = curriculum.dtype_of(cfg.stages[1].lora.base_dtype or cfg.model.dtype)
+    dtype = dtype_of(cfg.stages[1].lora.base_dtype or cfg.model.dtype)
     changed = lora.cast(randomized(env.params, seed=3), dtype)
     with Checkpointer(f"{gcs}/lora/lora_base", keep=2, async_save=False) as bases:
         bases.save(1, changed, {"stage_index": 1}, force=True)
     with Checkpointer(f"{gcs}/lora/lora_base", keep=2, async_save=False) as bases:
         assert bases.all_steps() == [1]
-        assert_bitwise(curriculum.lora_base(cfg, bases, 1, env.params).params, changed)
-        assert_bitwise(curriculum.lora_base(cfg, bases, 0, env.params).params, lora.cast(env.params, dtype))
+        assert_bitwise(lora_base(cfg, bases, 1, env.params).params, changed)
+        assert_bitwise(lora_base(cfg, bases, 0, env.params).params, lora.cast(env.params, dtype))
 
 
 @pytest.mark.slow  # two LoRA runs (~1 min on 2 cores) beside the module's reference run

@@ -8,12 +8,23 @@ The stage settings live in `vlm_jax.experiment` (shared with `scripts/reproduce_
 
 Run:
   python -m vlm_jax.train --config configs/demo_cpu.py --workdir workdirs/demo [--config.seed=N]
+
+The merged baseline (the same data and total steps in one GRPO stage that mixes all of it, each
+dataset weighted by its share of the examples the staged run draws; `--config.stages.0.objective=sft`
+for the SFT variant):
+  python -m vlm_jax.train --config configs/demo_cpu.py:merged --workdir workdirs/demo_merged
 """
 
 from vlm_jax.config import Config
+from vlm_jax.config.recipes import apply_variants
 from vlm_jax.experiment import staged
 
 
-def get_config() -> Config:
+def _recipe() -> Config:
     """The staged demo run, project form (GRPO perception, cross-entropy reasoning)."""
     return staged(form="project")
+
+
+def get_config(arg: str = "") -> Config:
+    """The staged demo; `arg`: `merged` for the merged baseline (`vlm_jax.config.recipes`)."""
+    return apply_variants(_recipe(), arg)

@@ -31,7 +31,7 @@ def get_config() -> Config:
     )
     return Config(
         model=ModelConfig(path="artifacts/tiny_base_init", dtype="float32"),
-        mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),  # every device: one on a CPU, batch rows split on several
         data=DataConfig(max_prompt_len=128,  # data_dir: the default data directory (vlm_jax.paths)
                         length_buckets=(128,), min_pixels_per_image=28 * 28 * 4,
                         max_pixels_per_image=112 * 112),

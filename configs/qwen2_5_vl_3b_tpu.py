@@ -9,17 +9,21 @@ machine first:
 
   python scripts/plan_memory.py --config configs/qwen2_5_vl_3b_tpu.py --topology v5e:2x4 \\
       --model_config configs/hf/Qwen2.5-VL-3B-Instruct
+
+The merged baseline with these settings: `--config configs/qwen2_5_vl_3b_tpu.py:merged`; CPU smoke
+runs `:smoke` and `:merged,smoke` (see `configs/qwen2_5_vl_7b_tpu.py`).
 """
 
 import dataclasses
 import os
 
-from vlm_jax.config import MeshConfig, load_config
+from vlm_jax.config import Config, MeshConfig, load_config
+from vlm_jax.config.recipes import apply_variants
 
 _7B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b_tpu.py")
 
 
-def get_config():
+def _recipe() -> Config:
     cfg = load_config(_7B)
     stages = tuple(
         dataclasses.replace(s, micro_batch_size=8,
@@ -37,3 +41,8 @@ def get_config():
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         stages=stages,
     )
+
+
+def get_config(arg: str = "") -> Config:
+    """The recipe; `arg`: its variants, comma-separated (`merged`, `smoke`: `vlm_jax.config.recipes`)."""
+    return apply_variants(_recipe(), arg)

@@ -24,11 +24,22 @@ Run (every host of the slice runs the same command):
       --distributed=auto
 Capability + difficulty curriculum (easy -> hard by pass rate, within each stage):
   ... --config.stages.0.order=easy_to_hard --config.stages.0.order_key=pass_rate  (same for 1 and 2)
+
+Variants as config arguments (`vlm_jax.config.recipes`):
+  --config configs/qwen2_5_vl_7b_tpu.py:merged        the paper's merged baseline: one GRPO stage over
+                                                      the three stages' data mixed (each dataset
+                                                      weighted by the examples the staged run draws
+                                                      from it), as many steps; settings otherwise these
+  --config configs/qwen2_5_vl_7b_tpu.py:smoke         this recipe's code path on CPU (tiny model, the
+                                                      demo's data, 2 steps per stage; build them first
+                                                      with `bash scripts/demo.sh`)
+  --config configs/qwen2_5_vl_7b_tpu.py:merged,smoke  the merged baseline's smoke run
 """
 
 from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig,
                             GRPOConfig, LoggingConfig, MeshConfig, ModelConfig, OptimizerConfig,
                             StageConfig)
+from vlm_jax.config.recipes import apply_variants
 
 _PROMPTS_PER_STEP = 512
 _GROUP = 5
@@ -99,7 +110,7 @@ def _stage(name: str, datasets: tuple[DatasetSpec, ...], steps: int,
     )
 
 
-def get_config() -> Config:
+def _recipe() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     return Config(
         # fp32 parameters and AdamW moments, bf16 compute (an lr 1e-6 update is lost in bf16 storage)
@@ -124,3 +135,8 @@ def get_config() -> Config:
         checkpoint=CheckpointConfig(every=50, keep=3, async_save=True),
         logging=LoggingConfig(every=1, tensorboard=True, progress=True),
     )
+
+
+def get_config(arg: str = "") -> Config:
+    """The recipe; `arg`: its variants, comma-separated (`merged`, `smoke`: `vlm_jax.config.recipes`)."""
+    return apply_variants(_recipe(), arg)

@@ -21,7 +21,7 @@ Before a one-chip run: segment-local (per image) vision attention, fewer pixels 
 smaller optimizer state (or a 2-chip slice). Re-check with:
   python scripts/plan_memory.py --config configs/qwen3_vl_2b_tpu_chip.py --topology v6e:1x1 \
       --model_config configs/hf/Qwen3-VL-2B-Instruct
-CPU smoke run: `qwen3_vl_2b_smoke_cpu.py`.
+CPU smoke run: `--config configs/qwen3_vl_2b_tpu_chip.py:smoke`.
 
 Run:
   python -m vlm_jax.train --config configs/qwen3_vl_2b_tpu_chip.py --workdir workdirs/staged_qwen3_2b
@@ -31,12 +31,13 @@ import dataclasses
 import os
 
 from vlm_jax.config import Config, MeshConfig, load_config
+from vlm_jax.config.recipes import apply_variants
 
 _STAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_vl_8b_tpu.py")
 _PROMPTS, _GROUP, _MINI_PROMPTS, _RESPONSE, _MICRO = 8, 5, 2, 1024, 5
 
 
-def get_config() -> Config:
+def _recipe() -> Config:
     cfg = load_config(_STAGED)
 
     def chip(stage):
@@ -53,3 +54,8 @@ def get_config() -> Config:
         data=dataclasses.replace(cfg.data, max_pixels_per_image=1_003_520),
         stages=tuple(chip(s) for s in cfg.stages),
     )
+
+
+def get_config(arg: str = "") -> Config:
+    """The recipe; `arg`: its variants, comma-separated (`merged`, `smoke`: `vlm_jax.config.recipes`)."""
+    return apply_variants(_recipe(), arg, smoke_model="artifacts/tiny_qwen3")

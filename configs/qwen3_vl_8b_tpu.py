@@ -7,11 +7,14 @@ lr 1e-6, k3 KL 1e-2, clip 0.2 / 0.3, dual clip 3, prompt and response 2048 token
 4,194,304 pixels, vision frozen in stage 2; fp32 storage, bf16 compute) with the Qwen3-VL-8B
 checkpoint. Qwen3-VL's patch is 16
 px (28 for Qwen2.5-VL's 14 px patches x merge 2 becomes 32), so the same pixel bounds give
-(14/16)^2 = 0.77 x as many vision tokens. The merged baseline is `qwen3_vl_8b_merged_tpu.py`, the
-CPU smoke run of this file `qwen3_vl_8b_smoke_cpu.py`.
+(14/16)^2 = 0.77 x as many vision tokens. The merged baseline (the paper's 64.67: the same data and
+930 steps in one GRPO stage) is the config argument `:merged`, the CPU smoke run of this file
+`:smoke` (`:merged,smoke` for the baseline's).
 
 Run (every host of the slice runs the same command):
   python -m vlm_jax.train --config configs/qwen3_vl_8b_tpu.py --workdir gs://BUCKET/runs/staged_qwen3_8b \\
+      --distributed=auto
+  python -m vlm_jax.train --config configs/qwen3_vl_8b_tpu.py:merged --workdir gs://BUCKET/runs/merged_qwen3_8b \\
       --distributed=auto
 """
 
@@ -19,11 +22,12 @@ import dataclasses
 import os
 
 from vlm_jax.config import Config, load_config
+from vlm_jax.config.recipes import apply_variants
 
 _PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b_tpu.py")
 
 
-def get_config() -> Config:
+def _recipe() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     cfg = load_config(_PAPER)
     # sampling in the training (FSDP) layout: the 7B's decoding layout (`grpo.rollout_tensor`) is not
@@ -33,3 +37,8 @@ def get_config() -> Config:
     # fp32 parameters and AdamW moments, bf16 compute, as the 7B recipe
     model = dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct")
     return dataclasses.replace(cfg, model=model, stages=stages)
+
+
+def get_config(arg: str = "") -> Config:
+    """The recipe; `arg`: its variants, comma-separated (`merged`, `smoke`: `vlm_jax.config.recipes`)."""
+    return apply_variants(_recipe(), arg, smoke_model="artifacts/tiny_qwen3")

@@ -18,49 +18,25 @@ _BATCH = 8
 _MAX_NEW_TOKENS = 48
 
 
-def _eval(dataset: str) -> EvalConfig:
-    """Validation split of the stage's own synthetic dataset (all 64 rows), at stage start/end and
-    every 10 steps."""
-    return EvalConfig(datasets=(DatasetSpec(name=dataset, split="validation"),), every=10,
-                      max_examples=64, max_new_tokens=_MAX_NEW_TOKENS, batch_size=_BATCH)
+def _stage(capability: str, objective: str, steps: int, trainable: tuple[str, ...], **kwargs) -> StageConfig:
+    """A stage on its capability's synthetic dataset, evaluated on that dataset's validation split
+    (all 64 rows) at stage start/end and every 10 steps."""
+    dataset = f"synthetic_{capability}"
+    return StageConfig(
+        name=capability, capability=capability, objective=objective, datasets=(DatasetSpec(name=dataset),),
+        steps=steps, batch_size=_BATCH, optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2), trainable=trainable,
+        eval=EvalConfig(datasets=(DatasetSpec(name=dataset, split="validation"),), every=10, max_examples=64,
+                        max_new_tokens=_MAX_NEW_TOKENS, batch_size=_BATCH),
+        **kwargs,
+    )
 
 
 def get_config() -> Config:
     """The staged demo run."""
-    perception = StageConfig(
-        name="perception",
-        capability="perception",
-        objective="grpo",
-        datasets=(DatasetSpec(name="synthetic_perception"),),
-        steps=30,
-        batch_size=_BATCH,
-        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
-        trainable=("vision", "merger", "language_model"),
-        grpo=GRPOConfig(num_samples=4, max_new_tokens=_MAX_NEW_TOKENS),
-        eval=_eval("synthetic_perception"),
-    )
-    textual = StageConfig(
-        name="textual_reasoning",
-        capability="textual_reasoning",
-        objective="sft",
-        datasets=(DatasetSpec(name="synthetic_textual_reasoning"),),
-        steps=20,
-        batch_size=_BATCH,
-        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
-        trainable=("language_model",),
-        eval=_eval("synthetic_textual_reasoning"),
-    )
-    visual = StageConfig(
-        name="visual_reasoning",
-        capability="visual_reasoning",
-        objective="sft",
-        datasets=(DatasetSpec(name="synthetic_visual_reasoning"),),
-        steps=20,
-        batch_size=_BATCH,
-        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2),
-        trainable=("vision", "merger", "language_model"),
-        eval=_eval("synthetic_visual_reasoning"),
-    )
+    perception = _stage("perception", "grpo", 30, ("vision", "merger", "language_model"),
+                        grpo=GRPOConfig(num_samples=4, max_new_tokens=_MAX_NEW_TOKENS))
+    textual = _stage("textual_reasoning", "sft", 20, ("language_model",))
+    visual = _stage("visual_reasoning", "sft", 20, ("vision", "merger", "language_model"))
     return Config(
         model=ModelConfig(path="artifacts/tiny_base", dtype="float32"),
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1),

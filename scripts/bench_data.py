@@ -5,7 +5,7 @@
 
 With `--config`, for each stage of that config (its data, batch size and objective, on its model
 and data directory, e.g. after `bash scripts/demo.sh`): examples/s the loader produces against
-examples/s the stage's train step consumes (`curriculum.train_step`, first compiling step excluded),
+examples/s the stage's train step consumes (`Stage.step`, first compiling step excluded),
 so the loader is shown not to be the bottleneck when the first number is the larger.
 
 Builds a tiny model directory (tokenizer + image processor) and the three synthetic TFDS
@@ -35,27 +35,27 @@ def against_train_step(config_path: str, steps: int) -> int:
     import jax
 
     from vlm_jax import config as config_lib
-    from vlm_jax import curriculum
+    from vlm_jax import stages, startup
     from vlm_jax.train_state import init_state
 
     cfg = config_lib.load_config(config_path)
-    env = curriculum.setup(cfg, Path(tempfile.mkdtemp()))
+    env = startup.setup(cfg, Path(tempfile.mkdtemp()))
     print(f"{'stage':20s} {'objective':9s} {'loader ex/s':>12s} {'train ex/s':>11s} {'ratio':>7s}")
     for index, st in enumerate(cfg.stages):
-        stage = curriculum.build_stage(env, index, None)
+        stage = stages.build_stage(env, index, None)
         next(stage.iterator)
         start = time.perf_counter()
         for _ in range(steps):
             next(stage.iterator)
         loader = steps * st.batch_size / (time.perf_counter() - start)
-        stage = curriculum.build_stage(env, index, None)
+        stage = stages.build_stage(env, index, None)
         state = init_state(env.base_params, stage.optimizer)
         needs_ref = st.objective == "grpo" and st.grpo.kl_coef > 0
         ref = jax.tree.map(jax.numpy.copy, state.params) if needs_ref else None  # steps donate state
-        state, _ = curriculum.train_step(env, stage, state, ref, jax.random.key(0))  # compiles
+        state, _ = stage.step(env, state, ref, jax.random.key(0))  # compiles
         start = time.perf_counter()
         for i in range(steps):
-            state, _ = curriculum.train_step(env, stage, state, ref, jax.random.key(i + 1))
+            state, _ = stage.step(env, state, ref, jax.random.key(i + 1))
         train = steps * st.batch_size / (time.perf_counter() - start)
         print(f"{st.name:20s} {st.objective:9s} {loader:12.1f} {train:11.1f} {loader / train:6.1f}x")
     return 0

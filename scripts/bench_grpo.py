@@ -1,6 +1,7 @@
 """One full GRPO iteration: vlm_jax against TRL's `GRPOTrainer` (PyTorch, fp32), same checkpoint.
 
     python scripts/bench_grpo.py [--prompts 4] [--num_samples 4] [--new_tokens 32] [--iters 3]
+                                 [--lengths variable,fixed] [--truncated 0.2]
                                  [--spec grpo] [--cpus N] [--json OUT] [--peer_venv .venv-peer]
                                  [--share_prompt | --no-share_prompt] [--share_prompt_ab]
 
@@ -10,8 +11,24 @@ completions under the reference model (KL coefficient 0.04, k3), and one AdamW u
 completions (one mini-batch, mu = 1, global-norm clipping at 1.0, every module trained). Both sides
 load the SAME tiny real-format Qwen2.5-VL directory (built here, random weights; config `SPECS`),
 get the SAME prompts and images (built from a seed on each side), the SAME reward function
-(`reward`), sample (temperature 1, no top-k / top-p) exactly `--new_tokens` tokens per completion
-(vlm_jax: no end tokens; TRL: `min_new_tokens = max_completion_length`) and run in fp32.
+(`reward`), sample at temperature 1 (no top-k / top-p) at most `--new_tokens` tokens per completion
+and run in fp32.
+
+Two length settings (`--lengths`, default both, the variable one first: it is the figure):
+  * `variable`: completions end at end-of-sequence tokens, with a spread of lengths like a real
+    run's. Both sides stop a completion at the same set of token ids (`stop_ids`: the model's own
+    end tokens plus evenly spaced ordinary ids, enough of them that about `--truncated` of the
+    completions reach the cap when the next-token distribution is near uniform), so the lengths
+    follow the same distribution on both sides: from a few tokens to the cap (geometric, mean about
+    half the cap), some truncated. Each side reports its realised mean length.
+  * `fixed`: every completion exactly `--new_tokens` long (vlm_jax: no end tokens; TRL:
+    `min_new_tokens = max_completion_length`), the one case where padding costs nothing.
+
+For each side the JSON and the table give the real-token fraction of the positions the update
+and the reference scoring compute (prompt + response positions of the arrays they run; the
+response positions alone as `response_real_frac`), and the decode slot utilisation of the rollout
+(generated tokens / (slots x decode steps): a sampler call runs every slot until its last row
+stops).
 vlm_jax runs `vlm_jax.rl.rollout.collect_rollout` + `vlm_jax.rl.policy.grpo_step`, the two calls a
 GRPO stage of the trainer makes per step (`vlm_jax.curriculum.train_step`); TRL runs
 `GRPOTrainer.train()` with the old log-probs skipped (num_iterations 1, as vlm_jax reuses the
@@ -85,6 +102,22 @@ SPECS = {
 }
 
 
+def stop_ids(vocab_size: int, ordinary: int, end_ids, new_tokens: int, truncated: float) -> list[int]:
+    """The `variable` setting's end tokens: the model's own `end_ids` plus evenly spaced ordinary
+    token ids (below `ordinary`), as many as make a completion reach `new_tokens` with probability
+    about `truncated` when the next token is drawn near uniformly from `vocab_size` ids (a
+    per-token stop probability p with (1 - p)^new_tokens = truncated)."""
+    p = 1.0 - truncated ** (1.0 / new_tokens)
+    k = min(ordinary, max(1, round(p * vocab_size)))
+    return sorted({*map(int, end_ids), *(int(i * ordinary / k) for i in range(k))})
+
+
+def fractions(prompt_real: int, prompt_positions: int, resp_real: int, resp_positions: int) -> dict:
+    """Real-token fractions of computed positions: all (prompt + response), and responses alone."""
+    return dict(real_frac=(prompt_real + resp_real) / max(1, prompt_positions + resp_positions),
+                response_real_frac=resp_real / max(1, resp_positions))
+
+
 def reward(texts: list[str]) -> list[float]:
     """The host reward both sides use: a cheap deterministic function of the decoded text that
     varies between samples (distinct characters mod 5, in [0, 1])."""
@@ -132,6 +165,9 @@ def peer_main(args) -> int:
     )
     processor.chat_template = processor.tokenizer.chat_template
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    stops = [int(i) for i in args.stop_ids.split(",")] if args.stop_ids else None
+    if stops:  # variable lengths: GRPOTrainer stops (and masks) at the model's end tokens
+        model.generation_config.eos_token_id = stops
     rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
              "image": Image.fromarray(px)} for q, px in prompts(args.prompts)]
     steps = args.warmup + args.iters
@@ -145,7 +181,7 @@ def peer_main(args) -> int:
         per_device_train_batch_size=args.prompts * args.num_samples, gradient_accumulation_steps=1,
         steps_per_generation=1, num_generations=args.num_samples, num_iterations=1,
         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"min_new_tokens": args.new_tokens},
+        generation_kwargs=None if stops else {"min_new_tokens": args.new_tokens},
         beta=KL_COEF, epsilon=CLIP, loss_type="bnpo", scale_rewards="group",
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, optim="adamw_torch", max_steps=steps, shuffle_dataset=False,
@@ -173,14 +209,27 @@ def peer_main(args) -> int:
         def on_step_end(self, *a, **k):
             total = time.perf_counter() - times.pop("_start")
             gen, rew, both = times.get("generate", 0.0), times.get("rewards", 0.0), times.get("gen_score", 0.0)
-            report = dict(total=total, rollout=gen, rewards=rew, scoring=both - gen - rew, update=total - both)
+            report = dict(total=total, rollout=gen, rewards=rew, scoring=both - gen - rew, update=total - both,
+                          work=dict(shapes))
             print("PEER " + json.dumps(report), flush=True)
 
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg,
                           train_dataset=Dataset.from_list(rows), processing_class=processor, callbacks=[Gate()])
     trainer._generate = timed("generate", trainer._generate)
     trainer._calculate_rewards = timed("rewards", trainer._calculate_rewards)
-    trainer._generate_and_score_completions = timed("gen_score", trainer._generate_and_score_completions)
+    shapes: dict[str, float] = {}
+    gen_score = timed("gen_score", trainer._generate_and_score_completions)
+
+    def gen_score_shapes(*a, **k):  # the padded arrays the scoring and the update run on
+        out = gen_score(*a, **k)
+        pm, cm = out["prompt_mask"], out["completion_mask"]
+        resp_real, rows, T = int(cm.sum()), cm.shape[0], cm.shape[1]
+        frac = fractions(int(pm.sum()), pm.numel(), resp_real, cm.numel())
+        shapes.update(response_length=resp_real / rows, decode_util=resp_real / (rows * T),
+                      update=frac, scoring=frac)
+        return out
+
+    trainer._generate_and_score_completions = gen_score_shapes
     print("PEER " + json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
                                 "trl": __import__("trl").__version__,
                                 "transformers": __import__("transformers").__version__}), flush=True)
@@ -195,7 +244,7 @@ class Peer:
         cmd = [str(python), str(Path(__file__).resolve()), "--peer", str(model_dir),
                "--prompts", str(args.prompts), "--num_samples", str(args.num_samples),
                "--new_tokens", str(args.new_tokens), "--iters", str(args.iters), "--warmup", "1",
-               "--torch_threads", str(args.torch_threads)]
+               "--torch_threads", str(args.torch_threads), "--stop_ids", args.stop_ids or ""]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": "", "OMP_NUM_THREADS": str(args.torch_threads)}
         self.log = log
@@ -246,7 +295,7 @@ class VlmJax:
 
     current = None  # the instance whose step runs (the timed wrappers below are installed once)
 
-    def __init__(self, model_dir: Path, args, share_prompt: bool):
+    def __init__(self, model_dir: Path, args, share_prompt: bool, stops=()):
         import jax
         import numpy as np
         from PIL import Image
@@ -270,7 +319,7 @@ class VlmJax:
         self.cfg = config_lib.GRPOConfig(
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
-            share_prompt=share_prompt)
+            share_prompt=share_prompt, length_groups=args.length_groups)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -278,6 +327,10 @@ class VlmJax:
         self.ref = params
         self.state = init_state(jax.tree.map(lambda a: a.copy(), params), self.optimizer)
         self.args = args
+        from vlm_jax.rl import sampler
+
+        self.prompt_buckets = sampler.PROMPT_BUCKETS  # collect_rollout's default
+        self.stops = tuple(stops)
         self.step_index = 0
         self.times: dict[str, float] = {}
 
@@ -326,17 +379,26 @@ class VlmJax:
         self.step_index += 1
         roll_rng, upd_rng = jax.random.split(rng)
         start = time.perf_counter()
-        rbatch, _, host = self.rollout_lib.collect_rollout(
+        rbatch, graded, host = self.rollout_lib.collect_rollout(
             self.model, self.state.params, self.ref, iter([self.batch]), cfg=self.cfg,
-            tokenizer=self.proc.tokenizer, reward_fn=self.reward_fn, rng=roll_rng, eos_token_ids=(),
-            pad_token_id=self.proc.pad_token_id, image_token_id=self.proc.image_token_id,
+            tokenizer=self.proc.tokenizer, reward_fn=self.reward_fn, rng=roll_rng,
+            tokens=self.rollout_lib.SpecialTokens(self.stops, self.proc.pad_token_id, self.proc.image_token_id),
             batch_size=self.args.prompts)
         jax.block_until_ready(rbatch)
         collected = time.perf_counter()
-        self.state, m = self.policy.grpo_step(
-            self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
-            group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
-            mesh=self.mesh, share_prompt=self.cfg.share_prompt)
+        if self.cfg.length_groups:
+            from vlm_jax.rl import grouped
+
+            self.state, m = grouped.grpo_step_grouped(
+                self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
+                group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, groups=self.cfg.length_groups,
+                prompt_buckets=self.prompt_buckets, mu=1, minibatch=0, mesh=self.mesh,
+                share_prompt=self.cfg.share_prompt)
+        else:
+            self.state, m = self.policy.grpo_step(
+                self.state, rbatch, upd_rng, graphdef=self.model.graphdef, optimizer=self.optimizer,
+                group_size=self.cfg.num_samples, loss_cfg=self.loss_cfg, mu=1, minibatch=0, micro_batch=0,
+                mesh=self.mesh, share_prompt=self.cfg.share_prompt)
         metrics = {k: float(v) for k, v in sharding.to_host(m).items()}
         end = time.perf_counter()
         if not np.isfinite(metrics["loss"]):
@@ -345,7 +407,36 @@ class VlmJax:
         gen = self.times["gen_and_rewards"]
         return dict(total=end - start, rollout=gen - rew, rewards=rew,
                     scoring=collected - start - gen, update=end - collected,
-                    response_length=host["response_length/mean"])
+                    work=self.work(rbatch, graded))
+
+    def work(self, rbatch, graded) -> dict:
+        """Real-token fractions of the positions the scoring and the update compute, and the
+        rollout's decode slot utilisation (one sampler call: every slot runs max(lengths) steps)."""
+        np = self.np
+        from vlm_jax import sharding
+        from vlm_jax.rl import policy
+
+        lengths = np.asarray(graded.rollout.lengths)
+        G = self.cfg.num_samples
+        out = dict(response_length=float(lengths.mean()),
+                   decode_util=float(lengths.sum() / (lengths.size * lengths.max())))
+        prompt_mask = np.asarray(sharding.to_host(rbatch.prompt.attention_mask_BL))
+        N, T = rbatch.responses_NT.shape
+        B, L = prompt_mask.shape
+        share, groups = self.cfg.share_prompt, self.cfg.length_groups
+        if groups:  # the length groups the scoring (same group size here) and the update run
+            from vlm_jax.rl import grouped
+
+            w = grouped.work(grouped.mask_lengths(rbatch.mask_NT), prompt_mask.sum(-1), groups, group_size=G,
+                             cap=T, L=L, prompt_buckets=self.prompt_buckets, share=share)
+            frac = fractions(w["prompt_real"], w["prompt_positions"], int(lengths.sum()), w["response_positions"])
+        else:  # one micro-batch / scoring chunk of all rows, every response at T, every prompt at L
+            prompt_rows = B if share else N
+            prompt_real = int(prompt_mask.sum()) * (prompt_rows // B)
+            frac = fractions(prompt_real, prompt_rows * L, int(lengths.sum()), N * T)
+        out.update(update=frac, scoring=frac)
+        del policy
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--num_samples", type=int, default=4)
-    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=32, help="the completion length cap")
+    parser.add_argument("--lengths", default="variable,fixed",
+                        help="length settings to run, comma separated, the first is the figure: variable "
+                             "(end tokens, a spread of lengths) and/or fixed (every completion --new_tokens)")
+    parser.add_argument("--truncated", type=float, default=0.2,
+                        help="variable: the share of completions meant to reach the cap")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per side after the first")
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--spec", choices=sorted(SPECS), default="grpo", help="model size")
@@ -373,10 +469,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="vlm_jax's grpo.share_prompt (default: the config default)")
     parser.add_argument("--share_prompt_ab", action="store_true",
                         help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
+    parser.add_argument("--length_groups", type=int, default=4,
+                        help="vlm_jax's grpo.length_groups (0: every completion padded to --new_tokens)")
+    parser.add_argument("--no_peer", action="store_true",
+                        help="vlm_jax only (no TRL venv): its times and its work figures per setting")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
+    parser.add_argument("--stop_ids", default="", help=argparse.SUPPRESS)  # internal: the peer's end tokens
     args = parser.parse_args(argv)
     if args.devices < 1 or args.pause < 0:
         parser.error(f"--devices must be >= 1 and --pause >= 0 (got {args.devices}, {args.pause})")
+    settings = [x.strip() for x in args.lengths.split(",") if x.strip()]
+    if not settings or set(settings) - {"variable", "fixed"} or not 0 < args.truncated < 1:
+        parser.error(f"--lengths takes variable and/or fixed, --truncated is in (0, 1) "
+                     f"(got {args.lengths!r}, {args.truncated})")
     cpus = pin_cpus(args.cpus)
     if args.torch_threads is None:
         args.torch_threads = len(cpus)
@@ -384,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return peer_main(args)
 
     sys.path.insert(0, str(ROOT))
-    python = None if args.share_prompt_ab else ensure_peer_venv(args.peer_venv)
+    python = None if (args.share_prompt_ab or args.no_peer) else ensure_peer_venv(args.peer_venv)
     import jax
 
     from vlm_jax.config import GRPOConfig
@@ -397,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_jax.models.tiny import TinySpec, build_tiny_model
 
     spec = TinySpec(**SPECS[args.spec])
+    parts = ("rollout", "rewards", "scoring", "update")
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model", spec=spec, seed=0)
         n_params = None
@@ -405,52 +512,95 @@ def main(argv: list[str] | None = None) -> int:
         if args.share_prompt_ab:
             return share_prompt_ab(VlmJax(model_dir, args, False), VlmJax(model_dir, args, True), args,
                                    n_params, cpus, argv)
-        peer = Peer(python, model_dir, args, Path(tmp) / "peer.log")
-        try:
-            runs: dict[str, list[dict]] = {"vlm_jax": [], "trl": []}
-            for _ in range(1 + args.iters):  # alternate: both sides see the same background load
-                runs["trl"].append(peer.step())
-                time.sleep(args.pause)
-                runs["vlm_jax"].append(ours.step())
-                time.sleep(args.pause)
-        finally:
-            peer.close()
+        tok = ours.proc.tokenizer
+        end_ids = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id", [])
+        end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids)
+        ordinary = min(i for i in tok.all_special_ids) if tok.all_special_ids else len(tok)
+        peer_info: dict = {}
+        for setting in settings:
+            stops = (stop_ids(SPECS[args.spec].get("vocab_size", spec.vocab_size), ordinary,
+                              [*end_ids, tok.eos_token_id], args.new_tokens, args.truncated)
+                     if setting == "variable" else [])
+            args.stop_ids = ",".join(map(str, stops))
+            side = VlmJax(model_dir, args, args.share_prompt, stops)
+            runs: dict[str, list[dict]] = {"vlm_jax": []} if args.no_peer else {"vlm_jax": [], "trl": []}
+            peer = None if args.no_peer else Peer(python, model_dir, args, Path(tmp) / f"peer_{setting}.log")
+            try:
+                for _ in range(1 + args.iters):  # alternate: both sides see the same background load
+                    if peer is not None:
+                        runs["trl"].append(peer.step())
+                        time.sleep(args.pause)
+                    runs["vlm_jax"].append(side.step())
+                    time.sleep(args.pause)
+            finally:
+                if peer is not None:
+                    peer.close()
+                    peer_info = {k: v for k, v in peer.info.items() if k != "ready"}
+            results[setting] = dict(runs=runs, stops=len(stops), load_average=os.getloadavg())
 
-    parts = ("rollout", "rewards", "scoring", "update")
-    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
-    ratio = med["trl"]["total"] / med["vlm_jax"]["total"]
-    # each TRL step is followed by a vlm_jax step: the ratio per pair sees (nearly) the same load
-    pair_ratios = [t["total"] / v["total"] for t, v in zip(runs["trl"][1:], runs["vlm_jax"][1:])]
     cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"
     config = dict(spec=args.spec, tiny_spec=SPECS[args.spec], params=int(n_params), prompts=args.prompts,
                   num_samples=args.num_samples, new_tokens=args.new_tokens, images_per_prompt=1,
                   kl_coef=KL_COEF, lr=LR, optimizer="adamw, clip 1.0", updates_per_iter=1, dtype="float32",
                   iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads,
-                  share_prompt=args.share_prompt)
+                  share_prompt=args.share_prompt, lengths=settings, truncated=args.truncated)
     print(f"command: {cmd}")
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}; "
-          f"peer torch {peer.info['torch']} ({peer.info['threads']} threads), transformers "
-          f"{peer.info['transformers']}, trl {peer.info['trl']}")
+          f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}"
+          + (f"; peer torch {peer_info['torch']} ({peer_info['threads']} threads), transformers "
+             f"{peer_info['transformers']}, trl {peer_info['trl']}" if peer_info else ""))
     print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters): {SPECS[args.spec]}")
-    print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x "
+    print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x at most "
           f"{args.new_tokens} new tokens, reward on host, reference log-probs (KL {KL_COEF}), "
           f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32; vlm_jax "
           f"grpo.share_prompt={args.share_prompt}")
-    print()
-    print_split(runs, med, parts)
-    print(f"speed-up (TRL s/iter / vlm_jax s/iter, medians): {ratio:.2f}x; per part: "
-          + ", ".join(f"{k} {med['trl'][k] / med['vlm_jax'][k]:.1f}x" for k in parts if med["vlm_jax"][k] > 0))
-    print(f"speed-up per alternating pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)} "
-          f"(median {statistics.median(pair_ratios):.2f}x)")
+    out: dict = dict(command=cmd, cores=cpus, config=config, peer=peer_info, settings={})
+    for setting, res in results.items():
+        runs = res["runs"]
+        med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)}
+               for side, rs in runs.items()}
+        work = {side: {k: statistics.median(_flat(r["work"])[k] for r in rs[1:]) for k in _flat(rs[1]["work"])}
+                for side, rs in runs.items()}
+        print()
+        label = (f"variable lengths ({res['stops']} end-token ids, ~{args.truncated:.0%} meant to reach the cap)"
+                 if setting == "variable" else f"fixed lengths (every completion {args.new_tokens} tokens)")
+        print(f"{label}; load average {tuple(round(x, 2) for x in res['load_average'])}")
+        print_split(runs, med, parts, label=setting[:9])
+        print(f"{'work':<10}{'mean len':>10}{'decode util':>13}{'update real':>13}{'(responses)':>13}"
+              f"{'score real':>12}")
+        for side, w in work.items():
+            print(f"{side:<10}{w['response_length']:>10.1f}{w['decode_util']:>13.1%}{w['update.real_frac']:>13.1%}"
+                  f"{w['update.response_real_frac']:>13.1%}{w['scoring.real_frac']:>12.1%}")
+        entry = dict(vlm_jax_s_per_iter=med["vlm_jax"]["total"], split={s: {k: med[s][k] for k in parts} for s in med},
+                     first_iter_s={s: runs[s][0]["total"] for s in runs}, work=work,
+                     load_average=res["load_average"], stop_ids=res["stops"])
+        if "trl" in runs:
+            ratio = med["trl"]["total"] / med["vlm_jax"]["total"]
+            # each TRL step is followed by a vlm_jax step: the ratio per pair sees (nearly) the same load
+            pair_ratios = [t["total"] / v["total"] for t, v in zip(runs["trl"][1:], runs["vlm_jax"][1:])]
+            print(f"speed-up (TRL s/iter / vlm_jax s/iter, medians): {ratio:.2f}x; per part: "
+                  + ", ".join(f"{k} {med['trl'][k] / med['vlm_jax'][k]:.1f}x" for k in parts if med["vlm_jax"][k] > 0))
+            print(f"speed-up per alternating pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)} "
+                  f"(median {statistics.median(pair_ratios):.2f}x)")
+            entry.update(peer_s_per_iter=med["trl"]["total"], ratio=ratio, pair_ratios=pair_ratios)
+        out["settings"][setting] = entry
     if args.json:
-        args.json.write_text(json.dumps(dict(
-            vlm_jax_s_per_iter=med["vlm_jax"]["total"], peer_s_per_iter=med["trl"]["total"], ratio=ratio,
-            pair_ratios=pair_ratios, load_average=os.getloadavg(),
-            cores=cpus, config=config, split={s: {k: med[s][k] for k in parts} for s in med},
-            first_iter_s={s: runs[s][0]["total"] for s in runs}, command=cmd,
-            peer={k: v for k, v in peer.info.items() if k != "ready"}), indent=2) + "\n")
+        first = out["settings"][settings[0]]  # the figure, also at the top level as before
+        out.update({k: first[k] for k in ("vlm_jax_s_per_iter", "peer_s_per_iter", "ratio", "pair_ratios", "split",
+                                          "first_iter_s", "load_average") if k in first})
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _flat(work: dict) -> dict:
+    """{'update': {'real_frac': x}} -> {'update.real_frac': x}."""
+    out = {}
+    for k, v in work.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def print_split(runs: dict[str, list[dict]], med: dict[str, dict], parts, label: str = "") -> None:

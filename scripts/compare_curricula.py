@@ -1,7 +1,7 @@
 """The paper's comparisons at toy scale, on the demo's data and base model (same total steps):
 
   staged        perception (GRPO) -> textual (SFT) -> visual (SFT)       configs/demo_cpu.py
-  merged        one stage, all data mixed, same total steps (GRPO)        configs/merged_cpu.py
+  merged        one stage, all data mixed, same total steps (GRPO)        configs/demo_cpu.py:merged
   caption_sft   stage 1 replaced by caption SFT on the perception images
   order_213     textual -> perception -> visual
   easy_to_hard  staged, each stage's data ordered easy -> hard (difficulty)
@@ -34,7 +34,7 @@ def _scaled(cfg, scale: float):
 
 def variants(scale: float) -> dict:
     staged = config_lib.load_config(str(ROOT / "configs/demo_cpu.py"))
-    merged = config_lib.load_config(str(ROOT / "configs/merged_cpu.py"))
+    merged = config_lib.load_config(str(ROOT / "configs/demo_cpu.py:merged"))
     p, t, v = staged.stages
     caption = dataclasses.replace(
         p, name="perception_caption_sft", objective="sft", sft=dataclasses.replace(p.sft, target="caption")

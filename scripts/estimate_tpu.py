@@ -83,7 +83,8 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from vlm_jax import curriculum, models, plan
+    from vlm_jax import models, plan, startup
+    from vlm_jax.stages import loss_config
     from vlm_jax import sharding as shd
     from vlm_jax.rl import policy
     from vlm_jax.train_state import init_fn, make_optimizer
@@ -107,13 +108,13 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
             raise SystemExit(f"{prog}: {n} completions per compiled program must split over the {shards} "
                              f"batch shards and divide the {N} completions of a step")
     n_programs = {prog: N // n * (g.mu if prog == "update" else 1) for prog, n in sizes.items()}
-    num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
+    num_patches = None if st.capability == "textual_reasoning" else startup.num_patches_for(cfg, mcfg.vision.patch_size)
     optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
-    dtype = curriculum.dtype_of(cfg.model.dtype)
+    dtype = startup.dtype_of(cfg.model.dtype)
     mc = dataclasses.replace(mcfg, text=dataclasses.replace(mcfg.text, num_hidden_layers=layers))
-    options = family.ModelOptions(**curriculum.model_options(cfg), remat=st.remat)
+    options = family.ModelOptions(**startup.model_options(cfg), remat=st.remat)
     graphdef, abstract = models.abstract_model(family, mc, dtype, options)
     model = models.Model(family, mc, graphdef, raw, dtype, mesh, folder, options)
     params = plan._abstract(abstract, shd.param_shardings(abstract, mesh, cfg.logical_axis_rules))
@@ -129,7 +130,7 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
     upd = rollout_batch(sizes["update"])
     programs = {"update": compile_cost(policy.grpo_step, (state, upd, key),
                                        dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
-                                            loss_cfg=curriculum.loss_config(st), mu=1, minibatch=sizes["update"],
+                                            loss_cfg=loss_config(st), mu=1, minibatch=sizes["update"],
                                             micro_batch=sizes["update"], mesh=mesh))}
     if g.kl_coef > 0:
         sc = rollout_batch(sizes["score"])

@@ -114,7 +114,7 @@ def evaluate_base(model: str, data_dir: str, budget: experiment.Budget, max_exam
     cfg = arm_config("staged", 0, budget, model, data_dir)
     ev = cfg.stages[0].eval
     m, params, processor = load_for_eval(model)
-    from vlm_jax.curriculum import configure_processor
+    from vlm_jax.startup import configure_processor
 
     configure_processor(processor, cfg.data)
     out = {}

@@ -58,11 +58,12 @@ def gcs():
 
     import fsspec
     import gcsfs.core
+
+    _emulator_sends_generation_headers()  # before the server module binds the handlers in its routes
     from gcp_storage_emulator.server import create_server
 
     for name in ("gcp_storage_emulator", "gcp_storage_emulator.storage", "gcp_storage_emulator.server"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    _emulator_sends_generation_headers()
     server = create_server("127.0.0.1", 0, in_memory=True, default_bucket="vlm-test")
     server.start()
     url = f"http://127.0.0.1:{server._api._httpd.server_address[1]}"

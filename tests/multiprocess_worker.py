@@ -11,6 +11,9 @@ distributed runtime, then:
 4. trains the curriculum of `--train-assets` (recording the rows each process reads), then truncates its newest checkpoint and reruns it
    (resume from the step before).
 
+With `--bucket gs://...` (the storage server of the parent test, reached through the environment)
+it does only 4, with that workdir, and records the objects it wrote.
+
 Results go to `--out` (JSON) and `--out`.npz (logits); a failure writes its traceback into the JSON
 so the test can show it.
 """
@@ -143,25 +146,64 @@ def train(assets: Path, workdir: Path, record: list | None = None) -> str:
   return status
 
 
-def resume_past_damage(assets: Path, workdir: Path) -> dict[str, Any]:
+def resume_past_damage(assets: Path, workdir) -> dict[str, Any]:
   """Truncates the array data of the newest checkpoint of the finished run (process 0, the
   processes share the directory), reruns it: both processes must agree to skip that step, resume
-  from the one before and log the same last step again."""
+  from the one before and log the same last step again. `workdir`: a local folder or a URL."""
   import jax
   from jax.experimental import multihost_utils
 
+  from vlm_jax import paths
+
+  workdir = paths.as_path(workdir)
   ckpts = workdir / "checkpoints"
   records = (workdir / "metrics.jsonl").read_text().splitlines()
   latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   if jax.process_index() == 0:
-    victim = max((ckpts / str(latest) / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
-    with victim.open("r+b") as f:
-      f.truncate(victim.stat().st_size // 2)
+    size = lambda p: p.stat().length if paths.is_url(p) else p.stat().st_size  # noqa: E731
+    victim = max((ckpts / str(latest) / "state" / "d").iterdir(), key=size)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # a bucket object is replaced whole; a file too
   multihost_utils.sync_global_devices("damaged")
   status = train(assets, workdir)
   return {"status": status, "damaged_step": latest, "last_before": json.loads(records[-1]),
           "last_after": json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1]),
           "set_aside": sorted(p.name for p in ckpts.iterdir() if "damaged" in p.name)}
+
+
+@contextlib.contextmanager
+def recording_bucket_writes():
+  """Within: the name of every object this process writes through gcsfs (every file in a bucket
+  but orbax's arrays, which tensorstore writes)."""
+  import gcsfs.core
+
+  written: list[str] = []
+  close = gcsfs.core.GCSFile.close
+
+  def recorded(self, *args, **kwargs):
+    if "w" in self.mode and not self.closed:
+      written.append(self.path)
+    return close(self, *args, **kwargs)
+
+  gcsfs.core.GCSFile.close = recorded
+  try:
+    yield written
+  finally:
+    gcsfs.core.GCSFile.close = close
+
+
+def bucket_run(assets: Path, workdir: str) -> dict[str, Any]:
+  """The training run of `train` with a bucket workdir, then the damaged-checkpoint resume there;
+  records the objects this process wrote."""
+  with recording_bucket_writes() as written:
+    result = {"train": train(assets, workdir)}
+    result["damaged_resume"] = resume_past_damage(assets, workdir)
+  result["written"] = sorted(set(written))
+  return result
+
+
+class _Done(Exception):
+  """A shorter run (`--bucket`) ended."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--train-assets", type=Path, required=True)
   p.add_argument("--ckpt-qwen3", type=Path, required=True, help="a Qwen3-VL checkpoint, sharded load too")
   p.add_argument("--batch-qwen3", type=Path, required=True)
+  p.add_argument("--bucket", default="", help="only train in this gs:// workdir (and resume past damage there)")
   args = p.parse_args(argv)
 
   result: dict[str, Any] = {"process_id": args.process_id, "seconds": {}}
@@ -198,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     result.update(process_index=jax.process_index(), process_count=jax.process_count(),
                   device_count=jax.device_count(), local_device_count=jax.local_device_count())
     lap("imports")
+    if args.bucket:
+      result.update(bucket_run(args.train_assets, args.bucket))
+      lap("bucket_run")
+      raise _Done
     model, params, logits, info = sharded_forward(args.ckpt, args.batch)
     result.update(info)
     _, _, logits_qwen3, _ = sharded_forward(args.ckpt_qwen3, args.batch_qwen3)
@@ -212,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("train")
     result["damaged_resume"] = resume_past_damage(args.train_assets, args.train_assets / "workdir")
     lap("damaged_resume")
+    result["ok"] = True
+  except _Done:
     result["ok"] = True
   except BaseException:  # noqa: BLE001 - report everything to the parent test
     result["ok"] = False

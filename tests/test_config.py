@@ -77,9 +77,9 @@ def test_python_values_are_normalised():
         DataConfig(strict=1)
 
 
-@pytest.mark.parametrize("name", ["demo_cpu", "merged_cpu", "qwen2_5_vl_7b_tpu"])
+@pytest.mark.parametrize("name", ["demo_cpu", "demo_cpu.py:merged", "qwen2_5_vl_7b_tpu"])
 def test_shipped_configs_load(name):
-    cfg = load_config(str(ROOT / "configs" / f"{name}.py"))
+    cfg = load_config(str(ROOT / "configs" / (name if ".py" in name else f"{name}.py")))
     assert isinstance(cfg, Config) and len(cfg.stages) >= 1
 
 
@@ -95,7 +95,7 @@ def test_demo_stages_and_merged_baseline_share_data_and_steps():
     for k, stage in enumerate(demo.stages):  # every capability at the end of every stage
         assert [(d.name, d.split) for d in stage.eval.datasets] == grid_sets
         assert stage.eval.at_start == (k == 0) and stage.eval.max_examples == 512
-    merged = load_config(str(ROOT / "configs" / "merged_cpu.py"))
+    merged = load_config(str(ROOT / "configs" / "demo_cpu.py:merged"))
     (stage,) = merged.stages
     assert stage.capability == "mixed"
     assert stage.steps == sum(s.steps for s in demo.stages)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from vlm_jax import config as config_lib
-from vlm_jax import curriculum, models, sft, train
+from vlm_jax import curriculum, models, sft, startup, train
+from vlm_jax.workdir import restore_for_export
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.rl import policy, sampler
 
@@ -68,7 +69,7 @@ def two_stage_config(assets, **over):
 
 
 def final_params(workdir):
-    model, params, _ = curriculum.restore_for_export(workdir)
+    model, params, _ = restore_for_export(workdir)
     return model, params
 
 
@@ -280,7 +281,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
     wd = tmp_path / "wd"
     shutil.copytree(preempted_at_2, wd)
     DAMAGE[damage](wd / "checkpoints" / "2")
-    curriculum.restore_for_export(wd)  # export / evaluate skip the damaged step 2 and rename nothing
+    restore_for_export(wd)  # export / evaluate skip the damaged step 2 and rename nothing
     assert Checkpointer(wd / "checkpoints").all_steps() == [1, 2]
     assert curriculum.run(cfg, wd) == "finished"
     assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
@@ -288,6 +289,35 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_step_bitwise(
     assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
     rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert [r["step"] for r in rows] == list(range(1, 7))  # step 2 redone once, logged once
+
+
+def test_damaged_latest_checkpoint_in_a_bucket_resumes_from_the_previous_step_bitwise(
+        gcs, uninterrupted, preempted_at_2, tmp_path, caplog, monkeypatch):
+    """The same in a bucket workdir: the newest step (2) truncated, and a save killed mid-write
+    (step 3 written in place without `commit_success.txt`, orbax's commit on GCS): the partial step
+    is removed at start, step 2 is set aside as `2.damaged`, the run resumes from step 1 and ends
+    bitwise equal to the uninterrupted run."""
+    from test_storage import BUCKET_DAMAGE
+
+    from vlm_jax import paths
+
+    full_wd, cfg, _ = uninterrupted
+    monkeypatch.chdir(tmp_path)
+    wd = f"{gcs}/damaged_run"
+    paths.copy_tree(preempted_at_2, wd)
+    ckpts = paths.resolve(wd) / "checkpoints"
+    paths.copy_tree(preempted_at_2 / "checkpoints" / "2", ckpts / "3")
+    (ckpts / "3" / "commit_success.txt").unlink()
+    BUCKET_DAMAGE["truncated_array_file"](ckpts / "2")
+    assert Checkpointer(ckpts).all_steps() == [1, 2]  # the uncommitted step 3 is never listed
+    assert curriculum.run(cfg, wd) == "finished"
+    assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
+    names = {p.name for p in ckpts.iterdir()}
+    assert "2.damaged" in names and "3" not in names, names
+    assert_bitwise(final_params(full_wd)[1], final_params(wd)[1])
+    rows = [json.loads(l) for l in (paths.resolve(wd) / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_failing_checkpoint_write_stops_the_run_with_the_previous_checkpoint_intact(
@@ -505,7 +535,7 @@ def test_recipe_smoke_variant_runs_the_scale_code_path(assets, tmp_path):
     """The 3B recipe's CPU smoke variant (remat, micro-batches, chunked scoring and sampling, fp32
     storage) trains its text-only GRPO stage through the trainer, sampling in a decoding layout
     (`grpo.rollout_tensor=2`, as the 7B recipe's 4, on the 8 fake devices)."""
-    cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_smoke_cpu.py"), [
+    cfg = config_lib.load_config(str(ROOT / "configs/qwen2_5_vl_3b_tpu.py:smoke"), [
         f"model.path={assets / 'model'}", f"data.data_dir={assets / 'data'}", "compilation_cache_dir=",
         "stages.1.steps=2", "stages.1.grpo.rollout_tensor=2"])
     st = cfg.stages[1]
@@ -589,6 +619,23 @@ def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path,
     assert not (tmp_path / "gs:").exists()
 
 
+def test_unwritable_bucket_compilation_cache_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):
+    """`compilation_cache_dir=gs://...` that cannot be written is one line naming the key and the
+    cause before set-up (JAX itself would only warn at every compile and carry on uncached)."""
+    cfg = two_stage_config(assets, compilation_cache_dir="gs://no-such-bucket/jax_cache")
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from vlm_jax.config import config_from_dict\n"
+        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable cache"))
+    assert train.main(["--config", str(cfg_file), "--workdir", f"{gcs}/cache_check/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: compilation_cache_dir: gs://no-such-bucket/jax_cache"), err
+    assert "no such bucket" in err[0], err
+
+
 def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkeypatch):
     """`model.path=ORG/NAME[@REVISION]` resolves through huggingface_hub's cache (offline here: the
     test fills the cache with the tiny model)."""
@@ -608,10 +655,10 @@ def test_model_path_may_be_a_hub_id_read_from_the_cache(assets, tmp_path, monkey
     paths._hub_snapshot.cache_clear()
     try:
         for name in ("tiny-org/tiny-vl", f"tiny-org/tiny-vl@{commit}"):
-            curriculum.check_model_dir(name)
+            startup.check_model_dir(name)
             assert_bitwise(models.from_pretrained(name)[1], models.from_pretrained(assets / "model")[1])
         assert Processor.from_pretrained("tiny-org/tiny-vl").image_token_id > 0
         with pytest.raises(config_lib.ConfigError, match="does not exist, and as a Hugging Face hub id"):
-            curriculum.check_model_dir("tiny-org/no-such-model")
+            startup.check_model_dir("tiny-org/no-such-model")
     finally:
         paths._hub_snapshot.cache_clear()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlm_jax import config as config_lib
-from vlm_jax import curriculum, train
+from vlm_jax import startup, train
 from vlm_jax.data import check, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,20 +65,20 @@ def _processor(cfg):
     from vlm_jax.data.processor import Processor
 
     processor = Processor.from_pretrained(cfg.model.path)
-    curriculum.configure_processor(processor, cfg.data)
+    startup.configure_processor(processor, cfg.data)
     return processor
 
 
 def test_check_uses_the_arguments_the_curriculum_reads_each_stage_with(monkeypatch, crafted):
     cfg = config_lib.load_config(str(ROOT / "configs/synthetic_cpu.py"),
                                  ["stages.1.sft.target=caption", "stages.2.sft.caption_as_input=true"])
-    assert check.CAPTION_INSTRUCTION == curriculum.CAPTION_INSTRUCTION
+    assert check.CAPTION_INSTRUCTION == startup.CAPTION_INSTRUCTION
     seen = []
     monkeypatch.setattr(pipeline, "make_dataset", lambda sources, processor, **kw: seen.append(kw))
-    env = curriculum.Env(cfg, Path("."), None, None, _processor(config_lib.load_config(str(crafted), [])),
+    env = startup.Env(cfg, Path("."), None, None, _processor(config_lib.load_config(str(crafted), [])),
                          {(d.name, d.split): None for s in cfg.stages for d in s.datasets}, 64)
     for i in range(len(cfg.stages)):
-        curriculum.make_iterator(env, i)
+        startup.make_iterator(env, i)
         want = check.stage_pipeline_kwargs(cfg, i)
         assert {k: seen[-1][k] for k in want} == want
         assert pipeline.row_spec(**want) == pipeline.row_spec(**{k: seen[-1][k] for k in want})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_jax import config as config_lib, curriculum, models
+from vlm_jax import config as config_lib, models, startup
 from vlm_jax.data import pipeline as pl
 from vlm_jax.data import prepare as prep
 from vlm_jax.data.processor import Processor
@@ -150,10 +150,10 @@ def test_data_shards_must_split_every_stages_batch():
                                                           datasets=(config_lib.DatasetSpec(name="x"),),
                                                           steps=1, batch_size=6),))
   mesh = sharding.make_mesh()
-  curriculum.check_data_shards(base, mesh)  # one shard per process: fine
+  startup.check_data_shards(base, mesh)  # one shard per process: fine
   bad = config_lib.Config(stages=base.stages, data=config_lib.DataConfig(shards=4))
   with pytest.raises(config_lib.ConfigError, match="batch_size 6 does not split over 4 data shards") as e:
-    curriculum.check_data_shards(bad, mesh)
+    startup.check_data_shards(bad, mesh)
   assert e.value.key == "stages.0.batch_size"
   with pytest.raises(config_lib.ConfigError, match="shards"):
     config_lib.DataConfig(shards=-1)

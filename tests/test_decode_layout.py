@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax import curriculum, models
+from vlm_jax import models, startup
 from vlm_jax.config import ConfigError, GRPOConfig, MeshConfig
 from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import TinySpec, build_tiny_model
 from vlm_jax.plan import loop_collectives
 from vlm_jax.rl import sampler
-from vlm_jax.rl.rollout import collect_rollout
+from vlm_jax.rl.rollout import SpecialTokens, collect_rollout
 from vlm_jax.sharding import make_mesh
 
 G = 2      # samples per prompt
@@ -50,8 +50,8 @@ def rollout(env, tensor: int, temperature: float = 0.0):
   with jax.default_matmul_precision("highest"):
     rb, graded, _ = collect_rollout(
         env.model, env.params, env.params, iter([batch]), cfg=cfg, tokenizer=env.proc.tokenizer,
-        reward_fn=reward, rng=jax.random.key(0), eos_token_ids=(), pad_token_id=env.proc.pad_token_id,
-        image_token_id=env.proc.image_token_id, batch_size=8)
+        reward_fn=reward, rng=jax.random.key(0),
+        tokens=SpecialTokens((), env.proc.pad_token_id, env.proc.image_token_id), batch_size=8)
   return rb, graded
 
 
@@ -143,7 +143,7 @@ def test_bad_rollout_tensor_is_refused_before_compiling(env):
   stage = lambda n: SimpleNamespace(objective="grpo", grpo=GRPOConfig(rollout_tensor=n))  # noqa: E731
   cfg = SimpleNamespace(stages=[stage(2), stage(0), stage(3)])
   with pytest.raises(ConfigError, match=r"stages.2.grpo.rollout_tensor: 3 does not divide the 8 devices"):
-    curriculum.check_rollout_layouts(cfg, env.model.config, 8)
+    startup.check_rollout_layouts(cfg, env.model.config, 8)
 
 
 def test_lora_policy_is_resharded_with_its_adapters(env):

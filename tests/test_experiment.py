@@ -16,13 +16,39 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("experiment")
-    # as a user runs them: one CPU device (the suite's 8 fake devices would not fit the pre-training mesh)
+    # as a user runs them: one CPU device (the device count the committed results were made on)
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
            "VLM_JAX_DATA_DIR": str(d / "data")}
     proc = subprocess.run([sys.executable, "-m", "vlm_jax.demo_setup", "--out", str(d / "base"),
                            "--workdir", str(d / "pretrain")], env=env, cwd=d, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return d, env
+
+
+def test_pretraining_uses_every_device_and_is_unchanged_on_one():
+    """The demo's pre-training mesh takes every device on the data axis: on one device the mesh the
+    committed demo ran on (so the same numbers), on 8 the batch of 16 split 2 rows a device."""
+    from vlm_jax import config as config_lib
+    from vlm_jax.demo_setup import PRETRAIN_CONFIG
+
+    cfg = config_lib.load_config(str(PRETRAIN_CONFIG))
+    assert cfg.mesh.shape(1) == (1, 1, 1)
+    assert cfg.mesh.shape(8) == (8, 1, 1) and cfg.stages[0].batch_size % 8 == 0
+
+
+@pytest.mark.slow  # builds the grid data and compiles the pre-training: ~3 min on 2 cores
+def test_demo_setup_on_several_devices(tmp_path):
+    """`python -m vlm_jax.demo_setup` on 8 (fake CPU) devices pre-trains on all of them (two steps
+    here) and exports the base."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "VLM_JAX_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-m", "vlm_jax.demo_setup", "--out", str(tmp_path / "base"),
+                           "--workdir", str(tmp_path / "pretrain"), "stages.0.steps=2", "compilation_cache_dir="],
+                          env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "base" / "config.json").exists()
+    config = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+    assert config["mesh"]["data"] == -1
 
 
 @pytest.mark.slow

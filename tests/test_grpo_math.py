@@ -61,6 +61,29 @@ def test_reinforce_pp_batch_baseline_and_whitening():
     close(adv.mean(), 0.0)
 
 
+def test_reinforce_pp_whitens_over_valid_tokens_like_verl():
+    # EasyR1/verl: returns = the row's reward on each of its valid tokens (gamma 1), then
+    # masked_whiten over the batch's valid tokens (unbiased variance over the token count).
+    rewards = np.array([1.0, 0.0, 0.5, 1.0, 0.0, 0.0], np.float32)
+    lengths = np.array([3, 9, 1, 5, 2, 7])
+    T = 10
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)
+    returns = rewards[:, None].astype(np.float64) * mask
+    n = mask.sum()
+    mean = (returns * mask).sum() / (n + 1e-8)
+    var = (((returns - mean) ** 2) * mask).sum() / (n + 1e-8) * n / (n - 1)
+    want_BT = (returns - mean) / np.sqrt(var + 1e-8)
+    adv = np.asarray(grpo.compute_advantages(rewards, 3, estimator="reinforce_pp", lengths_B=lengths))
+    for b in range(len(rewards)):  # one value per row: the token-level advantage on its valid tokens
+        np.testing.assert_allclose(want_BT[b, : lengths[b]], adv[b], rtol=1e-5, atol=1e-6)
+    # a response-level normalisation (the old one) differs by far more than round-off here
+    flat = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)
+    assert np.abs(flat - adv).max() > 0.05
+    # equal lengths: token weights equal, only the Bessel count differs from one-per-response
+    eq = np.asarray(grpo.compute_advantages(rewards, 3, estimator="reinforce_pp", lengths_B=np.ones(6)))
+    np.testing.assert_allclose(eq, flat, rtol=1e-4, atol=1e-5)
+
+
 def test_grpo_with_batch_scaling_divides_group_centred_rewards_by_batch_std():
     # group-centred rewards of test_dr_grpo divided by the batch std .5175492 from above
     adv = grpo.compute_advantages(REWARDS, 4, estimator="grpo", scaling="batch")

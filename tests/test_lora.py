@@ -244,9 +244,9 @@ def lora_run(tmp_path_factory):
 
 
 def final(workdir):
-    from vlm_jax import curriculum
+    from vlm_jax.workdir import restore_for_export
 
-    return curriculum.restore_for_export(workdir)[1]
+    return restore_for_export(workdir)[1]
 
 
 @pytest.mark.slow
@@ -301,10 +301,10 @@ def test_lora_workdir_exports_merged_weights_and_peft_adapters(lora_run, tmp_pat
         assert (tmp_path / f).exists(), f
     import torch
     from PIL import Image
-    from vlm_jax import curriculum
+    from vlm_jax.workdir import restore_for_export
     from vlm_jax.data.processor import Processor
 
-    model, params, _ = curriculum.restore_for_export(lora_run.wd)
+    model, params, _ = restore_for_export(lora_run.wd)
     proc = Processor.from_pretrained(tmp_path / "hf")
     img = Image.fromarray((np.arange(56 * 84 * 3) % 251).astype(np.uint8).reshape(56, 84, 3))
     text = proc.apply_chat_template(
@@ -320,3 +320,55 @@ def test_lora_workdir_exports_merged_weights_and_peft_adapters(lora_run, tmp_pat
     with torch.no_grad():
         for hf in (merged, tuned):
             np.testing.assert_allclose(hf(**tb).logits.numpy()[m], ours[m], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA stages with a bucket workdir (storage server on loopback: the `gcs` fixture)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lora_base_saved_in_a_bucket_is_the_base_a_resume_uses(gcs, env):
+    """A LoRA stage's frozen base (the weights at its start, saved in `lora_base/` for a resume)
+    round-trips through a bucket bitwise; a stage without a saved base uses the loaded model."""
+    from pathlib import Path
+
+    from test_curriculum import assert_bitwise
+    from vlm_jax import config as config_lib
+    from vlm_jax.checkpoint import Checkpointer
+    from vlm_jax.startup import dtype_of
+    from vlm_jax.workdir import lora_base
+
+    cfg = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs/demo_cpu_lora.py"))
+    dtype = dtype_of(cfg.stages[1].lora.base_dtype or cfg.model.dtype)
+    changed = lora.cast(randomized(env.params, seed=3), dtype)
+    with Checkpointer(f"{gcs}/lora/lora_base", keep=2, async_save=False) as bases:
+        bases.save(1, changed, {"stage_index": 1}, force=True)
+    with Checkpointer(f"{gcs}/lora/lora_base", keep=2, async_save=False) as bases:
+        assert bases.all_steps() == [1]
+        assert_bitwise(lora_base(cfg, bases, 1, env.params).params, changed)
+        assert_bitwise(lora_base(cfg, bases, 0, env.params).params, lora.cast(env.params, dtype))
+
+
+@pytest.mark.slow  # two LoRA runs (~1 min on 2 cores) beside the module's reference run
+def test_lora_curriculum_in_a_bucket_resumes_from_its_base_bitwise(gcs, lora_run, tmp_path, monkeypatch):
+    """A LoRA curriculum with a bucket workdir stopped in the second LoRA stage (its base, the
+    first stage's merged weights, saved to `lora_base/` in the bucket) resumes from the bucket and
+    ends bitwise equal to the local uninterrupted run; export to the bucket writes the merged model,
+    the PEFT adapters and their base."""
+    from test_curriculum import assert_bitwise
+    from vlm_jax import curriculum, export, paths
+    from vlm_jax.checkpoint import Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    wd = f"{gcs}/lora_run"
+    assert curriculum.run(lora_run.cfg, wd, stop_after=4) == "preempted"
+    assert Checkpointer(f"{wd}/lora_base").all_steps() == [1]
+    assert curriculum.run(lora_run.cfg, wd) == "finished"
+    a, b = final(lora_run.wd), final(wd)
+    assert_bitwise(a.adapters, b.adapters)
+    assert_bitwise(a.base, b.base)
+    assert export.main(["--workdir", wd, "--out", f"{gcs}/lora_hf"]) == 0
+    for f in ("config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+              "adapter_base/config.json"):
+        assert paths.resolve(f"{gcs}/lora_hf/{f}").exists(), f
+    assert not (tmp_path / "gs:").exists()

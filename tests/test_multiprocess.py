@@ -51,7 +51,7 @@ def worker_env() -> dict[str, str]:
   return env
 
 
-def spawn(tmp: Path, ckpt: Path, tiny: Path) -> list[tuple[subprocess.Popen, Path, Path]]:
+def spawn(tmp: Path, ckpt: Path, tiny: Path, *extra: str) -> list[tuple[subprocess.Popen, Path, Path]]:
   port = free_port()
   np.savez(tmp / "batch.npz", **BATCH)
   np.savez(tmp / "batch_qwen3.npz", **BATCH_QWEN3)
@@ -62,7 +62,7 @@ def spawn(tmp: Path, ckpt: Path, tiny: Path) -> list[tuple[subprocess.Popen, Pat
            "--ckpt", str(ckpt), "--batch", str(tmp / "batch.npz"), "--save-dir", str(tmp / "saved"),
            "--num-rows", str(NUM_ROWS), "--tiny", str(tiny), "--out", str(tmp / f"result{i}.json"),
            "--train-assets", str(tmp / "train"), "--ckpt-qwen3", str(tmp / "ckpt_qwen3"),
-           "--batch-qwen3", str(tmp / "batch_qwen3.npz")]
+           "--batch-qwen3", str(tmp / "batch_qwen3.npz"), *extra]
     with log.open("w") as f:
       proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(), cwd=REPO)
     procs.append((proc, tmp / f"result{i}.json", log))
@@ -98,9 +98,10 @@ def collect(procs, deadline: float) -> list[dict[str, Any]]:
     elif proc.returncode != 0:
       problems.append(f"worker {i} exited with {proc.returncode}; log tail:\n{tail}")
     else:
-      with np.load(str(out) + ".npz") as f:
-        result["logits"] = f["logits"]
-        result["logits_qwen3"] = f["logits_qwen3"]
+      if Path(str(out) + ".npz").exists():  # not in a `--bucket` run
+        with np.load(str(out) + ".npz") as f:
+          result["logits"] = f["logits"]
+          result["logits_qwen3"] = f["logits_qwen3"]
       results.append(result)
   if problems:  # a worker's own error first: its peer usually just hung in a collective
     pytest.fail("\n\n".join(problems))
@@ -241,6 +242,7 @@ def test_two_process_training_run_matches_one_process(run):
   process with 8 devices reading both shards."""
   import multiprocess_worker
   from vlm_jax import config as config_lib, curriculum
+  from vlm_jax.workdir import restore_for_export
 
   assert all(r["train"] == "finished" for r in run["results"])
   d = run["tmp"] / "train"
@@ -269,8 +271,8 @@ def test_two_process_training_run_matches_one_process(run):
     np.testing.assert_allclose([r[key] for r in grpo],
                                [r[key] for r in single if r.get("stage") == "grpo" and "loss" in r],
                                rtol=1e-5, err_msg=key)
-  _, got, _ = curriculum.restore_for_export(d / "workdir")
-  _, want, _ = curriculum.restore_for_export(d / "single")
+  _, got, _ = restore_for_export(d / "workdir")
+  _, want, _ = restore_for_export(d / "single")
   _, init = models.from_pretrained(d / "model")
   # Same samples, but gradients summed in another order; Adam (lr 1e-3) turns a round-off-sized
   # gradient of a barely used weight into an update of up to ~lr, so compare at a fraction of lr
@@ -292,3 +294,64 @@ def test_two_processes_resume_past_a_damaged_latest_checkpoint(run):
     after, before = ({k: v for k, v in rec.items() if k != "time"} for rec in (d["last_after"], d["last_before"]))
     assert after == before and after["step"] == 4  # the same floats: loss, rewards, grad norm, ...
     assert "loss" in after and "reward/mean" in after
+
+
+# ------------------------------------------------------------------------------------------------
+# the same training run with its workdir in a bucket (the `gcs` storage server of this process)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs, tmp_path_factory):
+  """Both workers train the run above with a `gs://` workdir, then resume it past a truncated
+  newest checkpoint there. They reach this process's storage server through the environment:
+  gcsfs's plain HTTP filesystem (`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`), anonymous
+  (`FSSPEC_GS_TOKEN=anon`), and the conftest's emulator endpoints."""
+  tmp = tmp_path_factory.mktemp("multiprocess_bucket")
+  write_train_assets(tmp / "train")
+  wd = f"{gcs}/multiprocess/run"
+  env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon"}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    procs = spawn(tmp, tmp / "unused", tmp / "unused", "--bucket", wd)
+    results = collect(procs, time.monotonic() + 3 * TIMEOUT_S)  # two runs, every file over HTTP (~8 min on 2 busy cores)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  return {"tmp": tmp, "wd": wd, "results": sorted(results, key=lambda r: r["process_index"])}
+
+
+def test_two_processes_write_their_shares_to_a_bucket_and_only_process_0_the_rest(bucket_run):
+  """Each checkpoint step in the bucket holds both processes' array data (orbax's per-process
+  OCDBT databases, written by tensorstore) and each step's metrics once; every other object
+  (metrics, report, plots, evaluation, checkpoint metadata) is written by process 0 alone; the
+  run resumes past a damaged newest checkpoint there as on a shared disk."""
+  from vlm_jax import paths
+
+  wd = paths.resolve(bucket_run["wd"])
+  first, second = bucket_run["results"]
+  assert first["train"] == second["train"] == "finished"
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 4]  # keep=2
+  for step in steps:
+    state = wd / "checkpoints" / str(step) / "state"
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in state.iterdir()}, step
+    assert {p.name for p in (state / "array_metadatas").iterdir()} == {"process_0", "process_1"}, step
+  records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # step 4 redone after the damage, logged once
+  assert (wd / "report.md").read_text().startswith("# Run report")
+  root = str(wd)[len("gs://"):]
+  others = [p for p in second["written"] if ".vlm_jax_write_check." not in p
+            and not p.endswith("/state/array_metadatas/process_1")]
+  assert others == [], others  # process 1: its start-up write probes and its arrays' metadata only
+  mine = {p[len(root) + 1:] for p in first["written"] if p.startswith(root)}
+  assert {"metrics.jsonl", "report.md", "config.json"} <= mine, sorted(mine)
+  for r in bucket_run["results"]:
+    d = r["damaged_resume"]
+    assert d["status"] == "finished" and d["damaged_step"] == 4 and d["set_aside"] == ["4.damaged"]
+    after, before = ({k: v for k, v in rec.items() if k != "time"} for rec in (d["last_after"], d["last_before"]))
+    assert after == before and after["step"] == 4

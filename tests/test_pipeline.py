@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlm_jax.data import pipeline as pl
+from vlm_jax.data import rows as row_lib
 from vlm_jax.data import prepare as prep
 from vlm_jax.data.processor import Processor
 from vlm_jax.data.schema import normalize_row
@@ -44,8 +45,8 @@ def _indices(it: pl.BatchIterator, n_batches: int | None = None) -> list[list[in
     return [[i for i in batch["index"] if i >= 0] for batch in batches]
 
 
-def _prompt_ids(processor: Processor, row: dict, spec: pl.RowSpec = pl.RowSpec()) -> np.ndarray:
-    messages, images = pl.prompt_inputs(row, spec)
+def _prompt_ids(processor: Processor, row: dict, spec: row_lib.RowSpec = row_lib.RowSpec()) -> np.ndarray:
+    messages, images = row_lib.prompt_inputs(row, spec)
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
     out = processor([processor.apply_chat_template(messages)], [pil] if pil else None)
     return out["input_ids"][0]
@@ -53,17 +54,17 @@ def _prompt_ids(processor: Processor, row: dict, spec: pl.RowSpec = pl.RowSpec()
 
 def test_prompt_format() -> None:
     row = _row("Compare <image> and\n<image> please.", [_png("red"), _png("blue")])
-    messages, images = pl.prompt_inputs(row, pl.RowSpec())
+    messages, images = row_lib.prompt_inputs(row, row_lib.RowSpec())
     assert len(images) == 2
     assert messages == [{"role": "user", "content": [
         {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
-        {"type": "text", "text": "please.\n" + pl.REASONING_INSTRUCTION}]}]
-    messages, _ = pl.prompt_inputs(_row("Look: <image>", [_png("red")]), pl.RowSpec(system_prompt="Be brief."))
+        {"type": "text", "text": "please.\n" + row_lib.REASONING_INSTRUCTION}]}]
+    messages, _ = row_lib.prompt_inputs(_row("Look: <image>", [_png("red")]), row_lib.RowSpec(system_prompt="Be brief."))
     assert messages[0] == {"role": "system", "content": "Be brief."}
-    assert messages[1]["content"][-2:] == [{"type": "image"}, {"type": "text", "text": pl.REASONING_INSTRUCTION}]
+    assert messages[1]["content"][-2:] == [{"type": "image"}, {"type": "text", "text": row_lib.REASONING_INSTRUCTION}]
     # text_only: the caption replaces the images
     row = _row("<image>\nWhat shape?", [_png("red")], caption="A red square.")
-    messages, images = pl.prompt_inputs(row, pl.RowSpec(text_only=True, instruction=""))
+    messages, images = row_lib.prompt_inputs(row, row_lib.RowSpec(text_only=True, instruction=""))
     assert images == [] and messages[0]["content"] == [
         {"type": "text", "text": "Image description: A red square.\nWhat shape?"}]
 

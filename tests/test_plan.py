@@ -134,7 +134,7 @@ def test_planner_image_stage_has_a_vision_row_with_per_row_inputs_split_over_the
     """A stage with images: its programs get the per-row vision inputs (split over the batch like the
     tokens, each row `num_patches_for` patches) and a `vision` row (the tower's share of an update:
     one micro-batch's rows encoded, forward and backward when the stage trains the vision tower)."""
-    from vlm_jax import curriculum
+    from vlm_jax import startup
 
     tiny_hf_config(tmp_path)
     base = stages_config(tmp_path)
@@ -143,7 +143,7 @@ def test_planner_image_stage_has_a_vision_row_with_per_row_inputs_split_over_the
                                  micro_batch_size=4)
     cfg = config_lib.Config(model=base.model, mesh=base.mesh, data=base.data, stages=(img,),
                             compilation_cache_dir="")
-    P = curriculum.num_patches_for(cfg, 14)
+    P = startup.num_patches_for(cfg, 14)
     assert P == 64  # 12,544 pixels per row in 14-pixel patches
     rows = plan.plan(cfg, "v5e:2x2", programs=("sft", "vision"), log=lambda *_: None)
     by = {r.program: r for r in rows}

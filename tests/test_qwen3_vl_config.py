@@ -73,7 +73,7 @@ def test_qwen3_recipes():
         dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, rollout_tensor=0)) for s in paper.stages)
     assert paper.stages[0].grpo.rollout_tensor == 4
     assert staged.stages == sampled_in_training_layout and staged.data == paper.data
-    merged = load_config(str(ROOT / "configs/qwen3_vl_8b_merged_tpu.py"))
+    merged = load_config(str(ROOT / "configs/qwen3_vl_8b_tpu.py:merged"))
     (stage,) = merged.stages
     assert stage.steps == 930 and stage.objective == "grpo" and stage.grpo == staged.stages[0].grpo
     weights = {d.name: d.weight for d in stage.datasets}
@@ -86,10 +86,10 @@ def test_qwen3_recipes():
         assert s.grpo.kl_coef == 1e-2 and s.optimizer.lr == 1e-6
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl_8b", "qwen3_vl_8b_merged", "qwen3_vl_2b"])
+@pytest.mark.parametrize("name", ["qwen3_vl_8b_tpu.py:", "qwen3_vl_8b_tpu.py:merged", "qwen3_vl_2b_tpu_chip.py:"])
 def test_smoke_variants_keep_the_stages_at_cpu_sizes(name):
-    recipe = load_config(str(ROOT / f"configs/{name}_{'tpu_chip' if name.endswith('2b') else 'tpu'}.py"))
-    smoke = load_config(str(ROOT / f"configs/{name}_smoke_cpu.py"))
+    recipe = load_config(str(ROOT / f"configs/{name}"))
+    smoke = load_config(str(ROOT / f"configs/{name}{',' if not name.endswith(':') else ''}smoke"))
     assert smoke.model.path == "artifacts/tiny_qwen3" and smoke.model.dtype == "float32"
     assert [(s.name, s.objective, s.trainable, s.reward, s.remat) for s in smoke.stages] == \
         [(s.name, s.objective, s.trainable, s.reward, s.remat) for s in recipe.stages]

@@ -23,7 +23,7 @@ from vlm_jax.config import GRPOConfig
 from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import build_tiny_model
 from vlm_jax.rl.policy import score_responses
-from vlm_jax.rl.rollout import collect_rollout, concat_batches, select_rows
+from vlm_jax.rl.rollout import SpecialTokens, collect_rollout, concat_batches, select_rows
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 G = 4          # samples per prompt
@@ -151,8 +151,7 @@ def collect(env, answers, *, batch_size=2, dynamic=True, max_extra_draws=4, seed
   stream = prompt_stream(env, answers, shards)
   batch, graded, metrics = collect_rollout(
       env.model, env.params, env.params, stream, cfg=cfg, tokenizer=env.proc.tokenizer,
-      reward_fn=reward, rng=jax.random.key(seed), eos_token_ids=env.proc.eos_token_ids,
-      pad_token_id=env.proc.pad_token_id, image_token_id=env.proc.image_token_id,
+      reward_fn=reward, rng=jax.random.key(seed), tokens=SpecialTokens.of(env.proc),
       batch_size=batch_size, shards=shards)
   return SimpleNamespace(batch=batch, graded=graded, metrics=metrics, reward=reward,
                          left=sum(1 for _ in stream))
@@ -257,8 +256,7 @@ def test_chunked_sampling_and_scoring_keep_rows_with_their_prompts(env):
   batch, graded, _ = collect_rollout(
       env.model, env.params, env.params, prompt_stream(env, STREAM), cfg=cfg,
       tokenizer=env.proc.tokenizer, reward_fn=GroupReward(), rng=jax.random.key(1),
-      eos_token_ids=env.proc.eos_token_ids, pad_token_id=env.proc.pad_token_id,
-      image_token_id=env.proc.image_token_id, batch_size=2)
+      tokens=SpecialTokens.of(env.proc), batch_size=2)
   mask = np.asarray(batch.mask_NT) > 0
   assert mask.sum() > 0 and batch.responses_NT.shape == (2 * G, NEW)
   np.testing.assert_allclose(np.asarray(batch.ref_logp_NT)[mask], np.asarray(batch.old_logp_NT)[mask],

@@ -63,3 +63,110 @@ def test_remote_safetensors_reads_row_ranges(gcs, tmp_path):
         np.testing.assert_array_equal(sl[1:4, :, 2:3], arrays["a"][1:4, :, 2:3])
         np.testing.assert_array_equal(sl[slice(0, 5), slice(0, 3)], arrays["a"])
         np.testing.assert_array_equal(f.get_slice("b")[2:5], arrays["b"][2:5])
+
+
+# --- checkpoints in a bucket: damage, partial saves
+
+
+def _truncate_largest_array_object(step):
+    """Halves the largest merged array data object (orbax's OCDBT data under `state/d/`)."""
+    victim = max((step / "state" / "d").iterdir(), key=lambda p: p.stat().length)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+
+
+def _half_written_in_a_bucket(step):
+    """What a save killed mid-write leaves in a bucket, where orbax writes a step in place: the
+    step's objects without its metadata item, without array data and without `commit_success.txt`."""
+    paths.rmtree(step / "meta")
+    for data in (step / "state").glob("ocdbt.process_*"):
+        paths.rmtree(data)
+    (step / "commit_success.txt").unlink()
+
+
+BUCKET_DAMAGE = {
+    "truncated_array_file": _truncate_largest_array_object,
+    "meta_removed": lambda d: (d / "meta" / "metadata").unlink(),
+    "array_manifest_removed": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "half_written": _half_written_in_a_bucket,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BUCKET_DAMAGE))
+def test_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(gcs, damage, caplog):
+    """As on disk (test_checkpoint): the newest step that does not restore is skipped and set aside
+    as `<step>.damaged` (copied in the bucket, then removed), the previous step is restored
+    bitwise, and the step can be written again; a half-written step (no `commit_success.txt`) is
+    never listed at all."""
+    from test_checkpoint import abstract, host_bytes, make_state, scale_params
+
+    from vlm_jax.checkpoint import Checkpointer
+
+    import jax
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    state = make_state(mesh)
+    url = f"{gcs}/damage/{damage}"
+    root = paths.resolve(url)
+    with Checkpointer(url, keep=3, async_save=False) as ckpt:
+        for step in (2, 4, 6):
+            ckpt.save(step, scale_params(state, float(step)), {"step": step})
+    BUCKET_DAMAGE[damage](root / "6")
+    with Checkpointer(url, keep=3) as ckpt:
+        assert ckpt.all_steps() == ([2, 4] if damage == "half_written" else [2, 4, 6])
+        step, restored, meta = ckpt.restore_newest(lambda m: abstract(state))
+        assert (step, meta) == (4, {"step": 4})
+        assert host_bytes(restored) == host_bytes(scale_params(state, 4.0))
+        assert ckpt.all_steps() == [2, 4]
+        if damage != "half_written":
+            assert "checkpoint step 6" in caplog.text and "does not restore" in caplog.text
+            assert sorted(p.name for p in root.iterdir()) == ["2", "4", "6.damaged"]
+            assert (root / "6.damaged" / "_CHECKPOINT_METADATA").exists()  # kept for inspection
+        assert ckpt.save(6, scale_params(state, 7.0), {"step": 66})
+        ckpt.wait()
+    with Checkpointer(url, keep=3) as ckpt:
+        step, restored, meta = ckpt.restore_newest(lambda m: abstract(state))
+        assert (step, meta) == (6, {"step": 66}) and host_bytes(restored) == host_bytes(scale_params(state, 7.0))
+
+
+# --- the persistent compilation cache in a bucket
+
+
+def test_compilation_cache_in_a_bucket_is_written_and_read_back(gcs):
+    """JAX's persistent cache takes a `gs://` directory itself (through etils.epath): a compile
+    writes its entry to the bucket and, with JAX's in-memory caches cleared, is read back from it."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src import compilation_cache as cc
+
+    url = f"{gcs}/jax_cache"
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    try:
+        for k, v in zip(keys, (url, 0, 0)):
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+        def fn(x):
+            return jnp.sin(x) * 3.0 + 1.0
+
+        expected = jax.jit(fn)(jnp.arange(5.0))
+        entries = [p.name for p in paths.resolve(url).iterdir() if p.name.startswith("jit_fn-")]
+        assert len(entries) == 1, entries
+        jax.clear_caches()
+        cc.reset_cache()
+        hits = []
+        real_get = cc.get_executable_and_time
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cc, "get_executable_and_time",
+                       lambda *a, **k: hits.append(out := real_get(*a, **k)) or out)
+            again = jax.jit(fn)(jnp.arange(5.0))
+        assert any(h[0] is not None for h in hits), hits  # an executable came from the bucket
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(expected))
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        jax.clear_caches()
+        cc.reset_cache()
+    assert not Path("gs:").exists()

@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from vlm_jax import config as config_lib
-from vlm_jax import curriculum, evaluate, sft, train
+from vlm_jax import curriculum, evaluate, sft, startup, train
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.data import pipeline as pl
+from vlm_jax.data import rows as row_lib
 from vlm_jax.data import prepare as prep
 from vlm_jax.rl import policy, rewards, sampler
 
@@ -177,7 +178,7 @@ def test_iterator_with_every_row_skipped_raises_with_counts(assets):
     assert not hung, "the iterator waited forever on data that has no usable row"
     err = box["error"]
     assert isinstance(err, pl.NoUsableRowsError)
-    skipped = it.stats["skipped"][pl.PROMPT_TOO_LONG]
+    skipped = it.stats["skipped"][row_lib.PROMPT_TOO_LONG]
     assert skipped >= len(source) and sum(it.stats["skipped"].values()) == skipped
     assert f"prompt_too_long {skipped}" in str(err) and "data.max_prompt_len" in str(err)
     assert it.stats["rows"] == 0 and seconds < 30
@@ -217,10 +218,10 @@ def test_strict_bad_row_mid_run_is_one_line_naming_the_row(assets, tmp_path, cap
 STALL_SCRIPT = r"""
 import sys, time
 from pathlib import Path
-from vlm_jax import curriculum, train
+from vlm_jax import startup, train
 
 trigger = Path(sys.argv[1])
-real_open = curriculum.open_sources
+real_open = startup.open_sources
 
 class Stalling:
     # the real rows until `trigger` exists, then every read stalls (a hung network mount)
@@ -233,7 +234,7 @@ class Stalling:
             time.sleep(0.05)
         return self.source[i]
 
-curriculum.open_sources = lambda cfg: {k: Stalling(v) for k, v in real_open(cfg).items()}
+startup.open_sources = lambda cfg: {k: Stalling(v) for k, v in real_open(cfg).items()}
 train.main = (lambda main: lambda: main(sys.argv[2:]))(train.main)
 getattr(train, "cli", lambda: sys.exit(train.main()))()
 """
@@ -291,7 +292,7 @@ def test_prepare_train_evaluate_share_one_data_dir_from_another_folder(assets, t
     assert (tmp_path / "home" / "data" / "mydata").is_dir()
     cfg = make_config(assets, [stage("see", "grpo", "mydata")])  # no data_dir anywhere
     assert cfg.data.data_dir == ""
-    sources = curriculum.open_sources(cfg)
+    sources = startup.open_sources(cfg)
     assert len(sources[("mydata", "train")]) == N_IMAGE_ROWS + N_TEXT_ROWS
     # evaluate: `--data mydata` takes its only split; with two splits it says which exist
     res = tmp_path / "eval.json"
@@ -326,7 +327,7 @@ def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
     directory)` from a fixed probe name)."""
     import threading
 
-    from vlm_jax import curriculum
+    from vlm_jax import startup
 
     errors, start = [], threading.Barrier(8)
 
@@ -334,7 +335,7 @@ def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
         start.wait()
         for _ in range(200):
             try:
-                curriculum.check_workdir(tmp_path / "wd")
+                startup.check_workdir(tmp_path / "wd")
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
 

@@ -41,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vlm_jax import paths
+
 log = logging.getLogger(__name__)
 
 PyTree = Any
@@ -341,10 +343,11 @@ class Checkpointer:
                 while dst.exists():
                     n += 1
                     dst = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
-                src.rename(dst)
+                paths.move_tree(src, dst)  # a bucket has no folder rename: copied, then removed
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("vlm_jax_checkpoint_quarantine")
+        paths.forget_listings(self.directory)  # a bucket: the other processes' cached listings are stale
         self._manager.reload()
 
     def _resolve_step(self, step: int | None) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 
 from vlm_jax import paths
 from vlm_jax.rl import rewards as rewards_lib
-from vlm_jax.rl.rollout import generate_and_grade
+from vlm_jax.rl.rollout import SamplingSpec, SpecialTokens, generate_and_grade
 
 CORRECT_THRESHOLD = 0.5  # a graded score >= this counts as correct (IoU >= 0.5 for boxes)
 # answer types whose graded score is partial credit: correct only when every part is right
@@ -83,16 +83,12 @@ def evaluate_source(
             model,
             params,
             batch,
+            spec=SamplingSpec(max_new_tokens=max_new_tokens, temperature=temperature,
+                              prompt_buckets=tuple(length_buckets)),
+            tokens=SpecialTokens.of(processor),
             tokenizer=processor.tokenizer,
             reward_fn=reward_fn,
-            num_samples=1,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
             rng=jax.random.fold_in(jax.random.key(seed), len(samples) + sum(map(len, per_task.values()))),
-            eos_token_ids=processor.eos_token_ids,
-            pad_token_id=processor.pad_token_id,
-            image_token_id=processor.image_token_id,
-            prompt_buckets=length_buckets,
         )
         score = g.components["auto"]
         types = g.prompts.get("answer_type", [""] * len(g.texts))
@@ -177,7 +173,7 @@ def load_for_eval(path: str | Path, dtype=None):
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         model, params = models.from_pretrained(path, dtype=dtype or jnp.float32)
         return model, params, Processor.from_pretrained(path)
-    from vlm_jax.curriculum import restore_for_export
+    from vlm_jax.workdir import restore_for_export
 
     return restore_for_export(path)
 

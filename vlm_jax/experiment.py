@@ -16,7 +16,8 @@ import dataclasses
 
 from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig, GRPOConfig,
                             LoggingConfig, MeshConfig, ModelConfig, OptimizerConfig, SFTConfig,
-                            StageConfig, merged_baseline)
+                            StageConfig)
+from vlm_jax.config.recipes import merged_baseline
 from vlm_jax.data.synthetic.grid import DATASETS, MAX_NEW_TOKENS
 
 CAPABILITIES = ("perception", "textual_reasoning", "visual_reasoning")

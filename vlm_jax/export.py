@@ -18,7 +18,7 @@ from vlm_jax.models import lora
 
 
 def export(workdir, out_dir):
-    from vlm_jax.curriculum import restore_for_export
+    from vlm_jax.workdir import restore_for_export
 
     model, params, _, meta = restore_for_export(workdir, with_meta=True)
     out = models.save_pretrained(model, params, out_dir)

@@ -261,7 +261,7 @@ class ModelPolicy:
 
     from vlm_jax.data.pipeline import make_dataset
     from vlm_jax.evaluate import CORRECT_THRESHOLD
-    from vlm_jax.rl.rollout import generate_and_grade
+    from vlm_jax.rl.rollout import SamplingSpec, SpecialTokens, generate_and_grade
 
     condition = "caption" if text_only else "image"
     it = make_dataset([(rows, 1.0)], self.processor, batch_size=self.batch_size, seed=self.seed,
@@ -275,10 +275,9 @@ class ModelPolicy:
       for b, batch in enumerate(it):
         g = generate_and_grade(
             self.model, self.params, batch, tokenizer=self.processor.tokenizer, reward_fn=self.reward_fn,
-            num_samples=num_samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, rng=jax.random.fold_in(rng, b), eos_token_ids=self.processor.eos_token_ids,
-            pad_token_id=self.processor.pad_token_id, image_token_id=self.processor.image_token_id,
-            prompt_buckets=self.buckets)
+            spec=SamplingSpec(max_new_tokens=self.max_new_tokens, num_samples=num_samples,
+                              temperature=self.temperature, top_p=self.top_p, prompt_buckets=tuple(self.buckets)),
+            tokens=SpecialTokens.of(self.processor), rng=jax.random.fold_in(rng, b))
         got = outcomes_from_grades(g.components["auto"], g.texts, g.prompts["answer_type"], num_samples,
                                    CORRECT_THRESHOLD)
         for index, outcome in zip(g.prompts["index"], got):
@@ -323,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
   """Fills the per-mode defaults and rejects flags of the other mode / impossible values."""
-  from vlm_jax.data.pipeline import REASONING_INSTRUCTION
+  from vlm_jax.data.rows import REASONING_INSTRUCTION
   perception = args.mode == "perception"
   wrong_mode = [f"--{k}" for k in (("num_samples",) if perception else
                                    ("k", "image_wrong", "caption_right", "count_unanswered_as_wrong"))

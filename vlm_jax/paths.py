@@ -12,8 +12,8 @@ directory once, `~` expanded: local paths behave as they always did) and an `eti
 URL (`gs://`, `s3://`, ...; read and written through fsspec: gcsfs for `gs://`), never `pathlib` on a
 URL. Both have the same methods (`/`, `open`, `read_text`, `write_text`, `exists`, `is_dir`,
 `glob`, `iterdir`, `mkdir`, `unlink`, `rename`). What a URL cannot do like a disk (append, atomic
-rename, a library that needs a local file) is done here: `write_text_atomic`, `local_files`,
-`staged_dir`. Storage errors become one line naming the path and the cause (`describe_error`). See
+rename, a library that needs a local file) is done here: `write_text_atomic`, `move_tree`,
+`local_files`, `staged_dir`. Storage errors become one line naming the path and the cause (`describe_error`). See
 docs/storage.md for the credentials and settings the storage clients read. No JAX here (imported by
 every CLI before the backend).
 """
@@ -180,6 +180,40 @@ def copy_tree(src: AnyPath, dst: AnyPath) -> None:
             copy_tree(item, target)
         else:
             copy_file(item, target)
+
+
+def move_tree(src: AnyPath, dst: AnyPath) -> None:
+    """Moves the folder `src` to `dst` (which must not exist; both local or both URLs). Local: one
+    atomic rename. URL: every object is copied server-side (no download), then `src` is removed,
+    its orbax commit marker `commit_success.txt` first (so a move cut short never leaves a step that
+    looks committed). Not gcsfs's `mv`, which first tries GCS's object-move API and retries it with
+    back-off (about 10 s per object) where the server lacks it, as storage emulators do."""
+    if not is_url(src):
+        os.rename(src, dst)
+        return
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(str(src))  # the instance etils (and orbax) list through: its cache
+    root, target = (fs._strip_protocol(str(p)).rstrip("/") for p in (src, dst))
+    files = fs.find(root)
+    for name in files:
+        fs.copy(name, target + name[len(root):])
+    marker = f"{root}/commit_success.txt"
+    if marker in files:
+        fs.rm_file(marker)
+    fs.rm([f for f in files if f != marker])
+    for name in (root, target, root.rsplit("/", 1)[0], target.rsplit("/", 1)[0]):
+        fs.invalidate_cache(name)
+
+
+def forget_listings(path: AnyPath) -> None:
+    """Drops this process's cached folder listings of a URL's filesystem (gcsfs keeps them for the
+    life of the process): after another process of a multi-host run moved or removed objects there,
+    the next listing reads the bucket again. Nothing for a local path."""
+    if is_url(path):
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(str(path)).invalidate_cache()
 
 
 def copy_file(src: AnyPath, dst: AnyPath) -> None:

@@ -31,15 +31,14 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import config as config_lib
 from vlm_jax import sharding as shd
+from vlm_jax.hlo_traffic import decode_loop_traffic, loop_collectives  # noqa: F401 (plan.loop_collectives)
 from vlm_jax.models import lora
 
 GiB = 1 << 30
@@ -205,78 +204,6 @@ def compile_program(fn, args, kwargs, *, resident_extra: int, hbm: int, stage: s
     return Row(stage, program, total, hbm, total <= hbm, dt, _flops(compiled), None, mem)
 
 
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
-_ARRAY = re.compile(r"(\w+)\[([0-9,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
-def _results(type_text: str, op: str, start: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, shape) of each array a collective produces, from its result type: one array, a tuple
-    of them (combined collectives), or for async all-gather / collective-permute starts the tuple
-    (operands, results[, u32 context scalars]) of which the results are kept."""
-    arrays = [(d, tuple(int(n) for n in dims.split(",") if n)) for d, dims in _ARRAY.findall(type_text)]
-    if start and op in ("all-gather", "collective-permute"):
-        arrays = [a for a in arrays if a != ("u32", ())]
-        arrays = arrays[len(arrays) // 2:]
-    return arrays
-
-
-def loop_collectives(hlo_text: str,
-                     op_name: str = "jit(_generate)/decode_loop/while") -> list[tuple[str, str, tuple]]:
-    """(op, dtype, per-device shape) of every array that the collectives of one iteration of the
-    while loops named `op_name` produce (their bodies and what those call), in a compiled SPMD
-    module's text (`compiled.as_text()`); for the sampler, the collectives of one decode step."""
-    comps: dict[str, list[str]] = {}
-    name = None
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
-        if head:
-            name = head.group(1)
-            comps[name] = []
-        elif name is not None:
-            comps[name].append(line)
-    todo = [m.group(1) for m in re.finditer(r"while\(.*body=%?([\w.-]+).*op_name=\"([^\"]*)\"", hlo_text)
-            if m.group(2) == op_name]
-    seen, out = set(), []
-    while todo:
-        c = todo.pop()
-        if c in seen or c not in comps:
-            continue
-        seen.add(c)
-        for line in comps[c]:
-            m = _COLLECTIVE.search(line)
-            if m:
-                op = m.group(2)
-                out += [(op, d, shape) for d, shape in _results(m.group(1), op, bool(m.group(3)))]
-            todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.-]+)", line)
-    return out
-
-
-def collective_bytes(collectives) -> int:
-    return sum(math.prod(shape) * _DTYPE_BYTES.get(dtype, 4) for _, dtype, shape in collectives)
-
-
-def decode_loop_traffic(compiled) -> dict:
-    """The sampler's per-token collectives (one decode step, per chip): how many arrays each kind of
-    op produces, their bytes, and the largest all-gather (a parameter-sized one means weights are
-    gathered at every token)."""
-    try:
-        found = loop_collectives(compiled.as_text())
-    except Exception as e:  # noqa: BLE001 - optional information
-        # e.g. libtpu 0.0.52 on the 7B sampler: "async-update instruction should have 1 operands";
-        # the same text comes from XLA's dump (XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"):
-        # `loop_collectives(open("DIR/...jit__generate...after_optimizations.txt").read())`
-        return dict(decode_step_collectives_error=f"compiled.as_text() failed: {type(e).__name__}: {e}"[:300])
-    counts: dict[str, int] = {}
-    for op, _, _ in found:
-        counts[op] = counts.get(op, 0) + 1
-    gathers = [math.prod(s) * _DTYPE_BYTES.get(d, 4) for op, d, s in found if op == "all-gather"]
-    return dict(decode_step_collectives=counts, decode_step_collective_bytes=collective_bytes(found),
-                decode_step_largest_all_gather_bytes=max(gathers, default=0))
-
-
 def load_model_config(path: str | Path):
     """(Model without weights, abstract params) from an HF `config.json` (a file or its folder)."""
     from vlm_jax import models
@@ -337,7 +264,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     `num_layers` cuts the decoder to that many layers (for compile-time comparisons). `suggest`
     adds the largest micro-batch that fits to the sft / grpo rows (`suggest_micro_batch`: two or
     three more compiles each)."""
-    from vlm_jax import curriculum, models
+    from vlm_jax import models, startup
+    from vlm_jax.stages import loss_config
     from vlm_jax.rl import policy, sampler
     from vlm_jax.sft import SFTBatch, sft_step
     from vlm_jax.shapes import bucket
@@ -350,8 +278,8 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     devices = topology_devices(topology)
     mesh = shd.make_mesh(cfg.mesh, devices=devices)
     hbm = hbm_of(topology)
-    dtype = curriculum.dtype_of(cfg.model.dtype)
-    options = family.ModelOptions(**curriculum.model_options(cfg))
+    dtype = startup.dtype_of(cfg.model.dtype)
+    options = family.ModelOptions(**startup.model_options(cfg))
     graphdef, abstract = models.abstract_model(family, mcfg, dtype, options)
     base_model = models.Model(family, mcfg, graphdef, raw, dtype, mesh, folder, options)
     params = _abstract(abstract, shd.param_shardings(abstract, mesh, cfg.logical_axis_rules))
@@ -364,12 +292,12 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
         if stages is not None and st.name not in stages:
             continue
         optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
-        model = base_model.with_options(remat=st.remat)  # as `curriculum.build_stage` does
+        model = base_model.with_options(remat=st.remat)  # as `vlm_jax.stages.build_stage` does
         graphdef = model.graphdef
         kl = st.objective == "grpo" and st.grpo.kl_coef > 0
         frozen, policy_params = None, params
         if st.lora.enabled:  # the trained state is the adapters; the base is frozen (and the reference)
-            base_dtype = curriculum.dtype_of(st.lora.base_dtype or cfg.model.dtype)
+            base_dtype = startup.dtype_of(st.lora.base_dtype or cfg.model.dtype)
             base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype, sharding=x.sharding), params)
             adapters = lora.abstract_adapters(params, st.lora.targets, st.lora.rank)
             adapters = jax.tree.map(lambda x: _replicated(mesh, x.shape, x.dtype), adapters)
@@ -389,10 +317,10 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             ref_bytes = p_bytes if kl and not st.grpo.offload_reference else 0
             base_arg_bytes = 0
         # the loaded weights count nowhere: they are freed once the state (or the LoRA base) holds its
-        # copy (`curriculum.drop_base_params`)
+        # copy (`startup.drop_base_params`)
         s_bytes = nbytes(state)
         opt_bytes = s_bytes - nbytes(state.params) - 8
-        num_patches = None if st.capability == "textual_reasoning" else curriculum.num_patches_for(cfg, mcfg.vision.patch_size)
+        num_patches = None if st.capability == "textual_reasoning" else startup.num_patches_for(cfg, mcfg.vision.patch_size)
         run = lambda program, fn, args, kwargs, extra, inspect=None: rows.append(  # noqa: E731
             compile_program(fn, args, kwargs, resident_extra=extra, hbm=hbm, stage=st.name, program=program,
                             inspect=inspect)
@@ -427,7 +355,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
             key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
             if "grpo" in programs:
                 grpo_kw = lambda m: dict(graphdef=graphdef, optimizer=optimizer, group_size=G,  # noqa: E731
-                                         loss_cfg=curriculum.loss_config(st), mu=g.mu, minibatch=mb,
+                                         loss_cfg=loss_config(st), mu=g.mu, minibatch=mb,
                                          micro_batch=m, mesh=mesh, frozen=frozen, share_prompt=g.share_prompt)
                 run("grpo", policy.grpo_step, (state, rbatch, key), grpo_kw(st.micro_batch_size),
                     ref_bytes)

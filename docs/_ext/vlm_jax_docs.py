@@ -55,7 +55,7 @@ def config_classes() -> list[type]:
     visit(c.Config)
     others = [v for v in vars(c).values()
               if isinstance(v, type) and dataclasses.is_dataclass(v) and issubclass(v, c._Node)
-              and v is not c._Node and v.__module__ == c.__name__]
+              and v is not c._Node and v.__module__ == c.schema.__name__]
     return order + [cls for cls in others if cls not in order]
 
 
@@ -66,10 +66,10 @@ def _dataclasses_in(hint) -> list[type]:
 
 
 def field_descriptions() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the `#:` comment above the field in vlm_jax/config.py."""
+    """(class name, field name) -> the `#:` comment above the field in vlm_jax/config/schema.py."""
     from sphinx.pycode import ModuleAnalyzer
 
-    docs = ModuleAnalyzer.for_module("vlm_jax.config").find_attr_docs()
+    docs = ModuleAnalyzer.for_module("vlm_jax.config.schema").find_attr_docs()
     return {key: " ".join(line.strip() for line in lines).strip() for key, lines in docs.items()}
 
 

@@ -3,7 +3,7 @@
     python -m vlm_jax.data.check --config configs/NAME.py [--config.KEY=VALUE ...] [--rows N|all]
 
 For every (stage, training dataset) of the config it encodes rows exactly as the training pipeline
-does (`pipeline.encode_row` with the stage's `pipeline.row_spec`: chat template, the processor's
+does (`row_lib.encode_row` with the stage's `pipeline.row_spec`: chat template, the processor's
 image resizing within the pixel bounds, ``<|image_pad|>`` expansion, length and pixel limits) and
 reports: rows, image tokens per row after resizing (min / median / max), prompt tokens after
 expansion (min / median / max), rows over ``max_prompt_len`` (SFT: also sequences over the largest
@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from vlm_jax.data import pipeline, schema
+from vlm_jax.data import rows as row_lib
 
 log = logging.getLogger(__name__)
 
-CAPTION_INSTRUCTION = "Describe the image in detail."  # curriculum.CAPTION_INSTRUCTION (a test ties them)
+CAPTION_INSTRUCTION = "Describe the image in detail."  # startup.CAPTION_INSTRUCTION (a test ties them)
 SHOWN_ROWS = 5  # row ids named per reason in the refusal message
-LIMIT_REASONS = (pipeline.PROMPT_TOO_LONG, pipeline.SEQUENCE_TOO_LONG, pipeline.TOO_MANY_PIXELS)
-MISMATCH_REASONS = (schema.IMAGE_COUNT_MISMATCH, pipeline.IMAGE_TOKEN_MISMATCH)
+LIMIT_REASONS = (row_lib.PROMPT_TOO_LONG, row_lib.SEQUENCE_TOO_LONG, row_lib.TOO_MANY_PIXELS)
+MISMATCH_REASONS = (schema.IMAGE_COUNT_MISMATCH, row_lib.IMAGE_TOKEN_MISMATCH)
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ def stage_pipeline_kwargs(cfg, index: int) -> dict[str, Any]:
         "max_prompt_len": cfg.data.max_prompt_len,
         "max_pixels_per_batch": cfg.data.max_pixels_per_image * st.batch_size,
         "text_only": sft and st.sft.caption_as_input,
-        "instruction": CAPTION_INSTRUCTION if target == "caption" else pipeline.REASONING_INSTRUCTION,
+        "instruction": CAPTION_INSTRUCTION if target == "caption" else row_lib.REASONING_INSTRUCTION,
     }
 
 
@@ -115,7 +116,7 @@ def sample_indices(n: int, rows: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, rows).round().astype(int).tolist()))
 
 
-def check_dataset(source, processor, spec: pipeline.RowSpec, *, data_cfg, rows: int = -1,
+def check_dataset(source, processor, spec: row_lib.RowSpec, *, data_cfg, rows: int = -1,
                   stage_index: int = 0, stage: str = "", dataset: str | None = None) -> DatasetReport:
     """Encodes `rows` rows of `source` (-1: all) as the pipeline would and reports them."""
     report_on_load = getattr(source, "report", None)
@@ -132,13 +133,13 @@ def check_dataset(source, processor, spec: pipeline.RowSpec, *, data_cfg, rows: 
         row_id = file_rows[i] if file_rows is not None else i
         if _any_image_out_of_bounds(row, data_cfg):
             report.out_of_bounds.append(row_id)
-        out = pipeline.encode_row(row, processor, spec, source=0, index=i)
-        if isinstance(out, pipeline.Skipped):
+        out = row_lib.encode_row(row, processor, spec, source=0, index=i)
+        if isinstance(out, row_lib.Skipped):
             report.skipped.setdefault(out.reason, []).append(row_id)
             if out.reason not in LIMIT_REASONS:
                 continue
-            out = pipeline.encode_row(row, processor, relaxed, source=0, index=i)  # its sizes
-            if isinstance(out, pipeline.Skipped):
+            out = row_lib.encode_row(row, processor, relaxed, source=0, index=i)  # its sizes
+            if isinstance(out, row_lib.Skipped):
                 continue
         report.image_tokens.append(int(out.mm_token_type_ids.sum()))
         prompt = out.input_ids if out.loss_mask is None else out.input_ids[out.loss_mask == 0]
@@ -181,7 +182,7 @@ def check_config(cfg, *, sources: Mapping | None = None, processor=None, rows: i
         sources = _open_sources(cfg)
     if processor is None:
         processor = Processor.from_pretrained(cfg.model.path)
-        ip = processor.image_processor  # as curriculum.configure_processor
+        ip = processor.image_processor  # as startup.configure_processor
         ip.size = type(ip.size)(shortest_edge=cfg.data.min_pixels_per_image,
                                 longest_edge=cfg.data.max_pixels_per_image)
     rows = cfg.data.preflight_rows if rows is None else rows
@@ -196,7 +197,7 @@ def check_config(cfg, *, sources: Mapping | None = None, processor=None, rows: i
 
 
 def _open_sources(cfg) -> dict:
-    """The stages' training datasets, as `curriculum.open_sources` loads them."""
+    """The stages' training datasets, as `startup.open_sources` loads them."""
     from vlm_jax import config as config_lib
     from vlm_jax import paths
     from vlm_jax.data import load
@@ -273,10 +274,10 @@ def format_table(reports: Sequence[DatasetReport]) -> str:
     lines = []
     for r in reports:
         other = r.num_skipped + sum(map(len, r.loaded_skipped.values())) - r.count(
-            pipeline.PROMPT_TOO_LONG, pipeline.SEQUENCE_TOO_LONG, pipeline.TOO_MANY_PIXELS, *MISMATCH_REASONS)
+            row_lib.PROMPT_TOO_LONG, row_lib.SEQUENCE_TOO_LONG, row_lib.TOO_MANY_PIXELS, *MISMATCH_REASONS)
         lines.append((f"{r.stage_index}:{r.stage}", r.dataset, str(r.rows), str(r.checked), _spread(r.image_tokens),
-                      _spread(r.prompt_tokens), str(r.count(pipeline.PROMPT_TOO_LONG, pipeline.SEQUENCE_TOO_LONG)),
-                      str(len(r.out_of_bounds)), str(r.count(pipeline.TOO_MANY_PIXELS)),
+                      _spread(r.prompt_tokens), str(r.count(row_lib.PROMPT_TOO_LONG, row_lib.SEQUENCE_TOO_LONG)),
+                      str(len(r.out_of_bounds)), str(r.count(row_lib.TOO_MANY_PIXELS)),
                       str(r.count(*MISMATCH_REASONS)), str(other), f"{100 * r.skip_share:.1f}"))
     widths = [max(len(c), *(len(line[k]) for line in lines)) if lines else len(c) for k, c in enumerate(COLUMNS)]
     fmt = lambda cells: "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))

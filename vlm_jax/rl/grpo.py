@@ -79,6 +79,7 @@ def compute_advantages(
     scaling: Scaling | None = None,
     eps: float = 1e-6,
     std_ddof: int = 1,
+    lengths_B: jax.Array | None = None,
 ) -> jax.Array:
     """Outcome advantages, one per response: ``adv = (r - baseline) / divisor``.
 
@@ -89,7 +90,13 @@ def compute_advantages(
       * ``grpo``, ``dr_grpo``: ``r_i - mean_g``.
       * ``rloo``: ``r_i - mean_{j != i in group} r_j = G / (G - 1) * (r_i - mean_g)``
         (needs G >= 2).
-      * ``reinforce_pp``: ``r_i - mean_batch`` (REINFORCE++ global baseline).
+      * ``reinforce_pp``: REINFORCE++ as EasyR1/verl compute it (``masked_whiten`` of the
+        token-level returns): every response token carries its row's reward, and the baseline is
+        the mean over the batch's valid tokens, i.e. the batch mean of ``r`` weighted by the
+        response lengths ``lengths_B`` (None: one weight per response). With ``scaling="batch"``
+        (its default) the divisor is ``sqrt(var + 1e-8)``, ``var`` the unbiased (Bessel over the
+        token count) token-weighted variance, exactly ``masked_whiten``; the advantage is the same
+        on every token of a row, so one value per row is returned.
 
     Divisors (standard deviations are of the raw rewards, ``ddof=std_ddof``):
       * ``"group"``: ``std_g + eps``; ``"batch"``: ``std_batch + eps``; ``"none"``: 1.
@@ -103,6 +110,8 @@ def compute_advantages(
     Args:
       rewards_B: rewards [B], B a multiple of ``group_size``; groups are consecutive rows.
       group_size: responses per prompt (G).
+      lengths_B: response tokens per row [B] (the stop token included, as in the loss mask);
+        only ``reinforce_pp`` reads them (its token-level baseline and whitening).
     Returns:
       float32 advantages, shape [B].
     """
@@ -133,8 +142,16 @@ def compute_advantages(
         centred_NG = rewards_NG - group_mean_N1
     elif estimator == "rloo":
         centred_NG = group_size / (group_size - 1) * (rewards_NG - group_mean_N1)
-    else:  # reinforce_pp
-        centred_NG = rewards_NG - rewards_B.mean()
+    else:  # reinforce_pp: token-level whitening over the batch's valid tokens (verl masked_whiten)
+        weights_B = (jnp.ones_like(rewards_B) if lengths_B is None
+                     else jnp.asarray(lengths_B, jnp.float32).reshape(batch))
+        n_tokens = weights_B.sum()
+        mean = (weights_B * rewards_B).sum() / (n_tokens + 1e-8)
+        centred_NG = rewards_NG - mean
+        if scaling == "batch":
+            var = (weights_B * jnp.square(rewards_B - mean)).sum() / (n_tokens + 1e-8)
+            var = jnp.where(n_tokens > 1, var * n_tokens / jnp.maximum(n_tokens - 1, 1e-8), var)
+            return (centred_NG * jax.lax.rsqrt(var + 1e-8)).reshape(batch)
 
     if scaling == "group":
         adv_NG = centred_NG / (_std(rewards_NG, 1, std_ddof) + eps)

@@ -17,6 +17,26 @@ from typing import Any
 import numpy as np
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinySizes:
+    """The sizes both families' tiny models share, with their common defaults; a family's `TinySpec`
+    adds its depth, head size, rotary layout, patch and vision-tower fields."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    vision_hidden_size: int = 32
+    vision_intermediate_size: int = 64
+    vision_num_heads: int = 2
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+
+
 # Qwen special tokens in the hub order; they take the last ids of the tokenizer.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

@@ -38,29 +38,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclasses.dataclass(frozen=True)
-class TinySpec:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinySpec(common.TinySizes):
     """Sizes of the tiny model; the defaults exercise every path (GQA, partial windows, MRoPE)."""
 
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
     head_dim: int = 16
     mrope_section: tuple[int, ...] = (2, 3, 3)
     rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
     vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_intermediate_size: int = 64
-    vision_num_heads: int = 2
     patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
     window_size: int = 56
     fullatt_block_indexes: tuple[int, ...] = (1,)
     tokens_per_second: int = 2

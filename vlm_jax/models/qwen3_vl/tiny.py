@@ -88,30 +88,17 @@ THINKING_CHAT_TEMPLATE = (
 HALF = (0.5, 0.5, 0.5)
 
 
-@dataclasses.dataclass(frozen=True)
-class TinySpec:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinySpec(common.TinySizes):
     """Sizes of the tiny Qwen3-VL: explicit head_dim (!= hidden / heads), two DeepStack features,
     a learned 8 x 8 position grid."""
 
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    mrope_section: tuple[int, ...] = (6, 5, 5)  # interleaved: head_dim / 2 = 16 frequencies
     num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
     head_dim: int = 32
-    mrope_section: tuple[int, ...] = (6, 5, 5)
     rope_theta: float = 5e6
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
     vision_depth: int = 3
-    vision_hidden_size: int = 32
-    vision_intermediate_size: int = 64
-    vision_num_heads: int = 2
     patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
     num_position_embeddings: int = 64
     deepstack_visual_indexes: tuple[int, ...] = (0, 2)
 

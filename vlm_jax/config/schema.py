@@ -1,29 +1,20 @@
-"""Typed, frozen run configuration: schema, file loading, dotted overrides, validation.
+"""The run configuration's schema: typed, frozen dataclasses, each field described (`#:`) where it
+is declared, and the checks that span several objects (`validate`).
 
-A run is described by a Python file whose `get_config()` returns a `Config`. Every default lives in
-the dataclasses below; nothing else in the code base supplies one. Each dataclass checks and
-normalises its own fields in `__post_init__` (types and `Literal` choices generically from the
-annotations, ranges by hand), and `validate` adds the checks that span several objects, so a bad
-config fails at start-up, before anything compiles, with an error naming the full dotted key
-(`stages.1.grpo.kl_coef`) and the valid keys or choices.
-
-This module imports no JAX: it is loaded by every CLI before the backend is initialised.
+Every default lives in the dataclasses below; nothing else in the code base supplies one. Each
+dataclass checks and normalises its own fields in `__post_init__` (`vlm_jax.config.parse._Node`:
+types and `Literal` choices generically from the annotations, ranges by hand in `_check`). Imports
+no JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
-import json
 import math
-import os
 import re
-import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Literal, Union
+
+from vlm_jax.config.parse import ConfigError, _at_least, _Node, _require
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 MODULES: tuple[str, ...] = ("vision", "merger", "language_model")
@@ -54,139 +45,6 @@ _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class ConfigError(ValueError):
-    """Any invalid config: bad file, unknown key, bad value, bad flag. `key` is the dotted path."""
-
-    def __init__(self, message: str, key: str = ""):
-        self.key = key
-        self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error, seen from the object that holds this one under `prefix`."""
-        return ConfigError(self.message, _join(prefix, self.key))
-
-
-def _join(*parts: object) -> str:
-    return ".".join(str(p) for p in parts if str(p))
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(message, key)
-
-
-# -------------------------------------------------------------------------- typed coercion (dicts)
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, types.UnionType)
-
-
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "").replace("vlm_jax.config.", "")
-
-
-def _is_pairs(hint: Any) -> bool:
-    """tuple[tuple[str, V], ...]: a mapping written as pairs (reward, lr_multipliers, axis rules)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is not tuple or len(args) != 2 or args[1] is not Ellipsis:
-        return False
-    inner = typing.get_args(args[0])
-    return typing.get_origin(args[0]) is tuple and len(inner) == 2 and inner[0] is str
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against annotation `hint` and normalise it (lists -> tuples, dicts ->
-    dataclasses, ints -> floats). Errors name `key` and what was expected."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if isinstance(value, Mapping):
-            return _build(hint, value, key)
-    elif origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise ConfigError(f"invalid value {value!r}; valid choices: {', '.join(map(repr, args))}", key)
-    elif _is_union(hint):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError:
-                continue
-    elif origin is tuple:
-        if isinstance(value, Mapping) and _is_pairs(hint):
-            value = list(value.items())
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], _join(key, i)) for i, v in enumerate(value))
-            if len(value) == len(args):
-                return tuple(_coerce(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(value, args)))
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _require(math.isfinite(value), key, f"must be finite, got {value}")
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"{key}: unsupported annotation {hint!r} in the config schema")
-    raise ConfigError(f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})", key)
-
-
-def _build(cls: type, values: Mapping[str, Any], key: str) -> Any:
-    """`cls(**values)` with unknown and missing keys reported by full dotted key."""
-    fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
-    for name in values:
-        _require(name in names, _join(key, name),
-                 f"unknown key {name!r}; valid keys of {cls.__name__}: {', '.join(names)}")
-    for f in fields:
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        _require(not required or f.name in values, _join(key, f.name),
-                 f"required key of {cls.__name__} is missing")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise e.under(key) from None
-
-
-class _Node:
-    """Base of every config dataclass: coerce/check each field from its annotation, then `_check`."""
-
-    def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _coerce(getattr(self, field.name), hints[field.name], field.name)
-            object.__setattr__(self, field.name, value)
-        self._check()
-
-    def _check(self) -> None:
-        """Range and cross-field checks local to this object (keys relative to it)."""
-
-
-def _at_least(obj: object, bound: float, *keys: str, who: str = "") -> None:
-    """Require `obj.<key> >= bound` for each key (`who` prefixes the message)."""
-    for key in keys:
-        value = getattr(obj, key)
-        _require(value >= bound, key, f"{who}{key} must be >= {bound}, got {value}")
-
-
-# ----------------------------------------------------------------------------------------- schema
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig(_Node):
     """Device mesh sizes for the axes (data, fsdp, tensor); -1 takes the remaining devices."""
@@ -426,11 +284,16 @@ class GRPOConfig(_Node):
     rollout_tensor: int = 0
     #: Run each distinct prompt once per micro-batch / scoring chunk (same values as full rows, less work).
     share_prompt: bool = True
+    #: Length-grouped scoring and update (> 0): each mini-batch sorted by response length into that many
+    #: micro-batches, each cut to its own length / prompt bucket (same values, work near the real tokens;
+    #: replaces the stage's micro_batch_size); the scoring uses groups of the same size (0 = off).
+    length_groups: int = 0
 
     def _check(self) -> None:
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
-                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor")
+                  "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor",
+                  "length_groups")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")
@@ -681,264 +544,3 @@ def validate(cfg: Config) -> Config:
             _require(axis in MESH_AXES, f"logical_axis_rules.{i}.1",
                      f"unknown mesh axis {axis!r} for {logical!r}; valid: {MESH_AXES}")
     return cfg
-
-
-
-def config_to_dict(cfg: Any) -> Any:
-    """JSON-serialisable plain form of a config (dicts, lists, scalars) for `config.json`."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (tuple, list)):
-        return [config_to_dict(v) for v in cfg]
-    return cfg
-
-
-def config_from_dict(d: Mapping[str, Any]) -> Config:
-    """Inverse of `config_to_dict`: builds and validates a `Config`; unknown keys are errors."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"expected a mapping for Config, got {type(d).__name__}")
-    return _build(Config, d, "")
-
-
-# ------------------------------------------------------------------------------ string overrides
-_NONE_WORDS = ("none", "null")
-_BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
-
-
-def _parse_json(text: str, key: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"expected {what} as JSON, got {text!r} ({e.msg})", key) from None
-
-
-def _parse_text(text: str, hint: Any, key: str) -> Any:
-    """Parse an override's text by the type of the field it targets (result still goes through
-    `_coerce` when the config is rebuilt)."""
-    s = text.strip()
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _parse_json(s, key, f"a {hint.__name__} object")
-    if origin is Literal:
-        if s in args:
-            return s
-        raise ConfigError(f"invalid value {s!r}; valid choices: {', '.join(map(repr, args))}", key)
-    if _is_union(hint):
-        if s.lower() in _NONE_WORDS and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(_parse_text(s, arm, key), arm, key)
-            except ConfigError as e:
-                errors.append(e.message)
-        raise ConfigError(f"cannot parse {s!r} as {_type_name(hint)}: {'; '.join(errors)}", key)
-    if origin is tuple:
-        if s[:1] in "[{":
-            return _parse_json(s, key, _type_name(hint))
-        if s[:1] == "(" and s[-1:] == ")":
-            s = s[1:-1].strip()
-        items = [p.strip() for p in s.split(",")] if s else []
-        if items and items[-1] == "":
-            items.pop()  # "(1,)" style trailing comma
-        if _is_pairs(hint):
-            value_hint = typing.get_args(args[0])[1]
-            pairs = []
-            for item in items:
-                name, eq, v = item.rpartition("=")
-                _require(bool(eq and name), key, f"expected NAME=VALUE items, got {item!r}")
-                pairs.append((name.strip(), _parse_text(v, value_hint, _join(key, name.strip()))))
-            return pairs
-        if len(args) == 2 and args[1] is Ellipsis:
-            return [_parse_text(v, args[0], _join(key, i)) for i, v in enumerate(items)]
-        _require(len(items) == len(args), key,
-                 f"expected {len(args)} comma-separated items, got {len(items)}")
-        return [_parse_text(v, a, _join(key, i)) for i, (v, a) in enumerate(zip(items, args))]
-    if hint is bool:
-        if s.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[s.lower()]
-        raise ConfigError(f"expected a bool (true/false/1/0), got {s!r}", key)
-    if hint in (int, float):
-        try:
-            return hint(s)
-        except ValueError:
-            raise ConfigError(f"expected {'an int' if hint is int else 'a float'}, got {s!r}", key) from None
-    if hint is str:
-        return json.loads(s) if len(s) >= 2 and s[0] == s[-1] == '"' else s
-    raise TypeError(f"{key}: unsupported annotation {hint!r} in the config schema")
-
-
-def _child(node: Any, hint: Any, part: str, key: str, override_key: str) -> tuple[Any, Any, Any]:
-    """One step down an override path: (container, slot, hint of the slot). `key` = path so far;
-    errors are reported under the whole `override_key`."""
-    if dataclasses.is_dataclass(hint) and isinstance(node, dict):
-        names = [f.name for f in dataclasses.fields(hint)]
-        _require(part in names, override_key,
-                 f"unknown key {part!r}; valid keys of {hint.__name__}: {', '.join(names)}")
-        return node, part, _type_hints(hint)[part]
-    if typing.get_origin(hint) is tuple and isinstance(node, list):
-        args = typing.get_args(hint)
-        _require(part.isdigit(), override_key, f"{key} is a tuple: expected an index, got {part!r}")
-        index = int(part)
-        _require(index < len(node), override_key, f"index {index} out of range: {key} has length {len(node)}")
-        return node, index, args[0] if args[1:] == (Ellipsis,) else args[index]
-    raise ConfigError(f"{key} is {_type_name(hint)}, which has no sub-key {part!r}", override_key)
-
-
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one `--config.a.b=value` (or `a.b=value`) override to a `config_to_dict` tree in place."""
-    path, eq, text = override.partition("=")
-    path = path.strip().removeprefix("--").removeprefix("config.")
-    _require(bool(eq and path), "", f"override {override!r} must look like --config.KEY=VALUE")
-    node, hint, key = tree, Config, ""
-    parts = path.split(".")
-    for part in parts[:-1]:
-        container, slot, hint = _child(node, hint, part, key, path)
-        node, key = container[slot], _join(key, part)
-    container, slot, hint = _child(node, hint, parts[-1], key, path)
-    container[slot] = _parse_text(text, hint, path)
-
-
-# ---------------------------------------------------------------------------------- entry points
-def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Import the config file at `path`, call its `get_config()`, apply dotted overrides, validate."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    name = f"_vlm_jax_config_{abs(hash(os.path.abspath(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"config file {path!r} cannot be imported as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-        get_config = getattr(module, "get_config", None)
-        if not callable(get_config):
-            raise ConfigError(f"config file {path!r} defines no get_config() function")
-        cfg = get_config()
-    except ConfigError as e:
-        raise ConfigError(f"in {path}: {e}") from None
-    except TypeError as e:  # e.g. a StageConfig without its required `steps`
-        raise ConfigError(f"in {path}: get_config() failed: {e}") from e
-    finally:
-        sys.modules.pop(name, None)
-    if isinstance(cfg, Mapping):
-        cfg = config_from_dict(cfg)
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"get_config() in {path!r} returned {type(cfg).__name__}, expected Config")
-    if not overrides:
-        return cfg
-    tree = config_to_dict(cfg)
-    for override in overrides:
-        apply_override(tree, override)
-    return config_from_dict(tree)
-
-
-def parse_flags(argv: Sequence[str], known_flags: Sequence[str] = ("workdir",)
-                ) -> tuple[str, tuple[str, ...], dict[str, str]]:
-    """Split CLI arguments (without the program name) into (config path, config overrides, other
-    flags). Accepts `--config PATH`, `--config=PATH`, `--config.KEY=VALUE` and, for each name in
-    `known_flags`, `--NAME VALUE` / `--NAME=VALUE`. Anything else is a ConfigError naming it."""
-    config_path: str | None = None
-    overrides: list[str] = []
-    other: dict[str, str] = {}
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        flag, eq, value = arg.partition("=")
-        name = flag[2:] if flag.startswith("--") else None
-        if name is not None and name.startswith("config."):
-            _require(bool(eq), "", f"config override {arg!r} needs a value: --config.KEY=VALUE")
-            overrides.append(arg)
-        elif name == "config" or name in known_flags:
-            if not eq:
-                has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-                _require(has_value, "", f"flag {flag} needs a value")
-                i, value = i + 1, args[i + 1]
-            _require(value != "", "", f"flag {flag} needs a non-empty value")
-            if name == "config":
-                _require(config_path is None, "", "flag --config given twice")
-                config_path = value
-            else:
-                _require(name not in other, "", f"flag {flag} given twice")
-                other[name] = value
-        else:
-            valid = ", ".join(["--config", "--config.KEY=VALUE", *(f"--{k}" for k in known_flags)])
-            raise ConfigError(f"unknown flag or argument {arg!r}; valid flags: {valid}")
-        i += 1
-    _require(config_path is not None, "", "missing --config PATH")
-    return config_path, tuple(overrides), other  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------- derived configs
-
-
-def merged_baseline(staged: Config) -> Config:
-    """The paper's merged baseline of a staged config: one GRPO stage (the first GRPO stage's
-    settings) over all the stages' data, each dataset weighted by the examples the staged run draws
-    from it (stage steps * batch size * its weight within the stage), as many steps as all stages
-    together, every module trained, every stage's evaluation sets."""
-    grpo_stages = [s for s in staged.stages if s.objective == "grpo"]
-    _require(bool(grpo_stages), "stages", "the merged baseline needs a GRPO stage to take settings from")
-    batch_sizes = {s.batch_size for s in staged.stages}
-    _require(len(batch_sizes) == 1, "stages",
-             f"the merged baseline needs one batch size across stages, got {sorted(batch_sizes)}")
-    weights: dict[tuple[str, str], float] = {}
-    for stage in staged.stages:
-        total = sum(d.weight for d in stage.datasets)
-        for d in stage.datasets:
-            share = stage.steps * stage.batch_size * d.weight / total
-            weights[(d.name, d.split)] = weights.get((d.name, d.split), 0.0) + share
-    evals = {(d.name, d.split): d for stage in staged.stages for d in stage.eval.datasets}
-    merged = dataclasses.replace(
-        grpo_stages[0],
-        name="merged",
-        capability="mixed",
-        objective="grpo",
-        datasets=tuple(DatasetSpec(name=n, split=s, weight=w) for (n, s), w in weights.items()),
-        steps=sum(s.steps for s in staged.stages),
-        order="shuffle",
-        trainable=MODULES,
-        eval=dataclasses.replace(grpo_stages[0].eval, datasets=tuple(evals.values())),
-    )
-    return dataclasses.replace(staged, stages=(merged,))
-
-
-def smoke_variant(recipe: Config, *, model_path: str = "artifacts/tiny_base",
-                  data_dir: str = "") -> Config:
-    """A TPU recipe cut to CPU size on the tiny model and the demo's synthetic data: the same
-    objectives, trainable modules, precision policy, remat, micro-batching, chunked scoring and
-    chunked sampling (scaled to 4 prompts x 2 samples), 2 steps per stage, short sequences. It runs
-    the recipe's code path after `bash scripts/demo.sh` (or `python -m vlm_jax.demo_setup`) built
-    the tiny model and data. A decoding layout (`grpo.rollout_tensor`) becomes 1 (the reshard to a
-    decoding mesh of whole-weight copies, valid for any device count and the tiny model's heads)."""
-    synthetic = {"perception": "synthetic_perception", "textual_reasoning": "synthetic_textual_reasoning",
-                 "visual_reasoning": "synthetic_visual_reasoning"}
-    stages = []
-    for s in recipe.stages:
-        names = [synthetic[s.name]] if s.name in synthetic else list(synthetic.values())
-        g = s.grpo
-        stages.append(dataclasses.replace(
-            s,
-            datasets=tuple(DatasetSpec(name=n) for n in names),
-            steps=2,
-            batch_size=4,
-            micro_batch_size=2 if s.micro_batch_size else 0,
-            grpo=dataclasses.replace(g, num_samples=2, max_new_tokens=16, mini_batch_size=4 if g.mini_batch_size else 0,
-                                     score_chunk=4 if g.score_chunk else 0,
-                                     rollout_chunk=2 if g.rollout_chunk else 0,
-                                     rollout_tensor=1 if g.rollout_tensor else 0),
-            eval=EvalConfig(),
-        ))
-    return dataclasses.replace(
-        recipe,
-        model=dataclasses.replace(recipe.model, path=model_path, compute_dtype="float32",
-                                  attention_chunk=32, logits_chunk=16),
-        mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
-        data=DataConfig(data_dir=data_dir, max_prompt_len=256, length_buckets=(64, 128, 256),
-                        min_pixels_per_image=28 * 28 * 4, max_pixels_per_image=112 * 112),
-        stages=tuple(stages),
-        checkpoint=CheckpointConfig(every=100, keep=1),
-        logging=LoggingConfig(every=1, tensorboard=False, progress=False),
-    )

@@ -243,9 +243,12 @@ def markdown(results: dict) -> str:
             + f" | {100 * s['average']['accuracy_mean']:.1f} ± {100 * s['average']['accuracy_sd']:.1f} | "
             + " / ".join(f"{s['final'][c]['length_mean']:.1f}" for c in CAPS) + " |")
     lines += ["", "**Comparisons** (A − B in points, mean over seeds; 95% bootstrap interval over seeds and "
-              "items; seeds with A better / B better / tied):", "",
-              "| question | form | A − B | visual | average | perception | textual |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+              "items; seeds with A better / B better / tied):", ""]
+    if not a["comparisons"]:
+        lines.append("_None: no two arms of a comparison were run (`--arms`)._")
+    else:
+        lines += ["| question | form | A − B | visual | average | perception | textual |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for row in a["comparisons"]:
         cells = []
         for label in ("visual_reasoning", "average", "perception", "textual_reasoning"):

@@ -110,8 +110,7 @@ def compute_advantages(
     Args:
       rewards_B: rewards [B], B a multiple of ``group_size``; groups are consecutive rows.
       group_size: responses per prompt (G).
-      lengths_B: response tokens per row [B] (the stop token included, as in the loss mask);
-        only ``reinforce_pp`` reads them (its token-level baseline and whitening).
+      lengths_B: response tokens per row [B], stop token included (read by ``reinforce_pp`` only).
     Returns:
       float32 advantages, shape [B].
     """

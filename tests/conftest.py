@@ -25,25 +25,16 @@ import pytest  # noqa: E402
 
 
 def _emulator_sends_generation_headers():
-    """GCS sends `x-goog-generation` with an object's data; the emulator does not, and tensorstore
-    then fails ocdbt's conditional manifest updates now and then ("Malformed StorageGeneration")."""
-    from gcp_storage_emulator.handlers import objects
+    """The emulator patch users get from `scripts/gcs_emulator.py` (tensorstore's conditional
+    manifest writes need `x-goog-generation`, which the emulator does not send)."""
+    import importlib.util
+    from pathlib import Path
 
-    if getattr(objects.download, "_with_generation", False):
-        return
-    real = objects.download
-
-    def download(request, response, storage, *args, **kwargs):
-        real(request, response, storage, *args, **kwargs)
-        try:
-            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-        except Exception:  # noqa: BLE001 - not found: the handler answered 404 already
-            return
-        response["x-goog-generation"] = str(obj["generation"])
-        response["x-goog-metageneration"] = str(obj["metageneration"])
-
-    download._with_generation = True
-    objects.download = download
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gcs_emulator.py"
+    spec = importlib.util.spec_from_file_location("gcs_emulator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.sends_generation_headers()
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,7 @@ def test_the_config_reference_lists_every_field_of_every_config_class():
         assert list(tables[name]) == fields, name
         for field, (type_text, default, meaning) in tables[name].items():
             assert type_text and default, (name, field)
-            assert meaning, f"{name}.{field} has no `#:` description in vlm_jax/config/schema.py"
+            assert meaning, f"{name}.{field} has no `#:` description in vlm_jax/config/"
     assert tables["GRPOConfig"]["kl_coef"][1] == "`0.01`"
     assert tables["StageConfig"]["steps"][1] == "required"
 

@@ -407,18 +407,3 @@ def test_grpo_loss_config_validation():
     with pytest.raises(ValueError, match="ratio_level='seq'"):
         GRPOLossConfig(ratio_level="seq")
     assert hash(GRPOLossConfig()) == hash(GRPOLossConfig())
-
-
-# --- stats
-
-
-def test_advantage_and_reward_stats():
-    s = grpo.advantage_stats(jnp.array([1.0, -1.0, 3.0, -3.0]))
-    # mean 0, population std sqrt((1 + 1 + 9 + 9) / 4) = sqrt(5)
-    got = [s["adv/mean"], s["adv/std"], s["adv/min"], s["adv/max"]]
-    close(got, [0.0, math.sqrt(5.0), -3.0, 3.0])
-    r = grpo.reward_stats(jnp.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), group_size=2)
-    # groups [1,1] [0,1] [0,0]: two of three are flat; mean .5, std .5
-    keys = ("mean", "std", "min", "max", "zero_std_group_frac")
-    close([r[f"reward/{k}"] for k in keys], [0.5, 0.5, 0.0, 1.0, 2 / 3])
-    assert "reward/zero_std_group_frac" not in grpo.reward_stats(jnp.ones(4))

@@ -66,10 +66,13 @@ def _dataclasses_in(hint) -> list[type]:
 
 
 def field_descriptions() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the `#:` comment above the field in vlm_jax/config/schema.py."""
+    """(class name, field name) -> the `#:` comment above the field in vlm_jax/config/schema.py
+    or vlm_jax/config/stage.py."""
     from sphinx.pycode import ModuleAnalyzer
 
-    docs = ModuleAnalyzer.for_module("vlm_jax.config.schema").find_attr_docs()
+    docs = {}
+    for module in ("vlm_jax.config.schema", "vlm_jax.config.stage"):
+        docs.update(ModuleAnalyzer.for_module(module).find_attr_docs())
     return {key: " ".join(line.strip() for line in lines).strip() for key, lines in docs.items()}
 
 

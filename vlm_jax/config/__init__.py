@@ -3,8 +3,9 @@
 A run is described by a Python file whose `get_config()` (or `get_config(arg)`, for
 `--config FILE.py:ARG`) returns a `Config`. The package's parts:
 
-- `vlm_jax.config.schema`: the dataclasses (every default, every field's `#:` description) and
-  `validate`, the checks that span several objects;
+- `vlm_jax.config.schema`: the run's dataclasses (every default, every field's `#:` description)
+  and `validate`, the checks that span several objects; `vlm_jax.config.stage`: a stage's
+  (datasets, optimizer, GRPO / cross-entropy objective, evaluation, LoRA);
 - `vlm_jax.config.parse`: the typed coercion every dataclass runs on construction, the string
   override parser (`--config.stages.1.grpo.kl_coef=0.02`) and the command-line splitter;
 - `vlm_jax.config.load`: `load_config` (file, argument, overrides) and the `config.json` form;
@@ -21,22 +22,24 @@ from vlm_jax.config.parse import ConfigError, _Node, apply_override, parse_flags
 from vlm_jax.config.schema import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
-    MODULES,
     AxisRule,
     CheckpointConfig,
     Config,
     DataConfig,
+    LoggingConfig,
+    MeshConfig,
+    ModelConfig,
+    validate,
+)
+from vlm_jax.config.stage import (
+    MODULES,
     DatasetSpec,
     EvalConfig,
     GRPOConfig,
-    LoggingConfig,
     LoraConfig,
-    MeshConfig,
-    ModelConfig,
     OptimizerConfig,
     SFTConfig,
     StageConfig,
-    validate,
 )
 
 __all__ = [

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ def _is_union(hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
-    return str(hint).replace("typing.", "").replace("vlm_jax.config.schema.", "").replace("vlm_jax.config.", "")
+    return re.sub(r"typing\.|vlm_jax\.config\.(schema\.|stage\.)?", "", str(hint))
 
 
 def _is_pairs(hint: Any) -> bool:

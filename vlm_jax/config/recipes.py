@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from vlm_jax.config.parse import ConfigError, _require
-from vlm_jax.config.schema import (MODULES, CheckpointConfig, Config, DataConfig, DatasetSpec, EvalConfig,
-                                   LoggingConfig, MeshConfig)
+from vlm_jax.config.schema import CheckpointConfig, Config, DataConfig, LoggingConfig, MeshConfig
+from vlm_jax.config.stage import MODULES, DatasetSpec, EvalConfig
 
 
 def merged_baseline(staged: Config) -> Config:

@@ -296,12 +296,7 @@ class MetricsWriter:
         self._purge_step = step
         if self._tb is not None:  # Reopen so the purge marker is written at the resume point.
             self._close_tb()
-        if not self.is_main or not self.metrics_path.exists():
-            return 0
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        lines = self._lines_to_rewrite()
         kept: list[str] = []
         for i, line in enumerate(lines):
             try:
@@ -314,18 +309,12 @@ class MetricsWriter:
                 raise ValueError(f"{self.metrics_path}:{i + 1}: no integer 'step': {line[:80]!r}")
             if record["step"] < step:
                 kept.append(line)
-        _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
-        return len(lines) - len(kept)
+        return self._rewrite(lines, kept)
 
     def drop_records(self, step: int, stage: str) -> int:
         """Drop the JSONL lines of `stage` at global `step` (a stage-start evaluation that a resume at
         that stage's start logs again). Returns the number of lines dropped."""
-        if not self.is_main or not self.metrics_path.exists():
-            return 0
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        lines = self._lines_to_rewrite()
         kept = []
         for line in lines:
             try:
@@ -334,7 +323,22 @@ class MetricsWriter:
                 continue
             if not (record.get("step") == step and record.get("stage") == stage):
                 kept.append(line)
-        _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        return self._rewrite(lines, kept)
+
+    def _lines_to_rewrite(self) -> list[str]:
+        """The JSONL file's lines, its append handle closed for a rewrite ([] where this process
+        writes no file or there is none yet)."""
+        if not self.is_main or not self.metrics_path.exists():
+            return []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return self.metrics_path.read_text(encoding="utf-8").splitlines()
+
+    def _rewrite(self, lines: list[str], kept: list[str]) -> int:
+        """Replace the JSONL file by `kept` (atomically); returns how many of `lines` were dropped."""
+        if len(kept) < len(lines):
+            _atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
         return len(lines) - len(kept)
 
     # -------------------------------------------------------------------------------- Console

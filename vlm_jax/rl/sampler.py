@@ -206,21 +206,8 @@ class _Loop(NamedTuple):
         "mesh",
     ),
 )
-def _generate(
-    graphdef,
-    params,
-    inputs,
-    rng,
-    sp: SamplingParams,
-    *,
-    gen_len: int,
-    num_samples: int,
-    greedy: bool,
-    filtered: bool,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-    mesh=None,
-):
+def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int, num_samples: int, greedy: bool,
+              filtered: bool, eos_ids: tuple[int, ...], pad_id: int, mesh=None):
     model = lora.bind(graphdef, params)
     B = inputs.input_ids_BL.shape[0]
     # Each image is encoded once, by the shard holding its row (the vision inputs are laid out per
@@ -262,23 +249,9 @@ def data_parallel(mesh, num_prompts: int) -> bool:
     return data > 1 and all(n == 1 for n in shape.values()) and num_prompts % data == 0
 
 
-def _sample_rows(
-    graphdef,
-    params,
-    x_BLD,
-    positions_3BL,
-    attention_mask_BL,
-    uniforms_TN,
-    sp: SamplingParams,
-    *,
-    gen_len: int,
-    num_samples: int,
-    greedy: bool,
-    filtered: bool,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-    mesh,
-):
+def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
+                 gen_len: int, num_samples: int, greedy: bool, filtered: bool, eos_ids: tuple[int, ...], pad_id: int,
+                 mesh):
     """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1);
     returns (tokens [N, T], lengths [N], logprobs [N, T], done [N])."""
     model = lora.bind(graphdef, params)

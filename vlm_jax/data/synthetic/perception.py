@@ -103,6 +103,13 @@ def _draw(rng: np.random.Generator, objects: Sequence[Object], side: int, clutte
     return draw_objects(blank_canvas(rng, side, clutter), objects)
 
 
+def _scene_draft(rng: np.random.Generator, objects: Sequence[Object], side: int, clutter: int,
+                 facts: Sequence[str] = (), **fields) -> Draft:
+    """A draft over a drawn scene: its caption (with ``facts``) and its one image."""
+    return Draft(caption=scene_caption(objects, side, clutter, facts),
+                 images=(_draw(rng, objects, side, clutter),), **fields)
+
+
 def build_count(
     rng: np.random.Generator, difficulty: int, side: int, multiple_choice: bool, style: SceneStyle = DEFAULT_STYLE
 ) -> Draft:
@@ -122,13 +129,12 @@ def build_count(
     k = int(rng.integers(1, n + 1))
     specs = [hits[rng.integers(len(hits))] for _ in range(k)] + [misses[rng.integers(len(misses))] for _ in range(n - k)]
     objects = place_scene(rng, specs, side, style=style)
-    return Draft(
+    return _scene_draft(
+        rng, objects, side, clutter,
         question=f"How many {noun} are there?",
         answer=str(k),
         reasoning=f"I count the {noun} in the image. There are {k}.",
         answer_type="number",
-        caption=scene_caption(objects, side, clutter),
-        images=(_draw(rng, objects, side, clutter),),
         distractors=number_distractors(k),
     )
 
@@ -142,13 +148,12 @@ def build_color(
     others = other_specs(rng, n - 1, [(c, target[1]) for c in COLORS])
     objects = place_scene(rng, [target, *others], side, style=style)
     color, shape = target
-    return Draft(
+    return _scene_draft(
+        rng, objects, side, clutter,
         question=f"What color is the {shape}?",
         answer=color,
         reasoning=f"There is one {shape} and it is {color}.",
         answer_type="math",
-        caption=scene_caption(objects, side, clutter),
-        images=(_draw(rng, objects, side, clutter),),
         distractors=tuple(c for c in COLORS if c != color),
     )
 
@@ -215,15 +220,8 @@ def build_position(
         else:
             question = f"Is the {a.name} {wanted[0]} or {wanted[1]} {'of ' if kind == 'left_right' else ''}the {b.name}?"
             answer = rel
-    return Draft(
-        question=question,
-        answer=answer,
-        reasoning=reasoning,
-        answer_type=answer_type,
-        caption=scene_caption(objects, side, clutter, facts),
-        images=(_draw(rng, objects, side, clutter),),
-        distractors=distractors,
-    )
+    return _scene_draft(rng, objects, side, clutter, facts, question=question, answer=answer, reasoning=reasoning,
+                        answer_type=answer_type, distractors=distractors)
 
 
 def build_size(
@@ -254,15 +252,8 @@ def build_size(
         reasoning = f"The {a.name} is {word} than the {b.name}. So the answer is {answer}."
         facts = [f"The {a.name} is {word} than the {b.name}."]
         distractors = None
-    return Draft(
-        question=question,
-        answer=answer,
-        reasoning=reasoning,
-        answer_type=answer_type,
-        caption=scene_caption(objects, side, clutter, facts),
-        images=(_draw(rng, objects, side, clutter),),
-        distractors=distractors,
-    )
+    return _scene_draft(rng, objects, side, clutter, facts, question=question, answer=answer, reasoning=reasoning,
+                        answer_type=answer_type, distractors=distractors)
 
 
 def _text_distractors(rng: np.random.Generator, text: str) -> tuple[str, ...]:
@@ -328,13 +319,12 @@ def build_ground(
         pass
     if multiple_choice and len(set(distractors)) < 3:
         raise Resample("not enough distinct distractor boxes")
-    return Draft(
+    return _scene_draft(
+        rng, objects, side, clutter,
         question=f"What is the box of the {obj.name}? Answer as [x1, y1, x2, y2].",
         answer=answer,
         reasoning=f"The {obj.name} spans x from {x1} to {x2} and y from {y1} to {y2}.",
         answer_type="iou",
-        caption=scene_caption(objects, side, clutter),
-        images=(_draw(rng, objects, side, clutter),),
         distractors=tuple(distractors),
     )
 

@@ -15,6 +15,19 @@ class ConfigParseError(ValueError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class TextSizes:
+    """The decoder sizes every family's `config.json` gives (each family's `TextConfig` adds its
+    own fields and defaults)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
 class VisionSizes:
     """Sizes derived from a vision config's fields (mixed into each family's `VisionConfig`)."""
 

@@ -16,31 +16,14 @@ from vlm_jax.models.qwen2_5_vl.model import KVCache, ModelOptions, Qwen25VL
 from vlm_jax.models.qwen2_5_vl.params import tensor_map
 
 MODEL_TYPES = ("qwen2_5_vl",)
+parse_config = from_hf_dict  # (raw config dict, source name) -> typed config
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
-
-
-def parse_config(raw: dict, source: str = "config.json") -> Qwen25VLConfig:
-    return from_hf_dict(raw, source)
 
 
 def build(cfg: Qwen25VLConfig, dtype, rngs, options: ModelOptions = ModelOptions()) -> Qwen25VL:
     return Qwen25VL(cfg, dtype=dtype, rngs=rngs, options=options)
 
 
-__all__ = [
-    "MODEL_TYPES",
-    "ARCHITECTURES",
-    "parse_config",
-    "build",
-    "prepare_inputs",
-    "vision_input_specs",
-    "tensor_map",
-    "ModelInputs",
-    "VisionInputs",
-    "KVCache",
-    "ModelOptions",
-    "Qwen25VL",
-    "Qwen25VLConfig",
-    "ConfigParseError",
-    "rope_index",
-]
+__all__ = ["MODEL_TYPES", "ARCHITECTURES", "parse_config", "build", "prepare_inputs", "vision_input_specs",
+           "tensor_map", "ModelInputs", "VisionInputs", "KVCache", "ModelOptions", "Qwen25VL", "Qwen25VLConfig",
+           "ConfigParseError", "rope_index"]

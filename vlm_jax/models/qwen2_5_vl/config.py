@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from vlm_jax.models.common.config import ConfigParseError, VisionSizes, VLConfig, fields_of, model_fields
+from vlm_jax.models.common.config import ConfigParseError, TextSizes, VisionSizes, VLConfig, fields_of, model_fields
 from vlm_jax.models.common.config import rope_parameters, split_text_vision
 
 __all__ = ["ConfigParseError", "Qwen25VLConfig", "TextConfig", "VisionConfig", "from_hf_dict"]
@@ -30,13 +30,7 @@ class VisionConfig(VisionSizes):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+class TextConfig(TextSizes):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)

@@ -13,29 +13,14 @@ from vlm_jax.models.qwen3_vl.model import ModelOptions, Qwen3VL
 from vlm_jax.models.qwen3_vl.params import tensor_map
 
 MODEL_TYPES = ("qwen3_vl",)
+parse_config = from_hf_dict  # (raw config dict, source name) -> typed config
 ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
-
-
-def parse_config(raw: dict, source: str = "config.json") -> Qwen3VLConfig:
-    return from_hf_dict(raw, source)
 
 
 def build(cfg: Qwen3VLConfig, dtype, rngs, options: ModelOptions = ModelOptions()) -> Qwen3VL:
     return Qwen3VL(cfg, dtype=dtype, rngs=rngs, options=options)
 
 
-__all__ = [
-    "MODEL_TYPES",
-    "ARCHITECTURES",
-    "PRESETS",
-    "parse_config",
-    "build",
-    "prepare_inputs",
-    "tensor_map",
-    "VisionInputs",
-    "ModelInputs",
-    "ModelOptions",
-    "vision_input_specs",
-    "Qwen3VL",
-    "Qwen3VLConfig",
-]
+__all__ = ["MODEL_TYPES", "ARCHITECTURES", "PRESETS", "parse_config", "build", "prepare_inputs",
+           "tensor_map", "VisionInputs", "ModelInputs", "ModelOptions", "vision_input_specs", "Qwen3VL",
+           "Qwen3VLConfig"]

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from vlm_jax.models.common import config as common
-from vlm_jax.models.common.config import ConfigParseError, VisionSizes, VLConfig
+from vlm_jax.models.common.config import ConfigParseError, TextSizes, VisionSizes, VLConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +37,7 @@ class VisionConfig(VisionSizes):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+class TextConfig(TextSizes):
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 5_000_000.0

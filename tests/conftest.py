@@ -60,23 +60,13 @@ def gcs():
     url = f"http://127.0.0.1:{server._api._httpd.server_address[1]}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
            "GOOGLE_CLOUD_PROJECT": "test"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    saved_conf = {k: fsspec.config.conf.get(k) for k in ("gs", "gcs")}
-    for protocol in ("gs", "gcs"):
-        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
-        fsspec.config.conf[protocol] = {"token": "anon"}
     try:
-        yield "gs://vlm-test"
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            for protocol in ("gs", "gcs"):
+                fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+                mp.setitem(fsspec.config.conf, protocol, {"token": "anon"})
+            yield "gs://vlm-test"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for k, v in saved_conf.items():
-            if v is None:
-                fsspec.config.conf.pop(k, None)
-            else:
-                fsspec.config.conf[k] = v
         server.stop()

@@ -311,17 +311,11 @@ def bucket_run(gcs, tmp_path_factory):
   write_train_assets(tmp / "train")
   wd = f"{gcs}/multiprocess/run"
   env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in env.items():
+      mp.setenv(k, v)
     procs = spawn(tmp, tmp / "unused", tmp / "unused", "--bucket", wd)
     results = collect(procs, time.monotonic() + 3 * TIMEOUT_S)  # two runs, every file over HTTP (~8 min on 2 busy cores)
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
   return {"tmp": tmp, "wd": wd, "results": sorted(results, key=lambda r: r["process_index"])}
 
 

@@ -7,7 +7,7 @@ the response format and has some of every skill, far from all of it. Run by
       --config.model.path=artifacts/tiny_base_init
 
 The step count sets how much headroom each stage of the demo has; it was chosen by
-`scripts/pilot_grid.py` (sampled pass rates of the base per capability against pre-training steps).
+`python scripts/pilot_grid.py base` (sampled pass rates of the base per capability against pre-training steps).
 """
 
 from vlm_jax.config import (CheckpointConfig, Config, DataConfig, DatasetSpec, LoggingConfig,

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -238,21 +237,21 @@ def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, len
     per = N // shards
     local = np.arange(per).reshape(1, -1).repeat(shards, 0)
 
-    positions = {"before": N * (L + cap), "after": 0}  # the update's, one pass over the completions
-
-    def grouped_flops(rows_per_group: int, span: int, passes_: int) -> float:
-        total, positions["after"] = 0.0, 0
+    def grouped_work(span: int) -> tuple[float, int]:
+        """(forward flops, positions) of one pass over the completions in groups of mb / length_groups
+        rows, `span` rows per shard sorted together (a mini-batch, or all for the scoring)."""
+        flops, positions = 0.0, 0
         for u in range(per // span):
             for idx, T, Lb in grouped.plan_groups(lengths, prompt_len_B, local[:, u * span:(u + 1) * span],
-                                                  span * shards // rows_per_group, group_size=G, cap=cap, L=L,
-                                                  prompt_buckets=buckets):
-                total += passes_ * forward_flops(text, idx.size, Lb + T, idx.size * T)
-                positions["after"] += idx.size * (Lb + T)
-        return total
+                                                  span * shards * length_groups // mb, group_size=G, cap=cap,
+                                                  L=L, prompt_buckets=buckets):
+                flops += forward_flops(text, idx.size, Lb + T, idx.size * T)
+                positions += idx.size * (Lb + T)
+        return flops, positions
 
-    rows_per_group = mb // length_groups
-    after = {"score": secs("score", grouped_flops(rows_per_group, per, 1)),
-             "update": secs("update", grouped_flops(rows_per_group, mb // shards, passes["update"]))}
+    (score_flops, _), (update_flops, update_positions) = grouped_work(per), grouped_work(mb // shards)
+    after = {"score": secs("score", score_flops), "update": secs("update", passes["update"] * update_flops)}
+    positions = {"before": N * (L + cap), "after": update_positions}  # the update's, one pass
 
     # the sampler (both paths): calls of Bg prompts, each decoding until its longest row stops
     Bg = min(g.rollout_chunk or B, B)

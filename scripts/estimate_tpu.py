@@ -30,8 +30,8 @@ backward, x 4 with `remat=full`, x 1 for scoring).
           has today's micro-batch rows): the micro-batches `grouped.plan_groups` makes of the drawn
           lengths, each at its own length bucket and prompt bucket; scoring in groups of the same size.
           Each group runs at the padded program's rate (shorter groups may run slower: not modelled).
-Where libtpu returns a non-positive `optimal_seconds` (seen for the 3B programs on v6e-8) there is
-no compiler rate; those figures are then at 100% of the bf16 peak, and say so.
+Where libtpu returns a non-positive `optimal_seconds` (the 3B programs on v5e-8 and v6e-8, libtpu
+0.0.52) there is no compiler rate; those figures are then at 100% of the bf16 peak, and say so.
 
 Sampler (the same on both paths: refilling decode slots is not built, so every row of a call
 decodes until the call's longest row stops). Decoding is memory-bound and its `while` has a

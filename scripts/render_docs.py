@@ -244,8 +244,9 @@ def render_tpu_estimate(perf) -> str:
                              f"{p['tokens_per_s_per_chip']:,.0f}", f"{p['mfu']:.1%} / {p['update_mfu']:.1%}",
                              f"{p['update_real_fraction']:.0%}", f"{d['decode_slot_utilisation']:.0%}"])
         notes.append(f"{run['recipe']}: `{e['command']}`, commit {commit_link(run['commit'])}"
-                     + ("" if e["compiler_rate_usable"] else " (* no compiler rate: update and scoring at 100% "
-                        "of the bf16 peak)"))
+                     + ("" if e["compiler_rate_usable"] else " (* libtpu returns a negative time for its update and "
+                        "scoring: they are at 100% of the bf16 peak, so its seconds are a lower bound and its tokens/s "
+                        "and MFU upper bounds)"))
     for ref in t["reference"]["rows"]:
         rows.append([ref["recipe"], ref["lengths"], "measured", ref["seconds"], "-", ref["tokens"], ref["mfu"], "-", "-"])
     out = table(["recipe, slice", "responses", "path", "s/iter", "rollout / scoring / update",

@@ -30,8 +30,9 @@ def _recipe() -> Config:
                             grpo=dataclasses.replace(s.grpo, score_chunk=16, rollout_chunk=64,
                                                      offload_reference=True,
                                                      # sampling in the training (FSDP) layout: the 7B's
-                                                     # 4 does not divide the 3B's 2 KV heads, and a
-                                                     # decoding copy (tensor 2) was not planned for v5e-8
+                                                     # 4 does not divide the 3B's 2 KV heads, and tensor
+                                                     # 2 does not fit v5e-8 (16.80 / 20.48 GiB per chip,
+                                                     # text / image stages; docs/scale.md)
                                                      rollout_tensor=0))
         for s in cfg.stages
     )

@@ -7,7 +7,14 @@ lr 1e-6, k3 KL 1e-2, clip 0.2 / 0.3, dual clip 3, prompt and response 2048 token
 4,194,304 pixels, vision frozen in stage 2; fp32 storage, bf16 compute) with the Qwen3-VL-8B
 checkpoint. Qwen3-VL's patch is 16
 px (28 for Qwen2.5-VL's 14 px patches x merge 2 becomes 32), so the same pixel bounds give
-(14/16)^2 = 0.77 x as many vision tokens. The merged baseline (the paper's 64.67: the same data and
+(14/16)^2 = 0.77 x as many vision tokens. Rollouts are sampled in the 7B's decoding layout
+(`grpo.rollout_tensor=4`: each chip decodes its own rows with 2 of the 8 KV heads and a quarter of
+the MLP; planned for v5p-64 in docs/scale.md):
+
+  python scripts/plan_memory.py --config configs/qwen3_vl_8b_tpu.py --topology v5p:4x4x4 \\
+      --model_config configs/hf/Qwen3-VL-8B-Instruct --programs generate
+
+The merged baseline (the paper's 64.67: the same data and
 930 steps in one GRPO stage) is the config argument `:merged`, the CPU smoke run of this file
 `:smoke` (`:merged,smoke` for the baseline's).
 
@@ -30,13 +37,11 @@ _PAPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b
 def _recipe() -> Config:
     """Perception (90) -> textual reasoning (375) -> visual reasoning (465), all GRPO."""
     cfg = load_config(_PAPER)
-    # sampling in the training (FSDP) layout: the 7B's decoding layout (`grpo.rollout_tensor`) is not
-    # planned for this model yet
-    stages = tuple(dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, rollout_tensor=0))
-                   for s in cfg.stages)
+    # the 7B's stages unchanged, its decoding layout included: rollouts sampled on a (data 16, fsdp 1,
+    # tensor 4) mesh (`grpo.rollout_tensor=4` divides the 8 KV heads; planned in docs/scale.md)
     # fp32 parameters and AdamW moments, bf16 compute, as the 7B recipe
     model = dataclasses.replace(cfg.model, path="artifacts/Qwen3-VL-8B-Instruct")
-    return dataclasses.replace(cfg, model=model, stages=stages)
+    return dataclasses.replace(cfg, model=model)
 
 
 def get_config(arg: str = "") -> Config:

@@ -1,41 +1,58 @@
-"""The TPU compiler's estimate of a recipe's GRPO training step, without a TPU (deviceless compile).
+"""The TPU compiler's estimate of a recipe's whole GRPO iteration (sampler, reference scoring and
+update), without a TPU (deviceless compile), under a stated response-length distribution.
 
     python scripts/estimate_tpu.py --config configs/qwen2_5_vl_7b_tpu.py --topology v5p:4x4x4 \
-        --model_config configs/hf/Qwen2.5-VL-7B-Instruct [--stage textual_reasoning] \
-        [--layers 2] [--json OUT]
+        --model_config configs/hf/Qwen2.5-VL-7B-Instruct [--stage textual_reasoning] [--layers 1] \
+        [--means 900,450] [--prompt_len 1400] [--length_groups N] [--json OUT]
 
-THIS IS THE COMPILER'S ESTIMATE, NOT A MEASUREMENT. For the stage's real sizes (the config's
-prompts x samples, prompt bucket + `max_new_tokens`, remat, bf16 compute, attention and log-prob
-chunking, FSDP over the topology) it compiles with libtpu, through `vlm_jax.plan`'s abstract shapes
-and shardings, the two training programs of a GRPO step - the update (`rl.policy.grpo_step`) and the
-reference scoring (`rl.policy.score_responses`) - for ONE micro-batch (`--micro` completions, default
-the smallest multiple of the group size that splits evenly over the chips) and reads
-`compiled.cost_analysis()`: `flops` and `optimal_seconds` per chip (the compiler's roofline time:
-an optimistic bound that assumes perfect overlap of compute, memory and communication).
+THIS IS THE COMPILER'S ESTIMATE, NOT A MEASUREMENT.
 
-XLA's cost model counts a loop body once (a `while` / `scan` / `lax.map` of 10 iterations costs
-what one does), and the programs loop over attention query chunks and log-prob chunks, so the
-counted flops are a part of the work. The estimate therefore takes the compiler's RATE (counted
-flops / optimal_seconds: how fast it expects this program's mix of work to run on the chip) and
-applies it to the work the program really executes, counted analytically (`executed_flops`: every
-matmul of the decoder and the logits, attention over the full [S, S] block as chunked attention
-computes it, x 3 for forward + backward, x 4 with `remat=full`), times the micro-batches per step
-(prompts x samples / micro; mu = 1 in the recipes). Compile time grows with the decoder depth (the
-layers are a Python loop), so the programs are compiled with `--layers` decoder layers (default 2;
-every layer is the same program, so the rate carries over). Memory is `scripts/plan_memory.py`'s
-question, not this script's.
+Lengths. Response lengths are min(ceil X, cap) with X ~ gamma(shape 2, scale theta), theta solved
+so the mean after the cap is each of `--means` (the paper's validation responses: ~900 tokens early
+in training, ~450 late; cap `max_new_tokens` = 2048; rows past the cap are truncated completions).
+Every prompt is `--prompt_len` tokens (default 1,400: one ~1 Mpx image, 1,003,520 px / 28^2 = 1,280
+vision tokens, plus ~120 text tokens), so its bucket is the recipe's largest (2048) on both paths.
+The lengths of the step's prompts x samples are drawn once (seed 0); the decode steps of a sampler
+call are the expected longest row of the call, sum_n 1 - (1 - P(X > n))^rows.
 
-Found on 2026-12-03 (libtpu 0.0.52, JAX 0.10.2): for the update and scoring programs the compiler
-returns a NEGATIVE `optimal_seconds` for the 3B programs on v6e-8 (e.g. -26 s for the update; the
-7B programs on v5p-64 get positive ones), while a plain matmul or a
-`fori_loop` of matmuls gets a sensible one; the script then says that no compiler time estimate
-exists and prints only the bound: the executed flops at 100% of the chip's bf16 peak.
+Update and scoring. The update (`rl.policy.grpo_step`) and the reference scoring
+(`rl.policy.score_responses`) are compiled with libtpu for ONE micro-batch / chunk at the recipe's
+real sizes (remat, bf16 compute, chunking, FSDP over the topology), `--layers` decoder layers
+(every layer is the same program). XLA's cost model counts a loop body once and the programs loop
+over attention and log-prob chunks, so the estimate takes the compiler's RATE (counted flops /
+`optimal_seconds`, an optimistic roofline assuming perfect overlap) and applies it to the work the
+programs execute, counted analytically at the real depth (`forward_flops`: every matmul and the
+logits, attention over the full [S, S] block as the chunked attention computes it; x 3 forward +
+backward, x 4 with `remat=full`, x 1 for scoring).
+  before: today's default path: every completion at `max_new_tokens` response positions plus the
+          prompt bucket, in micro-batches of `micro_batch_size` (scoring: `score_chunk`).
+  after:  `grpo.length_groups` (`vlm_jax.rl.grouped`, default mini-batch / micro-batch, so a group
+          has today's micro-batch rows): the micro-batches `grouped.plan_groups` makes of the drawn
+          lengths, each at its own length bucket and prompt bucket; scoring in groups of the same size.
+          Each group runs at the padded program's rate (shorter groups may run slower: not modelled).
+Where libtpu returns a non-positive `optimal_seconds` (the 3B programs on v5e-8 and v6e-8, libtpu
+0.0.52) there is no compiler rate; those figures are then at 100% of the bf16 peak, and say so.
 
-The sampler is NOT estimated: its decode loop is a `while` whose trip count the cost model does not
-know, and decoding is bound by memory traffic, not by the rate above. Tokens/s/chip therefore count
-the step's tokens (prompt + response of every completion) over the update + scoring time only, and
-MFU is the model's training FLOPs (6 x parameters x tokens + attention: forward + backward, remat
-and the scoring pass excluded) per second of update + scoring over the chip's bf16 peak.
+Sampler (the same on both paths: refilling decode slots is not built, so every row of a call
+decodes until the call's longest row stops). Decoding is memory-bound and its `while` has a
+data-dependent trip count the cost model does not know, so the compiler's cost analysis is not
+used for it. A stated roofline instead, per decode step and chip: the decoder's matmul weights +
+lm_head in their STORAGE dtype (the sampler reads them as stored: fp32 in the recipes) split over
+`grpo.rollout_tensor` (or over all chips in the FSDP layout), plus the whole KV cache (the shared
+prompt part and every row's full generation buffer: decode attention reads the whole buffer), over
+the chip's HBM bandwidth; or the step's matmul flops at the bf16 peak if larger; plus the decode
+step's collectives counted in the compiled sampler (`plan.plan`'s generate row at 1 and 2 layers,
+extrapolated linearly to the real depth) over the chip's inter-chip bandwidth, not overlapped.
+Prefill: its forward flops at the scoring program's compiler rate. Not modelled: the vision tower
+(encoding, and its backward in the stages that train it), the reshard to the decoding layout, host
+work (rewards, data), the optimizer update, dispatch between programs.
+
+Outputs per length distribution and path: seconds per iteration, the shares of rollout / scoring /
+update, real tokens (prompt + response, unpadded) per second per chip, MFU = model training flops
+on the real tokens (3 x forward: no remat, no scoring, no sampler) per second over the chip's bf16
+peak, both over the whole iteration and over the update alone (the latter is what EasyR1 reports
+as actor MFU), the real tokens' share of the positions the update computes, and the sampler's
+decode-slot utilisation (real response tokens / rows x steps).
 """
 
 from __future__ import annotations
@@ -43,30 +60,77 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")  # quiets libtpu's start-up warnings
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# the sampler's compiled text, for its per-token collectives (libtpu's `compiled.as_text()` can fail on
+# it): `main` has XLA dump the generate programs here
+DUMP = Path(os.environ.get("TMPDIR", "/tmp")) / f"estimate_tpu_hlo_{os.getpid()}"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# bf16 dense peak per chip, public spec sheets (TFLOP/s)
+# per chip, public spec sheets: bf16 dense peak (FLOP/s), HBM bandwidth and inter-chip interconnect
+# bandwidth (bytes/s; ICI 2,400 / 1,600 / 4,800 / 3,584 Gbit/s)
 PEAK_BF16 = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+HBM_BW = {"v4": 1.2e12, "v5e": 819e9, "v5p": 2.765e12, "v6e": 1.64e12}
+ICI_BW = {"v4": 300e9, "v5e": 200e9, "v5p": 600e9, "v6e": 448e9}
+BF16 = 2  # bytes per KV cache element (the compute dtype)
 
 
-def forward_flops(text, rows: int, seq: int, logit_tokens: int) -> float:
-    """Matmul FLOPs of one decoder forward: per token and layer the q/k/v/o and MLP projections,
-    per layer scores and values over the full [S, S] block, plus the logits of `logit_tokens`."""
+# ------------------------------------------------------------------------- the length distribution
+def survival(n, theta: float):
+    """P(X > n) for X ~ gamma(shape 2, scale theta)."""
+    x = np.asarray(n, np.float64) / theta
+    return np.exp(-x) * (1 + x)
+
+
+def mean_length(theta: float, cap: int) -> float:
+    """E[min(ceil X, cap)] = sum_{n < cap} P(X > n)."""
+    return float(survival(np.arange(cap), theta).sum())
+
+
+def theta_for(mean: float, cap: int) -> float:
+    """The scale whose capped mean is `mean` (bisection; the capped mean grows with theta)."""
+    lo, hi = 1e-3, 1e3 * cap
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_length(mid, cap) < mean else (lo, mid)
+    return (lo + hi) / 2
+
+
+def expected_longest(theta: float, cap: int, rows: int) -> float:
+    """E[max of `rows` lengths] = sum_{n < cap} 1 - (1 - P(X > n))^rows: a sampler call's decode steps."""
+    return float((1 - (1 - survival(np.arange(cap), theta)) ** rows).sum())
+
+
+def draw_lengths(theta: float, cap: int, n: int, seed: int = 0) -> np.ndarray:
+    return np.clip(np.ceil(np.random.default_rng(seed).gamma(2.0, theta, n)), 1, cap).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------- the model's work
+def matmul_params(text) -> int:
+    """Parameters of the decoder's matmuls (q/k/v/o, MLP) over all layers plus the lm_head."""
     D, F, H, KV, n, V = (text.hidden_size, text.intermediate_size, text.num_attention_heads,
                          text.num_key_value_heads, text.num_hidden_layers, text.vocab_size)
-    hd = D // H
-    per_token_layer = 2 * (D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * F)
-    attention_layer = 2 * 2 * rows * seq * seq * H * hd
-    return n * (rows * seq * per_token_layer + attention_layer) + 2 * logit_tokens * D * V
+    hd = getattr(text, "head_dim", None) or D // H
+    return n * (D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * F) + D * V
+
+
+def forward_flops(text, rows: int, seq, logit_tokens: int) -> float:
+    """Matmul FLOPs of one decoder forward of `rows` rows of `seq` positions (or one row per entry of
+    an array `seq`): the projections and MLP per token, scores and values over the full [S, S]
+    block per layer, plus the logits of `logit_tokens`."""
+    D, H, n, V = text.hidden_size, text.num_attention_heads, text.num_hidden_layers, text.vocab_size
+    hd = getattr(text, "head_dim", None) or D // H
+    seq = np.asarray(seq, np.float64)
+    per_token = 2 * (matmul_params(text) - D * V)  # all layers
+    return float(rows * (seq * per_token + 2 * 2 * seq * seq * H * hd * n).sum()) + 2 * logit_tokens * D * V
 
 
 def compile_cost(fn, args, kwargs) -> tuple[float, float, float]:
@@ -77,38 +141,52 @@ def compile_cost(fn, args, kwargs) -> tuple[float, float, float]:
     return float(cost["flops"]), float(cost["optimal_seconds"]), time.perf_counter() - t0
 
 
-def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int, micro: int | None,
-             log=print) -> dict:
+def decode_collectives(cfg, stage: str, topology: str, model_config: str, text_layers: int) -> float | None:
+    """Bytes per chip the compiled sampler's decode step moves in collectives, at the real depth:
+    the planner's generate row (`plan.plan`) at 1 and 2 layers, extrapolated linearly."""
+    import shutil
+
+    from vlm_jax import hlo_traffic, plan
+
+    got = []
+    for layers in (1, 2):
+        shutil.rmtree(DUMP, ignore_errors=True)
+        (row,) = plan.plan(cfg, topology, model_config=model_config, programs=("generate",), stages={stage},
+                           num_layers=layers, log=lambda *a: None)
+        found = row.detail.get("decode_step_collective_bytes")
+        if found is None:  # from XLA's dump of the compiled module instead
+            texts = sorted(DUMP.glob("*generate*after_optimizations.txt"))
+            found = hlo_traffic.collective_bytes(hlo_traffic.loop_collectives(texts[-1].read_text())) if texts else None
+        got.append(found)
+    shutil.rmtree(DUMP, ignore_errors=True)
+    if None in got:
+        return None
+    return got[0] + (text_layers - 1) * (got[1] - got[0])
+
+
+# ------------------------------------------------------------------------------------- the estimate
+def compile_programs(cfg, st, topology: str, model_config: str, layers: int) -> dict:
+    """The update and reference-scoring programs of stage `st`, compiled at the recipe's sizes:
+    {program: (completions per program, counted flops, optimal_seconds, compile s)}."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from vlm_jax import models, plan, startup
-    from vlm_jax.stages import loss_config
     from vlm_jax import sharding as shd
     from vlm_jax.rl import policy
+    from vlm_jax.stages import loss_config
     from vlm_jax.train_state import init_fn, make_optimizer
 
-    st = next((s for s in cfg.stages if s.name == stage_name), None)
-    if st is None or st.objective != "grpo":
-        raise SystemExit(f"stage {stage_name!r}: not a GRPO stage of this config")
     g = st.grpo
     family, mcfg, raw, folder = plan.load_model_config(model_config)
-    devices = plan.topology_devices(topology)
-    chips = len(devices)
-    mesh = shd.make_mesh(cfg.mesh, devices=devices)
-    G, B, T = g.num_samples, st.batch_size, g.max_new_tokens
-    N = B * G
-    L = max(cfg.data.length_buckets)  # the prompt bucket (text stage: the longest)
+    mesh = shd.make_mesh(cfg.mesh, devices=plan.topology_devices(topology))
+    G, N, T, L = g.num_samples, st.batch_size * g.num_samples, g.max_new_tokens, max(cfg.data.length_buckets)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    mb = N if g.mini_batch_size in (0, None) else g.mini_batch_size
-    sizes = {"update": micro or st.micro_batch_size or mb, "score": g.score_chunk or N}
+    sizes = {"update": st.micro_batch_size or g.mini_batch_size or N, "score": g.score_chunk or N}
     for prog, n in sizes.items():
         if n % shards or N % n:
-            raise SystemExit(f"{prog}: {n} completions per compiled program must split over the {shards} "
-                             f"batch shards and divide the {N} completions of a step")
-    n_programs = {prog: N // n * (g.mu if prog == "update" else 1) for prog, n in sizes.items()}
-    num_patches = None if st.capability == "textual_reasoning" else startup.num_patches_for(cfg, mcfg.vision.patch_size)
+            raise SystemExit(f"{prog}: {n} completions per program must split over {shards} shards and divide {N}")
     optimizer = make_optimizer(st.optimizer, st.steps, st.trainable)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
@@ -119,102 +197,190 @@ def estimate(cfg, stage_name: str, topology: str, model_config: str, layers: int
     model = models.Model(family, mc, graphdef, raw, dtype, mesh, folder, options)
     params = plan._abstract(abstract, shd.param_shardings(abstract, mesh, cfg.logical_axis_rules))
     state = jax.eval_shape(init_fn(params, optimizer), params)
-    def rollout_batch(n: int):
-        """n completions, each with its own prompt row (a micro-batch of the real step gathers up to
-        n different prompts): the same work as one micro-batch of the full rollout batch."""
-        prompt = plan.abstract_inputs(model, mesh, n, L, num_patches)
-        f32 = lambda: plan._batched(mesh, (n, T), jnp.float32)  # noqa: E731
-        return policy.RolloutBatch(prompt, plan._batched(mesh, (n, T), jnp.int32), f32(), f32(), f32(),
-                                   plan._batched(mesh, (n,), jnp.float32))
 
-    upd = rollout_batch(sizes["update"])
-    programs = {"update": compile_cost(policy.grpo_step, (state, upd, key),
-                                       dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
-                                            loss_cfg=loss_config(st), mu=1, minibatch=sizes["update"],
-                                            micro_batch=sizes["update"], mesh=mesh))}
-    if g.kl_coef > 0:
-        sc = rollout_batch(sizes["score"])
-        programs["score"] = compile_cost(policy.score_responses, (graphdef, params, sc.prompt, sc.responses_NT),
-                                         dict(group_size=G, chunk=sizes["score"], mesh=mesh))
+    def rollout_batch(n: int):  # n completions, each with its own prompt row (a micro-batch's worst case)
+        f32 = lambda: plan._batched(mesh, (n, T), jnp.float32)  # noqa: E731
+        return policy.RolloutBatch(plan.abstract_inputs(model, mesh, n, L, None), plan._batched(mesh, (n, T), jnp.int32),
+                                   f32(), f32(), f32(), plan._batched(mesh, (n,), jnp.float32))
+
+    upd, sc = rollout_batch(sizes["update"]), rollout_batch(sizes["score"])
+    out = {"update": (sizes["update"], *compile_cost(
+        policy.grpo_step, (state, upd, key), dict(graphdef=graphdef, optimizer=optimizer, group_size=G,
+                                                  loss_cfg=loss_config(st), mu=1, minibatch=sizes["update"],
+                                                  micro_batch=sizes["update"], mesh=mesh)))}
+    out["score"] = (sizes["score"], *compile_cost(policy.score_responses, (graphdef, params, sc.prompt, sc.responses_NT),
+                                                  dict(group_size=G, chunk=sizes["score"], mesh=mesh)))
+    return dict(programs=out, shards=shards, text=mcfg.text)
+
+
+def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, lengths: np.ndarray, theta: float,
+              prompt_len: int, length_groups: int, collective_bytes: float | None) -> dict:
+    """Seconds of one GRPO iteration (before / after) for response lengths `lengths` [N]."""
+    from vlm_jax.rl import grouped
+    from vlm_jax.rl.sampler import GEN_BUCKETS
+    from vlm_jax.shapes import bucket
+
+    g = st.grpo
+    G, B, cap = g.num_samples, st.batch_size, g.max_new_tokens
+    N = B * G
+    buckets = tuple(cfg.data.length_buckets)
+    L = bucket(prompt_len, buckets)  # the rollout's longest prompt bucket: every prompt is prompt_len
+    mb = g.mini_batch_size or N
     passes = {"update": 4 if st.remat == "full" else 3, "score": 1}
+    peak = PEAK_BF16[gen]
+    secs = lambda prog, flops: flops / chips / rates[prog]  # noqa: E731  (at the compiler's rate)
+
+    # before: every completion at (L + cap) positions
+    before = {prog: secs(prog, passes[prog] * forward_flops(text, N, L + cap, N * cap)) for prog in passes}
+    # after: the length groups `grouped` makes (rows stay in their shard; one mini-batch at a time)
+    prompt_len_B = np.full(B, prompt_len)
+    per = N // shards
+    local = np.arange(per).reshape(1, -1).repeat(shards, 0)
+
+    def grouped_work(span: int) -> tuple[float, int]:
+        """(forward flops, positions) of one pass over the completions in groups of mb / length_groups
+        rows, `span` rows per shard sorted together (a mini-batch, or all for the scoring)."""
+        flops, positions = 0.0, 0
+        for u in range(per // span):
+            for idx, T, Lb in grouped.plan_groups(lengths, prompt_len_B, local[:, u * span:(u + 1) * span],
+                                                  span * shards * length_groups // mb, group_size=G, cap=cap,
+                                                  L=L, prompt_buckets=buckets):
+                flops += forward_flops(text, idx.size, Lb + T, idx.size * T)
+                positions += idx.size * (Lb + T)
+        return flops, positions
+
+    (score_flops, _), (update_flops, update_positions) = grouped_work(per), grouped_work(mb // shards)
+    after = {"score": secs("score", score_flops), "update": secs("update", passes["update"] * update_flops)}
+    positions = {"before": N * (L + cap), "after": update_positions}  # the update's, one pass
+
+    # the sampler (both paths): calls of Bg prompts, each decoding until its longest row stops
+    Bg = min(g.rollout_chunk or B, B)
+    calls, rows = -(-B // Bg), Bg * G
+    steps = expected_longest(theta, cap, rows)
+    gen_len = bucket(cap, GEN_BUCKETS)
+    split = g.rollout_tensor or chips  # the decoding layout splits weights over tensor, FSDP over all chips
+    storage = np.dtype(cfg.model.dtype).itemsize
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * hd * BF16
+    step_bytes = matmul_params(text) * storage / split + kv_per_position * (Bg * L + rows * gen_len) / chips
+    step_flops = 2 * rows * matmul_params(text) / chips + (
+        4 * rows * (L + gen_len) * text.num_attention_heads * hd * text.num_hidden_layers / chips)
+    step_s = max(step_bytes / HBM_BW[gen], step_flops / peak) + (collective_bytes or 0) / ICI_BW[gen]
+    prefill_s = secs("score", forward_flops(text, Bg, L, Bg))
+    rollout = calls * (prefill_s + steps * step_s)
+
+    real_tokens = N * prompt_len + int(lengths.sum())
+    model_flops = 3 * forward_flops(text, 1, prompt_len + lengths, int(lengths.sum()))
+    out = dict(decode_steps_per_call=steps, sampler_calls=calls, rows_per_call=rows,
+               decode_step_s=step_s, decode_step_bytes_per_chip=step_bytes, decode_step_flops_per_chip=step_flops,
+               decode_step_collective_bytes=collective_bytes, prefill_s_per_call=prefill_s,
+               decode_slot_utilisation=float(lengths.sum()) / (calls * rows * steps),
+               real_tokens_per_step=real_tokens, model_train_flops_per_step=model_flops)
+    for name, work in (("before", before), ("after", after)):
+        total = rollout + work["score"] + work["update"]
+        out[name] = dict(seconds=total, rollout_s=rollout, score_s=work["score"], update_s=work["update"],
+                         shares={"rollout": rollout / total, "score": work["score"] / total,
+                                 "update": work["update"] / total},
+                         tokens_per_s_per_chip=real_tokens / total / chips,
+                         update_real_fraction=real_tokens / positions[name],
+                         mfu=model_flops / total / chips / peak, update_mfu=model_flops / work["update"] / chips / peak)
+    return out
+
+
+def estimate(cfg, stage: str, topology: str, model_config: str, layers: int, means, prompt_len: int,
+             length_groups: int | None, log=print) -> dict:
+    from vlm_jax import plan
+
+    st = next((s for s in cfg.stages if s.name == stage), None)
+    if st is None or st.objective != "grpo" or st.grpo.kl_coef <= 0:
+        raise SystemExit(f"stage {stage!r}: not a GRPO stage with a KL reference in this config")
+    g = st.grpo
+    chips = len(plan.topology_devices(topology))
     gen = topology.split(":")[0].lower()
     peak = PEAK_BF16[gen]
-    out = dict(topology=topology, chips=chips, stage=stage_name, completions=N, prompt_len=L, response_len=T,
-               completions_per_program=sizes, programs_per_step=n_programs, layers_compiled=layers,
-               layers=mcfg.text.num_hidden_layers, remat=st.remat, peak_bf16_per_chip=peak)
-    step_s, bound_s, usable = 0.0, 0.0, True
-    for prog, (flops, opt_s, compile_s) in programs.items():
-        n = sizes[prog]
-        executed = passes[prog] * forward_flops(mcfg.text, n, L + T, n * T) / chips  # per chip, the real depth
-        ok = opt_s > 0
-        usable &= ok
-        rate = flops / opt_s if ok else float("nan")  # the compiler's FLOP/s per chip for this program
-        seconds = executed / rate * n_programs[prog] if ok else float("nan")
-        at_peak = executed / peak * n_programs[prog]
-        step_s += seconds
-        bound_s += at_peak
-        out[prog] = dict(counted_flops_per_chip=flops, optimal_seconds=opt_s, compile_s=compile_s,
-                         compiler_rate_per_chip=rate, executed_flops_per_chip_per_program=executed,
-                         seconds_per_step=seconds, seconds_per_step_at_peak=at_peak)
-        log(f"  {prog}: {layers} layer(s), {n} completions: compiler counted {flops:.3g} flops/chip, "
-            f"optimal_seconds {opt_s:.4g}{'' if ok else ' (NOT USABLE: not positive)'} (compile {compile_s:.0f} s); "
-            f"executed at {mcfg.text.num_hidden_layers} layers {executed:.3g} flops/chip x {n_programs[prog]} per step"
-            + (f" -> {seconds:.2f} s at the compiler's rate {rate / 1e12:.0f} TFLOP/s" if ok else "")
-            + f"; {at_peak:.2f} s at 100% of peak")
-    tokens = N * (L + T)
-    model_flops = 3 * forward_flops(mcfg.text, N, L + T, N * T) * g.mu
-    out.update(
-        compiler_time_usable=usable,
-        estimated_train_seconds_per_step=step_s if usable else None,
-        train_seconds_per_step_at_peak=bound_s,
-        tokens_per_step=tokens,
-        estimated_tokens_per_s_per_chip=tokens / step_s / chips if usable else None,
-        tokens_per_s_per_chip_at_peak=tokens / bound_s / chips,
-        model_train_flops_per_step=model_flops,
-        estimated_mfu=model_flops / step_s / chips / peak if usable else None,
-    )
+    c = compile_programs(cfg, st, topology, model_config, layers)
+    text = c["text"]
+    rates, programs = {}, {}
+    for prog, (n, flops, opt_s, compile_s) in c["programs"].items():
+        usable = opt_s > 0
+        rates[prog] = flops / opt_s if usable else peak  # the compiler's FLOP/s per chip, else the peak
+        programs[prog] = dict(completions=n, counted_flops_per_chip=flops, optimal_seconds=opt_s,
+                              compile_s=compile_s, compiler_rate_usable=usable, rate_per_chip=rates[prog])
+        log(f"  {prog}: {layers} layer(s), {n} completions: counted {flops:.3g} flops/chip, optimal_seconds "
+            f"{opt_s:.4g} (compile {compile_s:.0f} s) -> " + (f"rate {rates[prog] / 1e12:.0f} TFLOP/s per chip"
+                                                               if usable else "NOT USABLE: at 100% of peak"))
+    t0 = time.perf_counter()
+    coll = decode_collectives(cfg, stage, topology, model_config, text.num_hidden_layers)
+    log(f"  sampler: decode-step collectives {'not counted' if coll is None else f'{coll / 2**20:.1f} MiB/chip'} "
+        f"(generate compiled at 1 and 2 layers, {time.perf_counter() - t0:.0f} s)")
+    groups = length_groups or (g.mini_batch_size or st.batch_size * g.num_samples) // st.micro_batch_size
+    N, cap = st.batch_size * g.num_samples, g.max_new_tokens
+    out = dict(topology=topology, chips=chips, stage=stage, completions=N, prompt_len=prompt_len, cap=cap,
+               rollout_tensor=g.rollout_tensor, rollout_chunk=g.rollout_chunk, length_groups=groups,
+               layers_compiled=layers, layers=text.num_hidden_layers, remat=st.remat, peak_bf16_per_chip=peak,
+               hbm_bw_per_chip=HBM_BW[gen], ici_bw_per_chip=ICI_BW[gen], programs=programs,
+               compiler_rate_usable=all(p["compiler_rate_usable"] for p in programs.values()),
+               distribution="min(ceil X, cap), X ~ gamma(shape 2, scale theta); seed 0", by_mean={})
+    for mean in means:
+        theta = theta_for(mean, cap)
+        lengths = draw_lengths(theta, cap, N)
+        r = iteration(cfg, st, text, chips, gen, c["shards"], rates, lengths, theta, prompt_len, groups, coll)
+        r.update(mean_target=mean, theta=theta, mean_drawn=float(lengths.mean()),
+                 truncated=float(survival(cap - 1, theta)))
+        out["by_mean"][str(mean)] = r
     return out
+
+
+def summary(r: dict) -> list[str]:
+    lines = []
+    for mean, d in r["by_mean"].items():
+        lines.append(f"  responses mean {d['mean_drawn']:.0f} (target {mean}, theta {d['theta']:.0f}, "
+                     f"{d['truncated']:.1%} at the cap): sampler {d['sampler_calls']} call(s) x {d['rows_per_call']} rows x "
+                     f"{d['decode_steps_per_call']:.0f} steps of {d['decode_step_s'] * 1e3:.2f} ms, slot utilisation "
+                     f"{d['decode_slot_utilisation']:.0%}")
+        for path in ("before", "after"):
+            p = d[path]
+            lines.append(f"    {path:<6} {p['seconds']:7.1f} s/iter (rollout {p['shares']['rollout']:.0%}, scoring "
+                         f"{p['shares']['score']:.0%}, update {p['shares']['update']:.0%}), "
+                         f"{p['tokens_per_s_per_chip']:,.0f} tokens/s/chip, MFU {p['mfu']:.1%} "
+                         f"(update alone {p['update_mfu']:.1%}); real tokens {p['update_real_fraction']:.0%} "
+                         "of the update's positions")
+    return lines
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text"
+                               " --xla_dump_hlo_module_re=.*generate.*").strip()  # before JAX starts
     overrides = [a for a in argv if a.startswith("--config.")]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--topology", required=True)
     ap.add_argument("--model_config", required=True)
     ap.add_argument("--stage", default="textual_reasoning")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers in the compiled programs")
-    ap.add_argument("--micro", type=int, default=None,
-                    help="completions per compiled update (default: the stage's micro_batch_size)")
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers in the compiled update / scoring")
+    ap.add_argument("--means", default="900,450", help="mean response lengths, one estimate each")
+    ap.add_argument("--prompt_len", type=int, default=1400, help="tokens of every prompt (text + image)")
+    ap.add_argument("--length_groups", type=int, default=None,
+                    help="the 'after' path's grpo.length_groups (default: mini-batch / micro-batch)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args([a for a in argv if not a.startswith("--config.")])
     from vlm_jax import config as config_lib
 
     cfg = config_lib.load_config(args.config, [o[len("--config."):] for o in overrides])
-    print(f"command: python scripts/estimate_tpu.py {' '.join(argv)}")
+    command = f"python scripts/estimate_tpu.py {' '.join(argv)}"
+    print(f"command: {command}")
     t0 = time.perf_counter()
-    r = estimate(cfg, args.stage, args.topology, args.model_config, args.layers, args.micro)
-    print(f"THE TPU COMPILER'S ESTIMATE (libtpu cost_analysis, optimal_seconds; not a measurement), "
-          f"{time.perf_counter() - t0:.0f} s of compiling on this CPU")
-    print(f"{args.topology} ({r['chips']} chips), stage {r['stage']}: {r['completions']} completions x "
-          f"({r['prompt_len']} prompt + {r['response_len']} response) tokens = {r['tokens_per_step']:,} tokens/step; "
-          f"programs per step {r['programs_per_step']} of {r['completions_per_program']} completions; compiled with {r['layers_compiled']} "
-          f"of {r['layers']} layers, remat {r['remat']}")
-    print(f"  model training flops/step {r['model_train_flops_per_step']:.3g} (6N-style: forward + backward, "
-          "no remat, no scoring); the sampler is not estimated")
-    if r["compiler_time_usable"]:
-        print(f"  estimated {r['estimated_train_seconds_per_step']:.1f} s/step for update + scoring = "
-              f"{r['estimated_tokens_per_s_per_chip']:,.0f} tokens/s/chip, MFU {r['estimated_mfu']:.1%} of "
-              f"{r['peak_bf16_per_chip'] / 1e12:.0f} TFLOP/s bf16")
-    else:
-        print("  the compiler's optimal_seconds is not positive for these programs: no compiler time estimate")
-    print(f"  bound: the executed flops (remat and scoring included) at 100% of the {r['peak_bf16_per_chip'] / 1e12:.0f} "
-          f"TFLOP/s bf16 peak take {r['train_seconds_per_step_at_peak']:.1f} s/step = at most "
-          f"{r['tokens_per_s_per_chip_at_peak']:,.0f} tokens/s/chip for update + scoring")
+    r = estimate(cfg, args.stage, args.topology, args.model_config, args.layers,
+                 [int(m) for m in args.means.split(",")], args.prompt_len, args.length_groups)
+    print(f"THE TPU COMPILER'S ESTIMATE (not a measurement), {time.perf_counter() - t0:.0f} s of compiling on this CPU")
+    print(f"{args.topology} ({r['chips']} chips), stage {r['stage']}: {r['completions']} completions, prompts "
+          f"{r['prompt_len']} tokens, responses capped at {r['cap']}; after = grpo.length_groups={r['length_groups']}; "
+          f"sampler unchanged (no slot refill)" + ("" if r["compiler_rate_usable"] else
+                                                  "; NO COMPILER RATE: update / scoring at 100% of the bf16 peak"))
+    print("\n".join(summary(r)))
     if args.json:
-        Path(args.json).write_text(json.dumps({**r, "command": f"python scripts/estimate_tpu.py {' '.join(argv)}"},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**r, "command": command}, indent=2) + "\n")
     return 0
 
 

@@ -225,13 +225,34 @@ def render_compile(perf) -> str:
 
 @renderer("tpu-estimate", "performance.json")
 def render_tpu_estimate(perf) -> str:
+    """The compiler's whole-iteration estimate (`scripts/estimate_tpu.py --json`, one run per recipe)
+    before / after `grpo.length_groups`, per response-length distribution, and the peers' measured row."""
     if perf is None or "tpu_estimate" not in perf:
         return NOT_MEASURED
     t = perf["tpu_estimate"]
-    rows = [[r["recipe"], r["slice"], r["tokens_per_step"], r["estimate"], r["bound"], f"`{r['command']}`",
-             commit_link(r["commit"])] for r in t["rows"]]
-    return (table(["recipe (text stage)", "slice", "tokens per step", "the compiler's estimate",
-                   "compute bound", "command", "commit"], rows) + f"\n\n{t['about']}")
+    rows, notes = [], []
+    for run in t["runs"]:
+        e = run["estimate"]
+        mark = "" if e["compiler_rate_usable"] else "*"
+        for mean, d in e["by_mean"].items():
+            for path in ("before", "after"):
+                p = d[path]
+                sh = p["shares"]
+                rows.append([f"{run['recipe']}, {run['slice']}", f"mean {d['mean_drawn']:.0f} ({d['truncated']:.1%} at {e['cap']})",
+                             path, f"{p['seconds']:.0f}{mark}",
+                             f"{sh['rollout']:.0%} / {sh['score']:.0%} / {sh['update']:.0%}",
+                             f"{p['tokens_per_s_per_chip']:,.0f}", f"{p['mfu']:.1%} / {p['update_mfu']:.1%}",
+                             f"{p['update_real_fraction']:.0%}", f"{d['decode_slot_utilisation']:.0%}"])
+        notes.append(f"{run['recipe']}: `{e['command']}`, commit {commit_link(run['commit'])}"
+                     + ("" if e["compiler_rate_usable"] else " (* libtpu returns a negative time for its update and "
+                        "scoring: they are at 100% of the bf16 peak, so its seconds are a lower bound and its tokens/s "
+                        "and MFU upper bounds)"))
+    for ref in t["reference"]["rows"]:
+        rows.append([ref["recipe"], ref["lengths"], "measured", ref["seconds"], "-", ref["tokens"], ref["mfu"], "-", "-"])
+    out = table(["recipe, slice", "responses", "path", "s/iter", "rollout / scoring / update",
+                 "tokens/s/chip", "MFU iteration / update", "update positions real", "decode slots used"], rows,
+                "lllrlrrrr")
+    return out + "\n\n" + t["about"] + " " + t["reference"]["source"] + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 @renderer("scale", "scale.json")

@@ -469,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="vlm_jax's grpo.share_prompt (default: the config default)")
     parser.add_argument("--share_prompt_ab", action="store_true",
                         help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
-    parser.add_argument("--length_groups", type=int, default=4,
-                        help="vlm_jax's grpo.length_groups (0: every completion padded to --new_tokens)")
+    parser.add_argument("--length_groups", type=int, default=0,
+                        help="vlm_jax's grpo.length_groups (0, the trainer's default: every completion padded "
+                             "to --new_tokens)")
     parser.add_argument("--no_peer", action="store_true",
                         help="vlm_jax only (no TRL venv): its times and its work figures per setting")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlm_jax import paths
 from vlm_jax.checkpoint import (BYTES_TAG, CheckpointDamagedError, Checkpointer, CheckpointWriteError,
                                 PreemptionGuard, decode_meta, encode_meta, params_finite)
 
@@ -352,21 +353,22 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise(tmp_path):
 # --- damaged checkpoints and failing writes
 
 
-def _truncate_largest_array_file(step_dir: Path) -> None:
+def _truncate_largest_array_file(step_dir) -> None:
     """Halves the largest array data file (orbax merges the per-process OCDBT databases into
-    ``state/d/`` when a save commits; restores read from there)."""
-    victim = max((step_dir / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
-    with victim.open("r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+    ``state/d/`` when a save commits; restores read from there). A local path or a bucket's
+    (`etils.epath`): objects cannot be truncated in place, so the file is rewritten."""
+    victim = max((step_dir / "state" / "d").iterdir(), key=lambda p: len(p.read_bytes()))
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
 
 
-def _half_written(step_dir: Path) -> None:
-    """What a save killed mid-write leaves on a filesystem without atomic renames: the step
-    directory under its final name, its metadata item missing and the array data not yet there."""
-    import shutil
-    shutil.rmtree(step_dir / "meta")
+def _half_written(step_dir) -> None:
+    """What a save killed mid-write leaves where a step is not renamed into place (a filesystem
+    without atomic renames, or a bucket, where orbax writes a step in place): the step under its
+    final name, its metadata item missing, the array data not yet there, no `commit_success.txt`."""
+    paths.rmtree(step_dir / "meta")
     for data in (step_dir / "state").glob("ocdbt.process_*"):
-        shutil.rmtree(data)
+        paths.rmtree(data)
     (step_dir / "commit_success.txt").unlink()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_user_data import write_config_file
 from vlm_jax import config as config_lib
 from vlm_jax import curriculum, models, sft, startup, train
 from vlm_jax.workdir import restore_for_export
@@ -297,7 +298,7 @@ def test_damaged_latest_checkpoint_in_a_bucket_resumes_from_the_previous_step_bi
     (step 3 written in place without `commit_success.txt`, orbax's commit on GCS): the partial step
     is removed at start, step 2 is set aside as `2.damaged`, the run resumes from step 1 and ends
     bitwise equal to the uninterrupted run."""
-    from test_storage import BUCKET_DAMAGE
+    from test_checkpoint import DAMAGE
 
     from vlm_jax import paths
 
@@ -308,7 +309,7 @@ def test_damaged_latest_checkpoint_in_a_bucket_resumes_from_the_previous_step_bi
     ckpts = paths.resolve(wd) / "checkpoints"
     paths.copy_tree(preempted_at_2 / "checkpoints" / "2", ckpts / "3")
     (ckpts / "3" / "commit_success.txt").unlink()
-    BUCKET_DAMAGE["truncated_array_file"](ckpts / "2")
+    DAMAGE["truncated_array_file"](ckpts / "2")
     assert Checkpointer(ckpts).all_steps() == [1, 2]  # the uncommitted step 3 is never listed
     assert curriculum.run(cfg, wd) == "finished"
     assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
@@ -327,11 +328,7 @@ def test_failing_checkpoint_write_stops_the_run_with_the_previous_checkpoint_int
     from test_checkpoint import disk_full
 
     full_wd, cfg, _ = uninterrupted
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "from vlm_jax.config import config_from_dict\n"
-        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
-    )
+    cfg_file = write_config_file(tmp_path / "cfg.py", cfg)
     wd = tmp_path / "wd"
     real_save = Checkpointer.save
 
@@ -359,11 +356,7 @@ def test_sigterm_checkpoints_and_exits_zero(family_run, tmp_path):
     """A real SIGTERM to `python -m vlm_jax.train` during the GRPO stage: exit 0 after saving at the
     next step boundary; rerunning the same command resumes and ends bitwise equal."""
     _, _, (full_wd, cfg, _) = family_run
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "from vlm_jax.config import config_from_dict\n"
-        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
-    )
+    cfg_file = write_config_file(tmp_path / "cfg.py", cfg)
     wd = tmp_path / "wd"
     cmd = [sys.executable, "-m", "vlm_jax.train", "--config", str(cfg_file), "--workdir", str(wd)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -606,11 +599,7 @@ def test_evaluate_model_and_data_in_a_bucket_to_a_bucket(gcs, assets, tmp_path, 
 
 
 def test_unwritable_bucket_workdir_fails_before_compiling(gcs, assets, tmp_path, capsys, monkeypatch):
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "from vlm_jax.config import config_from_dict\n"
-        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(two_stage_config(assets))!r})\n"
-    )
+    cfg_file = write_config_file(tmp_path / "cfg.py", two_stage_config(assets))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable workdir"))
     assert train.main(["--config", str(cfg_file), "--workdir", "gs://no-such-bucket/runs/demo"]) == 2
@@ -623,11 +612,7 @@ def test_unwritable_bucket_compilation_cache_fails_before_compiling(gcs, assets,
     """`compilation_cache_dir=gs://...` that cannot be written is one line naming the key and the
     cause before set-up (JAX itself would only warn at every compile and carry on uncached)."""
     cfg = two_stage_config(assets, compilation_cache_dir="gs://no-such-bucket/jax_cache")
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "from vlm_jax.config import config_from_dict\n"
-        f"def get_config():\n  return config_from_dict({config_lib.config_to_dict(cfg)!r})\n"
-    )
+    cfg_file = write_config_file(tmp_path / "cfg.py", cfg)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(curriculum, "setup", lambda *a: pytest.fail("set-up ran for an unwritable cache"))
     assert train.main(["--config", str(cfg_file), "--workdir", f"{gcs}/cache_check/run"]) == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_checkpoint import DAMAGE  # the damage a checkpoint step can take, on disk or in a bucket
 from vlm_jax import paths
 
 
@@ -68,31 +69,7 @@ def test_remote_safetensors_reads_row_ranges(gcs, tmp_path):
 # --- checkpoints in a bucket: damage, partial saves
 
 
-def _truncate_largest_array_object(step):
-    """Halves the largest merged array data object (orbax's OCDBT data under `state/d/`)."""
-    victim = max((step / "state" / "d").iterdir(), key=lambda p: p.stat().length)
-    data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])
-
-
-def _half_written_in_a_bucket(step):
-    """What a save killed mid-write leaves in a bucket, where orbax writes a step in place: the
-    step's objects without its metadata item, without array data and without `commit_success.txt`."""
-    paths.rmtree(step / "meta")
-    for data in (step / "state").glob("ocdbt.process_*"):
-        paths.rmtree(data)
-    (step / "commit_success.txt").unlink()
-
-
-BUCKET_DAMAGE = {
-    "truncated_array_file": _truncate_largest_array_object,
-    "meta_removed": lambda d: (d / "meta" / "metadata").unlink(),
-    "array_manifest_removed": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
-    "half_written": _half_written_in_a_bucket,
-}
-
-
-@pytest.mark.parametrize("damage", sorted(BUCKET_DAMAGE))
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(gcs, damage, caplog):
     """As on disk (test_checkpoint): the newest step that does not restore is skipped and set aside
     as `<step>.damaged` (copied in the bucket, then removed), the previous step is restored
@@ -111,7 +88,7 @@ def test_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(gc
     with Checkpointer(url, keep=3, async_save=False) as ckpt:
         for step in (2, 4, 6):
             ckpt.save(step, scale_params(state, float(step)), {"step": step})
-    BUCKET_DAMAGE[damage](root / "6")
+    DAMAGE[damage](root / "6")
     with Checkpointer(url, keep=3) as ckpt:
         assert ckpt.all_steps() == ([2, 4] if damage == "half_written" else [2, 4, 6])
         step, restored, meta = ckpt.restore_newest(lambda m: abstract(state))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 def evaluate_base(model_dir: Path, data_dir: str, items: int) -> dict:
     from vlm_jax import data
-    from vlm_jax.data.synthetic.grid import DATASETS, MAX_NEW_TOKENS
+    from vlm_jax.data.synthetic.grid import DATASETS, LENGTH_BUCKETS, MAX_NEW_TOKENS
     from vlm_jax.evaluate import evaluate_source, load_for_eval
 
     model, params, processor = load_for_eval(model_dir)
@@ -39,7 +39,7 @@ def evaluate_base(model_dir: Path, data_dir: str, items: int) -> dict:
         source = data.load(name, split="validation", data_dir=data_dir)
         for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
             r = evaluate_source(model, params, processor, source, name=name, max_examples=items, batch_size=128,
-                                max_new_tokens=MAX_NEW_TOKENS, length_buckets=(128,), temperature=temperature)
+                                max_new_tokens=MAX_NEW_TOKENS, length_buckets=LENGTH_BUCKETS, temperature=temperature)
             out[f"{capability}/{mode}"] = {"accuracy": r["accuracy"], "score": r["score"],
                                            "length": r["mean_response_length"]}
     return out

@@ -57,7 +57,7 @@ COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm 
     ("perception first (P-T-V) vs T-P-V", "project", "staged", "order_TPV"),
     ("easy-to-hard vs shuffled", "project", "easy_to_hard", "staged"),
 ]
-QUICK = dict(seeds=2, scale=0.5)
+QUICK = dict(seeds=2, scale=0.8)  # below ~0.6 the textual stage ends before it learns to count
 BOOTSTRAP = 2000
 
 
@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (worker processes)")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK['seeds']} seeds, steps x {QUICK['scale']}")
+    ap.add_argument("--budget", default="{}", help="JSON of vlm_jax.experiment.Budget fields to override (pilots)")
     ap.add_argument("--model", default="artifacts/tiny_base")
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--workdir", default="workdirs/experiment")
@@ -334,7 +335,11 @@ def main(argv=None) -> int:
     seeds = QUICK["seeds"] if args.quick else args.seeds
     if seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
-    budget = experiment.Budget(scale=QUICK["scale"] if args.quick else 1.0)
+    try:
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.budget).items()}
+        budget = experiment.Budget(**{"scale": QUICK["scale"] if args.quick else 1.0, **overrides})
+    except (ValueError, TypeError) as e:
+        ap.error(f"--budget {args.budget!r}: {e}")
     data_dir = str(paths.data_dir(args.data_dir))
     model = str(Path(args.model).resolve())
     if not (Path(model) / "config.json").exists():
@@ -372,6 +377,8 @@ def main(argv=None) -> int:
                 f"{c[0].upper()} {100 * final[EVAL_NAMES[c]]['accuracy']:.1f}" for c in CAPS)
                 + f"  ({r['seconds']:.0f} s)", flush=True)
     command = "python scripts/reproduce_paper.py" + (" --quick" if args.quick else f" --seeds {seeds}")
+    if args.budget != "{}":
+        command += f" --budget '{args.budget}'"
     results = {"meta": {"command": command, "seeds": seeds, "arms": arms, "budget": dataclasses.asdict(budget),
                         "machine": f"{os.cpu_count()}-core CPU, JAX on CPU", "minutes": (time.time() - t0) / 60,
                         "eval_items": [base[EVAL_NAMES[c]]["n"] for c in CAPS]},

@@ -13,6 +13,64 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _reproduce_paper():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import reproduce_paper
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return reproduce_paper
+
+
+def _summary(correct: str) -> dict:
+    c = [int(ch) for ch in correct]
+    return {"accuracy": sum(c) / len(c), "score": sum(c) / len(c), "length": 10.0, "length_correct": 10.0,
+            "n": len(c), "correct": correct, "lengths": [10] * len(c), "index": list(range(len(c)))}
+
+
+def test_analysis_of_hand_made_runs(tmp_path):
+    """`reproduce_paper.analyse` on runs written by hand (4 items per set): the paired differences,
+    the per-seed directions, each stage's gain and SE, the table and the plots."""
+    rp = _reproduce_paper()
+    P, T, V = (rp.EVAL_NAMES[c] for c in rp.CAPS)
+    base = {P: _summary("1100"), T: _summary("0000"), V: _summary("0000")}
+
+    def staged(seed, p, t, v):  # each stage's end: P, T, V sets
+        ends = [{P: p, T: "0000", V: "0000"}, {P: "0000", T: t, V: "0000"}, {P: "0000", T: t, V: v}]
+        return {"arm": "staged_paper", "seed": seed, "stages": list(rp.CAPS),
+                "points": [{"after": c, "evals": {n: _summary(x) for n, x in e.items()}} for c, e in zip(rp.CAPS, ends)]}
+
+    def merged(seed, v):
+        return {"arm": "merged_paper", "seed": seed, "stages": ["merged"],
+                "points": [{"after": "merged", "evals": {P: _summary("1000"), T: _summary("1000"), V: _summary(v)}}]}
+
+    runs = [staged(0, "1110", "1111", "1100"), staged(1, "1111", "1100", "1000"), staged(2, "1101", "1110", "0000"),
+            merged(0, "1000"), merged(1, "1000"), merged(2, "1000")]
+    results = {"meta": {"command": "x", "seeds": 3, "machine": "m", "minutes": 1.0, "eval_items": [4, 4, 4]},
+               "base": base, "runs": runs}
+    a = rp.analyse(results)
+    (row,) = a["comparisons"]
+    assert (row["a"], row["b"], row["seeds"]) == ("staged_paper", "merged_paper", [0, 1, 2])
+    visual = row["metrics"]["visual_reasoning"]  # staged V 2/4, 1/4, 0/4 against merged 1/4 each
+    assert visual["diff"] == pytest.approx(0.0) and (visual["a_better"], visual["b_better"], visual["ties"]) == (1, 1, 1)
+    textual = row["metrics"]["textual_reasoning"]  # 4/4, 2/4, 3/4 against 1/4
+    assert textual["diff"] == pytest.approx(0.5) and textual["a_better"] == 3
+    assert 0 <= textual["ci"][0] <= textual["diff"] <= textual["ci"][1] <= 1  # no resample makes staged worse
+    average = row["metrics"]["average"]  # perception: staged ends at 0/4, merged at 1/4
+    assert average["diff"] == pytest.approx((-0.25 + 0.5 + 0.0) / 3)
+    gains = a["arms"]["staged_paper"]["gains"]
+    assert [g["stage"] for g in gains[0]] == list(rp.CAPS)
+    first = gains[0][0]  # perception 1100 -> 1110: +0.25, SE of (0, 0, 1, 0) = 0.5 / 2
+    assert (first["gain"], first["se"], first["z"]) == pytest.approx((0.25, 0.25, 1.0))
+    assert a["arms"]["merged_paper"]["gains"] == [[], [], []]  # the merged stage has no own capability
+    assert a["arms"]["staged_paper"]["final"]["visual_reasoning"]["accuracy_mean"] == pytest.approx(0.25)
+    results["analysis"] = a
+    table = rp.markdown(results)
+    assert "| staged vs merged | paper | staged_paper − merged_paper | +0.0 [" in table
+    assert "| staged_paper | perception | +25.0 ± 25.0, +50.0 ± 28.9, +25.0 ± 25.0 | 1.0 |" in table
+    assert [p.name for p in rp.plots(results, tmp_path)] == ["experiment_accuracy.png", "experiment_length.png"]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("experiment")
@@ -60,7 +118,7 @@ def test_base_controls(built):
 
     d, _ = built
     model, params, processor = load_for_eval(d / "base")
-    kw = dict(max_examples=0, batch_size=128, max_new_tokens=grid.MAX_NEW_TOKENS, length_buckets=(128,))
+    kw = dict(max_examples=0, batch_size=128, max_new_tokens=grid.MAX_NEW_TOKENS, length_buckets=grid.LENGTH_BUCKETS)
     visual = grid.generate("visual_reasoning", 256, split="validation")
     blank = grid.generate("visual_reasoning", 256, split="validation", blank=True)
     as_text = [grid.as_text_item(r) for r in visual]
@@ -73,28 +131,22 @@ def test_base_controls(built):
 
 @pytest.mark.slow
 def test_quick_experiment(built, tmp_path):
+    """`--quick` (2 seeds, shorter stages) of the demo's arm from a freshly built base: every stage
+    improves its own capability by more than 3 paired SEs in both seeds, and the JSON, the table
+    and the plots are written (the analysis itself: test_analysis_of_hand_made_runs)."""
     d, env = built
     out = tmp_path / "experiment.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/reproduce_paper.py"), "--quick", "--model",
                            str(d / "base"), "--workdir", str(tmp_path / "runs"), "--out", str(out),
-                           "--plots", str(tmp_path / "plots"), "--arms", "staged_paper,merged_paper,staged,caption_sft"],
+                           "--plots", str(tmp_path / "plots"), "--arms", "staged"],
                           env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert sorted({r["arm"] for r in results["runs"]}) == ["caption_sft", "merged_paper", "staged", "staged_paper"]
-    assert results["meta"]["eval_items"] == [512, 512, 512]
-    arms = results["analysis"]["arms"]
-    for arm in ("staged_paper", "staged"):
-        assert arms[arm]["seeds"] == [0, 1]
-        for run in arms[arm]["gains"]:
-            assert [g["stage"] for g in run] == ["perception", "textual_reasoning", "visual_reasoning"]
-            for g in run:
-                assert g["se"] >= 0 and (g["se"] == 0 or abs(g["z"] - g["gain"] / g["se"]) < 1e-9)
-    # Not asserted: that each stage learns at --quick's half-length stages (not measured there); at
-    # full length every stage's own gain is above 3 SE in the committed seeds (docs/experiment.md).
-    comparisons = {c["question"]: c for c in results["analysis"]["comparisons"]}
-    row = comparisons["staged vs merged"]["metrics"]["average"]
-    assert row["ci"][0] <= row["diff"] <= row["ci"][1]
-    assert row["a_better"] + row["b_better"] + row["ties"] == 2
+    assert results["meta"]["eval_items"] == [512, 512, 512] and results["meta"]["command"].endswith("--quick")
+    arm = results["analysis"]["arms"]["staged"]
+    assert arm["seeds"] == [0, 1]
+    for run in arm["gains"]:
+        assert [g["stage"] for g in run] == ["perception", "textual_reasoning", "visual_reasoning"]
+        assert all(g["z"] > 3 for g in run), run
     assert (tmp_path / "plots" / "experiment_accuracy.png").exists()
-    assert "staged vs merged" in out.with_suffix(".md").read_text()
+    assert "| staged | visual_reasoning |" in out.with_suffix(".md").read_text()

@@ -69,11 +69,28 @@ def test_blank_images_carry_no_cells():
     assert (img == 128).all()
 
 
+def chat_prompt(row) -> str:
+    """The prompt as the demo's chat template renders it (default system prompt, the reasoning
+    instruction), each image as its 9 merged vision tokens."""
+    from vlm_jax.data.rows import REASONING_INSTRUCTION
+
+    image = "<|vision_start|>" + "<|image_pad|>" * (grid.SIDE * grid.SIDE) + "<|vision_end|>"
+    text = row["problem"].replace("<image>\n", image)
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"{text}\n{REASONING_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_every_reference_fits_the_generation_cap_and_the_sequence_bucket(tokenizer):
+    longest = 0
     for capability in grid.CAPABILITIES:
         for row in grid.generate(capability, 150, split="validation"):
             n = len(tokenizer.encode(row["solution"]).ids) + 1  # + end of turn
             assert n <= grid.MAX_NEW_TOKENS, (capability, n, row["solution"])
+            prompt = len(tokenizer.encode(chat_prompt(row)).ids)
+            assert prompt <= grid.MAX_PROMPT_LEN, (capability, prompt, row["problem"])
+            longest = max(longest, prompt + n)
+    # the tokenizer learned the chat frame's words: the longest row fills most of the last bucket
+    assert grid.LENGTH_BUCKETS[-1] - 16 < longest <= grid.LENGTH_BUCKETS[-1], longest
 
 
 def test_each_answer_word_has_one_token_sequence_in_every_context(tokenizer):

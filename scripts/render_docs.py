@@ -124,19 +124,41 @@ def render_demo(demo, experiment) -> str:
 
 @renderer("experiment", "experiment.json")
 def render_experiment(experiment) -> str:
-    """README: the primary comparison (staged against merged) and where the rest is."""
+    """README: the primary comparison (staged against merged, in each form run) and where the rest is."""
     if experiment is None:
         return NOT_MEASURED
     a = experiment["analysis"]
-    lines = [] if a["comparisons"] else [
-        f"- *Not yet measured at the current budget: the committed run has the arms {', '.join(sorted(a['arms']))}"
-        " only (all arms: `python scripts/reproduce_paper.py --seeds 5`).*"]
-    for row in a["comparisons"]:
-        m = row["metrics"]["average"]
-        lines.append(f"- {row['question']} ({row['form']} form): {100 * m['diff']:+.1f} "
-                     f"[{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}], {m['a_better']}/{len(row['seeds'])} seeds")
+    lines = []
+
+    def cell(m):
+        return f"{100 * m['diff']:+.1f} [{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}]"
+
+    for row in (r for r in a["comparisons"] if r["question"].startswith("staged vs merged")):
+        m, v = row["metrics"]["average"], row["metrics"]["visual_reasoning"]
+        lines.append(f"- {row['question']} ({row['form']} form): average {cell(m)}, {m['a_better']} of "
+                     f"{len(row['seeds'])} seeds A better; visual reasoning {cell(v)}")
+    missing = [q for q, _, x, y in rp_comparisons() if not ({x, y} <= set(a["arms"]))]
+    if missing:
+        lines.append(f"- *Not run at the current budget: {'; '.join(missing)}.*")
+    others = len(a["comparisons"]) - sum(r["question"].startswith("staged vs merged") for r in a["comparisons"])
+    if others:
+        lines.append(f"- {others} more comparisons (perception by GRPO or SFT, stage order, easy-to-hard): "
+                     "[docs/experiment.md](docs/experiment.md).")
     return "\n".join(lines + ["", f"`{experiment['meta']['command']}`; tables, per-stage gains and plots in "
                                   "[docs/experiment.md](docs/experiment.md)."])
+
+
+def _reproduce_paper():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rp_comparisons():
+    return _reproduce_paper().COMPARISONS
 
 
 @renderer("experiment-tables", "experiment.json")
@@ -144,12 +166,7 @@ def render_experiment_tables(experiment) -> str:
     """docs/experiment.md: the tables `scripts/reproduce_paper.py` writes (its markdown, from the JSON)."""
     if experiment is None:
         return NOT_MEASURED
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.markdown(experiment).rstrip("\n")
+    return _reproduce_paper().markdown(experiment).rstrip("\n")
 
 
 def take_demo(workdir: str) -> Path:

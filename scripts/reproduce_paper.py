@@ -9,7 +9,9 @@ Arms (form: "paper" = every stage GRPO; "project" = GRPO perception, cross-entro
   merged_paper   one GRPO stage, same data mixture and total steps            (paper form)
   staged         P -> T -> V (the demo)                                       (project form)
   caption_sft    perception by cross-entropy on the grid's caption, then T -> V (project form)
-  answer_sft     perception by cross-entropy on the reference response, then T -> V (project form)
+  answer_sft     perception by cross-entropy on the reference response, then T -> V (project form;
+                 every stage by cross-entropy)
+  merged_sft     one cross-entropy stage, the same data mixture and total steps as answer_sft
   order_TPV      T -> P -> V (the paper's 2-1-3 order)                        (project form)
   easy_to_hard   P -> T -> V, each stage's data easy -> hard                  (project form)
 
@@ -43,15 +45,17 @@ CAPS = experiment.CAPABILITIES
 EVAL_NAMES = {c: f"{DATASETS[c]}[validation]" for c in CAPS}
 ARMS: dict[str, dict] = {
     "staged_paper": dict(form="paper"),
-    "merged_paper": dict(merged=True),
+    "merged_paper": dict(merged="paper"),
     "staged": dict(form="project"),
     "caption_sft": dict(form="project", perception="caption_sft"),
     "answer_sft": dict(form="project", perception="answer_sft"),
+    "merged_sft": dict(merged="sft"),
     "order_TPV": dict(form="project", order=("textual_reasoning", "perception", "visual_reasoning")),
     "easy_to_hard": dict(form="project", easy_to_hard=True),
 }
 COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm B): A - B
     ("staged vs merged", "paper", "staged_paper", "merged_paper"),
+    ("staged vs merged (every stage by cross-entropy)", "project", "answer_sft", "merged_sft"),
     ("perception by GRPO vs caption SFT", "project", "staged", "caption_sft"),
     ("perception by GRPO vs answer SFT", "project", "staged", "answer_sft"),
     ("perception first (P-T-V) vs T-P-V", "project", "staged", "order_TPV"),
@@ -63,8 +67,8 @@ BOOTSTRAP = 2000
 
 def arm_config(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir: str):
     spec = dict(ARMS[arm])
-    if spec.pop("merged", False):
-        cfg = experiment.merged(budget=budget, seed=seed)
+    if "merged" in spec:
+        cfg = experiment.merged(form=spec["merged"], budget=budget, seed=seed)
     else:
         cfg = experiment.staged(budget=budget, seed=seed, **spec)
     # the base is evaluated once for every arm (greedy: the same numbers), not at each run's start
@@ -104,6 +108,19 @@ def run_arm(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir
     return {"arm": arm, "seed": seed, "seconds": time.time() - t0, "stages": [s.name for s in cfg.stages],
             "points": [{"after": p["after"], "evals": {n: _summary(e) for n, e in p["evals"].items()}}
                        for p in points]}
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the experiment's process is gone (killed, or
+    stopped with Ctrl-C), instead of training on for minutes with nobody to take the result."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def evaluate_base(model: str, data_dir: str, budget: experiment.Budget, max_examples: int) -> dict:
@@ -227,7 +244,8 @@ def _as_record(summary: dict) -> dict:
 def markdown(results: dict) -> str:
     a = results["analysis"]
     meta = results["meta"]
-    lines = [f"Command: `{meta['command']}`; {meta['seeds']} seeds; {meta['machine']}; "
+    counts = sorted(set(meta.get("arm_seeds", {}).values()) | {meta["seeds"]})
+    lines = [f"Command: `{meta['command']}`; {' or '.join(map(str, counts))} seeds per arm; {meta['machine']}; "
              f"{meta['minutes']:.0f} min; {len(meta['eval_items'])} evaluation sets of {meta['eval_items'][0]} items.", "",
              "**Final accuracy per arm** (mean ± SD over seeds, %; mean response length in tokens):", "",
              "| arm | form | perception | textual | visual | average | length P / T / V |",
@@ -256,6 +274,9 @@ def markdown(results: dict) -> str:
             cells.append(f"{100 * m['diff']:+.1f} [{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}] "
                          f"({m['a_better']}/{m['b_better']}/{m['ties']})")
         lines.append(f"| {row['question']} | {row['form']} | {row['a']} − {row['b']} | " + " | ".join(cells) + " |")
+    missing = [f"{q} ({x} − {y})" for q, _, x, y in COMPARISONS if not {x, y} <= set(a["arms"])]
+    if missing and a["comparisons"]:
+        lines += ["", f"Not run (`--arms`): {'; '.join(missing)}."]
     lines += ["", "**Each stage's gain on its own capability** (accuracy points, per seed; paired SE over items; "
               "the smallest gain / SE over seeds):", "",
               "| arm | stage | gains per seed (± SE) | min gain / SE |", "| --- | --- | --- | ---: |"]
@@ -317,6 +338,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arm_seeds", default="", help="more seeds for some arms, e.g. staged=5 (run after the rest)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (worker processes)")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK['seeds']} seeds, steps x {QUICK['scale']}")
     ap.add_argument("--budget", default="{}", help="JSON of vlm_jax.experiment.Budget fields to override (pilots)")
@@ -335,6 +357,12 @@ def main(argv=None) -> int:
     seeds = QUICK["seeds"] if args.quick else args.seeds
     if seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
+    arm_seeds = {arm: seeds for arm in arms}
+    for item in filter(None, args.arm_seeds.split(",")):
+        arm, _, n = item.partition("=")
+        if arm not in arm_seeds or not n.isdigit() or int(n) < seeds:
+            ap.error(f"--arm_seeds {item!r}: ARM=N with ARM one of --arms and N >= --seeds ({seeds})")
+        arm_seeds[arm] = int(n)
     try:
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.budget).items()}
         budget = experiment.Budget(**{"scale": QUICK["scale"] if args.quick else 1.0, **overrides})
@@ -358,13 +386,15 @@ def main(argv=None) -> int:
             r = json.loads(line)
             if r.get("key") == key:
                 done[(r["arm"], r["seed"])] = r
-    runs = [done[(arm, seed)] for seed in range(seeds) for arm in arms if (arm, seed) in done]
-    tasks = [(arm, seed) for seed in range(seeds) for arm in arms if (arm, seed) not in done]
+    wanted = [(arm, seed) for seed in range(max(arm_seeds.values())) for arm in arms if seed < arm_seeds[arm]]
+    runs = [done[t] for t in wanted if t in done]
+    tasks = [t for t in wanted if t not in done]
     if runs:
         print(f"{len(runs)} runs already finished in {done_file}; {len(tasks)} to go", flush=True)
     import multiprocessing
 
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_arm, arm, seed, budget, model, data_dir, str(work / f"{arm}_s{seed}")): (arm, seed)
                    for arm, seed in tasks}
         for f in futures:
@@ -377,9 +407,13 @@ def main(argv=None) -> int:
                 f"{c[0].upper()} {100 * final[EVAL_NAMES[c]]['accuracy']:.1f}" for c in CAPS)
                 + f"  ({r['seconds']:.0f} s)", flush=True)
     command = "python scripts/reproduce_paper.py" + (" --quick" if args.quick else f" --seeds {seeds}")
+    if arms != list(ARMS):
+        command += f" --arms {','.join(arms)}"
+    if args.arm_seeds:
+        command += f" --arm_seeds {args.arm_seeds}"
     if args.budget != "{}":
         command += f" --budget '{args.budget}'"
-    results = {"meta": {"command": command, "seeds": seeds, "arms": arms, "budget": dataclasses.asdict(budget),
+    results = {"meta": {"command": command, "seeds": seeds, "arm_seeds": arm_seeds, "arms": arms, "budget": dataclasses.asdict(budget),
                         "machine": f"{os.cpu_count()}-core CPU, JAX on CPU", "minutes": (time.time() - t0) / 60,
                         "eval_items": [base[EVAL_NAMES[c]]["n"] for c in CAPS]},
                "base": base, "runs": runs}

@@ -120,9 +120,15 @@ def staged(*, form: str = "project", order: tuple[str, ...] = CAPABILITIES, perc
     return base_config(tuple(stages), seed)
 
 
-def merged(*, budget: Budget = Budget(), seed: int = 0) -> Config:
-    """The paper's merged baseline: one GRPO stage over the same data mixture and total steps as
-    the staged run, every module trained; evaluated at its start and end."""
-    cfg = merged_baseline(staged(form="paper", budget=budget, seed=seed))
+def merged(*, form: str = "paper", budget: Budget = Budget(), seed: int = 0) -> Config:
+    """The paper's merged baseline: one stage over the same data mixture and total steps as the
+    staged run, every module trained; evaluated at its start and end. ``form``: "paper" (one GRPO
+    stage, against the paper-form staged run) or "sft" (one cross-entropy stage, against the
+    staged run with every stage by cross-entropy, ``staged(perception="answer_sft")``)."""
+    if form not in ("paper", "sft"):
+        raise ValueError(f"form must be 'paper' or 'sft', got {form!r}")
+    template = (staged(form="paper", budget=budget, seed=seed) if form == "paper"
+                else staged(form="project", perception="answer_sft", budget=budget, seed=seed))
+    cfg = merged_baseline(template)
     (st,) = cfg.stages
     return dataclasses.replace(cfg, stages=(dataclasses.replace(st, eval=eval_config(at_start=True)),))

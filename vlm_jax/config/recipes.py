@@ -18,11 +18,12 @@ from vlm_jax.config.stage import MODULES, DatasetSpec, EvalConfig
 
 def merged_baseline(staged: Config) -> Config:
     """The paper's merged baseline of a staged config: one GRPO stage (the first GRPO stage's
-    settings) over all the stages' data, each dataset weighted by the examples the staged run draws
-    from it (stage steps * batch size * its weight within the stage), as many steps as all stages
-    together, every module trained, every stage's evaluation sets."""
+    settings; for a run without GRPO stages, one cross-entropy stage with the first stage's) over
+    all the stages' data, each dataset weighted by the examples the staged run draws from it (stage
+    steps * batch size * its weight within the stage), as many steps as all stages together, every
+    module trained, every stage's evaluation sets."""
     grpo_stages = [s for s in staged.stages if s.objective == "grpo"]
-    _require(bool(grpo_stages), "stages", "the merged baseline needs a GRPO stage to take settings from")
+    template = grpo_stages[0] if grpo_stages else staged.stages[0]
     batch_sizes = {s.batch_size for s in staged.stages}
     _require(len(batch_sizes) == 1, "stages",
              f"the merged baseline needs one batch size across stages, got {sorted(batch_sizes)}")
@@ -34,15 +35,14 @@ def merged_baseline(staged: Config) -> Config:
             weights[(d.name, d.split)] = weights.get((d.name, d.split), 0.0) + share
     evals = {(d.name, d.split): d for stage in staged.stages for d in stage.eval.datasets}
     merged = dataclasses.replace(
-        grpo_stages[0],
+        template,
         name="merged",
         capability="mixed",
-        objective="grpo",
         datasets=tuple(DatasetSpec(name=n, split=s, weight=w) for (n, s), w in weights.items()),
         steps=sum(s.steps for s in staged.stages),
         order="shuffle",
         trainable=MODULES,
-        eval=dataclasses.replace(grpo_stages[0].eval, datasets=tuple(evals.values())),
+        eval=dataclasses.replace(template.eval, datasets=tuple(evals.values())),
     )
     return dataclasses.replace(staged, stages=(merged,))
 

@@ -135,16 +135,15 @@ def render_experiment(experiment) -> str:
 
     for row in (r for r in a["comparisons"] if r["question"].startswith("staged vs merged")):
         m, v = row["metrics"]["average"], row["metrics"]["visual_reasoning"]
-        lines.append(f"- {row['question']} ({row['form']} form): average {cell(m)}, {m['a_better']} of "
-                     f"{len(row['seeds'])} seeds A better; visual reasoning {cell(v)}")
+        lines.append(f"- {row['question']} ({row['form']} form, {len(row['seeds'])} seeds): average {cell(m)}; "
+                     f"visual reasoning {cell(v)}")
     missing = [q for q, _, x, y in rp_comparisons() if not ({x, y} <= set(a["arms"]))]
     if missing:
         lines.append(f"- *Not run at the current budget: {'; '.join(missing)}.*")
     others = len(a["comparisons"]) - sum(r["question"].startswith("staged vs merged") for r in a["comparisons"])
     if others:
-        lines.append(f"- {others} more comparisons (perception by GRPO or SFT, stage order, easy-to-hard): "
-                     "[docs/experiment.md](docs/experiment.md).")
-    return "\n".join(lines + ["", f"`{experiment['meta']['command']}`; tables, per-stage gains and plots in "
+        lines.append(f"- {others} more comparisons (perception by GRPO or SFT, stage order, easy-to-hard) in the docs.")
+    return "\n".join(lines + ["", f"{len(experiment['runs'])} runs; the command, tables, per-stage gains and plots: "
                                   "[docs/experiment.md](docs/experiment.md)."])
 
 

@@ -101,6 +101,20 @@ def test_demo_stages_and_merged_baseline_share_data_and_steps():
     assert stage.steps == sum(s.steps for s in demo.stages)
     weights = {d.name: d.weight for d in stage.datasets}
     assert weights == {s.datasets[0].name: float(s.steps * s.batch_size) for s in demo.stages}
+    assert stage.objective == "grpo" and stage.optimizer == demo.stages[0].optimizer  # the GRPO stage's settings
+
+
+def test_merged_baseline_of_a_run_without_grpo_is_one_cross_entropy_stage():
+    from vlm_jax import experiment
+
+    staged = experiment.staged(perception="answer_sft")
+    assert {s.objective for s in staged.stages} == {"sft"}
+    (stage,) = experiment.merged(form="sft").stages
+    assert (stage.objective, stage.steps, stage.optimizer) == ("sft", sum(s.steps for s in staged.stages),
+                                                               staged.stages[0].optimizer)
+    assert stage.sft == staged.stages[0].sft and set(stage.trainable) == {"vision", "merger", "language_model"}
+    with pytest.raises(ValueError, match="form must be"):
+        experiment.merged(form="project")
 
 
 def test_paper_recipe_values():

@@ -143,7 +143,7 @@ def test_quick_experiment(built, tmp_path):
                           env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["meta"]["eval_items"] == [512, 512, 512] and results["meta"]["command"].endswith("--quick")
+    assert results["meta"]["eval_items"] == [512, 512, 512] and "--quick --arms staged" in results["meta"]["command"]
     arm = results["analysis"]["arms"]["staged"]
     assert arm["seeds"] == [0, 1]
     for run in arm["gains"]:

@@ -24,6 +24,7 @@ then put the two markers where the table goes and run this script.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -137,7 +138,7 @@ def render_experiment(experiment) -> str:
         m, v = row["metrics"]["average"], row["metrics"]["visual_reasoning"]
         lines.append(f"- {row['question']} ({row['form']} form, {len(row['seeds'])} seeds): average {cell(m)}; "
                      f"visual reasoning {cell(v)}")
-    missing = [q for q, _, x, y in rp_comparisons() if not ({x, y} <= set(a["arms"]))]
+    missing = [q for q, _, _ in _reproduce_paper().missing_comparisons(a["arms"])]
     if missing:
         lines.append(f"- *Not run at the current budget: {'; '.join(missing)}.*")
     others = len(a["comparisons"]) - sum(r["question"].startswith("staged vs merged") for r in a["comparisons"])
@@ -147,6 +148,7 @@ def render_experiment(experiment) -> str:
                                   "[docs/experiment.md](docs/experiment.md)."])
 
 
+@functools.cache
 def _reproduce_paper():
     import importlib.util
 
@@ -154,10 +156,6 @@ def _reproduce_paper():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def rp_comparisons():
-    return _reproduce_paper().COMPARISONS
 
 
 @renderer("experiment-tables", "experiment.json")

@@ -214,6 +214,11 @@ def analyse(results: dict) -> dict:
     return {"arms": arms, "comparisons": comparisons}
 
 
+def missing_comparisons(arms) -> list[tuple[str, str, str]]:
+    """(question, arm A, arm B) of each comparison with an arm not among `arms`."""
+    return [(q, x, y) for q, _, x, y in COMPARISONS if not {x, y} <= set(arms)]
+
+
 def stage_gains(base: dict, run: dict) -> list[dict]:
     """Each stage's own-capability accuracy gain in one run, with its paired SE over items."""
     points = [{"after": "start", "evals": base}, *run["points"]]
@@ -274,7 +279,7 @@ def markdown(results: dict) -> str:
             cells.append(f"{100 * m['diff']:+.1f} [{100 * m['ci'][0]:+.1f}, {100 * m['ci'][1]:+.1f}] "
                          f"({m['a_better']}/{m['b_better']}/{m['ties']})")
         lines.append(f"| {row['question']} | {row['form']} | {row['a']} − {row['b']} | " + " | ".join(cells) + " |")
-    missing = [f"{q} ({x} − {y})" for q, _, x, y in COMPARISONS if not {x, y} <= set(a["arms"])]
+    missing = [f"{q} ({x} − {y})" for q, x, y in missing_comparisons(a["arms"])]
     if missing and a["comparisons"]:
         lines += ["", f"Not run (`--arms`): {'; '.join(missing)}."]
     lines += ["", "**Each stage's gain on its own capability** (accuracy points, per seed; paired SE over items; "

@@ -52,8 +52,9 @@ def base_pilot(args, data_dir: str) -> dict:
     init = demo_setup.build_init_model(args.work / "init")
     results = {}
     for steps in [int(s) for s in args.steps.split(",")]:
-        out = demo_setup.pretrain(init, args.work / f"base_{steps}", data_dir, args.work / f"pretrain_{steps}",
-                                  [f"stages.0.steps={steps}", "logging.progress=false"])
+        tag = f"{args.tag}{steps}"
+        out = demo_setup.pretrain(init, args.work / f"base_{tag}", data_dir, args.work / f"pretrain_{tag}",
+                                  [f"stages.0.steps={steps}", "logging.progress=false", *args.set])
         results[steps] = r = evaluate_base(out, data_dir, args.items)
         print(f"steps {steps}: " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in r.items()), flush=True)
     return results
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("workdirs/pilot_grid"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--steps", default="400,600,800", help="base: pre-training step counts")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="base: a pre-training config override (repeatable), e.g. stages.0.datasets.1.weight=2")
+    ap.add_argument("--tag", default="", help="base: prefix of the pre-trained bases' directory names")
     ap.add_argument("--base", type=Path, default=Path("artifacts/tiny_base"), help="stage: the base model")
     ap.add_argument("--capability", default="perception", help="stage: perception, textual_reasoning, visual_reasoning")
     ap.add_argument("--objective", default="grpo", choices=("grpo", "sft"))

@@ -13,7 +13,9 @@ Arms (form: "paper" = every stage GRPO; "project" = GRPO perception, cross-entro
                  every stage by cross-entropy)
   merged_sft     one cross-entropy stage, the same data mixture and total steps as answer_sft
   order_TPV      T -> P -> V (the paper's 2-1-3 order)                        (project form)
-  easy_to_hard   P -> T -> V, each stage's data easy -> hard                  (project form)
+  easy_to_hard   P -> T -> V, each stage's data sorted easy -> hard            (project form)
+  paced          P -> T -> V, each stage's first half drawn from a pool growing from the easiest
+                 quarter of its data to all of it (a competence curriculum)   (project form)
 
     python scripts/reproduce_paper.py [--seeds 5] [--jobs 2] [--quick] [--out docs/results/experiment.json]
 
@@ -51,7 +53,8 @@ ARMS: dict[str, dict] = {
     "answer_sft": dict(form="project", perception="answer_sft"),
     "merged_sft": dict(merged="sft"),
     "order_TPV": dict(form="project", order=("textual_reasoning", "perception", "visual_reasoning")),
-    "easy_to_hard": dict(form="project", easy_to_hard=True),
+    "easy_to_hard": dict(form="project", data_order="easy_to_hard"),
+    "paced": dict(form="project", data_order="paced"),
 }
 COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm B): A - B
     ("staged vs merged", "paper", "staged_paper", "merged_paper"),
@@ -59,7 +62,8 @@ COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm 
     ("perception by GRPO vs caption SFT", "project", "staged", "caption_sft"),
     ("perception by GRPO vs answer SFT", "project", "staged", "answer_sft"),
     ("perception first (P-T-V) vs T-P-V", "project", "staged", "order_TPV"),
-    ("easy-to-hard vs shuffled", "project", "easy_to_hard", "staged"),
+    ("easy-to-hard (sorted) vs shuffled", "project", "easy_to_hard", "staged"),
+    ("easy-to-hard (paced) vs shuffled", "project", "paced", "staged"),
 ]
 QUICK = dict(seeds=2, scale=0.8)  # below ~0.6 the textual stage ends before it learns to count
 BOOTSTRAP = 2000

@@ -211,6 +211,8 @@ def test_index_out_of_range_names_key_and_length(cfg_file):
     ("stages.0.trainable=()", "stages.0.trainable", "at least one module"),
     ("stages.0.reward=a b=1", "stages.0.reward.0.0", "neither a builtin name"),
     ("stages.0.datasets=[]", "stages.0.datasets", "at least one dataset"),
+    ("stages.0.pace_start=0", "stages.0.pace_start", "must be in (0, 1]"),
+    ("stages.0.order=random", "stages.0.order", "'shuffle', 'easy_to_hard', 'paced'"),
     ("stages.0.datasets=[{\"name\": \"x\", \"weight\": -1}]", "stages.0.datasets.0.weight", "must be > 0"),
     ("stages.0.datasets=[{\"split\": \"x\"}]", "stages.0.datasets.0.name", "required key"),
     ("stages.0.optimizer.lr_multipliers=eyes=2", "stages.0.optimizer.lr_multipliers.0.0", "unknown module"),

@@ -147,6 +147,43 @@ def test_easy_to_hard_order(processor: Processor) -> None:
     assert perm.tolist() == [1, 3, 4, 0, 2]
 
 
+def test_paced_order(processor: Processor) -> None:
+    # competence by hand: sqrt(start^2 + (1 - start^2) k / pace_rows), capped at 1
+    assert pl.competence(0, 100, 0.25) == pytest.approx(0.25)
+    assert pl.competence(50, 100, 0.5) == pytest.approx(np.sqrt(0.25 + 0.75 * 0.5))
+    assert pl.competence(150, 100, 0.5) == 1.0
+    # 12 rows, difficulty = 12 - index (row 11 easiest); ties of equal difficulty in a seeded order
+    rows = [_row(f"Q{i}?", [], difficulty=12 - i) for i in range(12)]
+    ranked = pl.rank_easy_to_hard([r["difficulty"] for r in rows], "difficulty", seed=0)
+    assert ranked.tolist() == list(range(11, -1, -1))
+    ties = pl.rank_easy_to_hard([1, 2, 1, 1, -1, 2], "difficulty", seed=3)
+    assert sorted(ties[:3].tolist()) == [0, 2, 3] and sorted(ties[3:5].tolist()) == [1, 5] and ties[5] == 4
+
+    def make(shard: int = 0, count: int = 1):
+        return pl.make_dataset([(_source(rows), 1.0)], processor, batch_size=4, seed=7, order="paced",
+                               order_key="difficulty", pace_rows=24, pace_start=0.25, shard_index=shard,
+                               shard_count=count)
+
+    drawn = sum(_indices(make(), 12), [])  # 24 paced draws, then 2 shuffled epochs
+    for k, i in enumerate(drawn[:24]):  # each from the easiest ceil(competence * 12) rows
+        assert rows[i]["difficulty"] - 1 < np.ceil(pl.competence(k, 24, 0.25) * 12 - 1e-9), (k, i)
+    assert sorted(drawn[24:36]) == list(range(12)) and sorted(drawn[36:]) == list(range(12))
+    assert drawn[24:36] != drawn[36:48]  # a new permutation each epoch
+    # two shards split the same global order: together they are the one-shard order, disjoint epochs
+    halves = [sum(_indices(make(k, 2), 6), []) for k in range(2)]
+    assert sorted(halves[0][12:] + halves[1][12:]) == sorted(drawn[24:])
+    assert [halves[k % 2][k // 2] for k in range(24)] == drawn[:24]
+    # resume mid-pacing
+    it = make()
+    _indices(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make()
+    resumed.set_state(state)
+    assert _indices(resumed, 5) == _indices(it, 5)
+    with pytest.raises(ValueError, match="pace_rows >= 1"):
+        pl.make_dataset([(_source(rows), 1.0)], processor, batch_size=4, order="paced", pace_rows=0)
+
+
 def test_resume_mid_epoch(processor: Processor) -> None:
     rows = [_row(f"Question {i}?", [_png("red")] if i % 3 == 0 else []) for i in range(10)]
     rows[0] = _row("<image> broken", [b"not an image"])

@@ -57,9 +57,13 @@ def eval_config(at_start: bool, max_examples: int = EVAL_ITEMS) -> EvalConfig:
                       batch_size=128)
 
 
+DATA_ORDERS = ("shuffle", "easy_to_hard", "paced")
+
+
 def stage(capability: str, objective: str, budget: Budget, *, first: bool, sft_target: str = "solution",
-          easy_to_hard: bool = False, name: str | None = None) -> StageConfig:
-    """One stage on one capability's grid data."""
+          data_order: str = "shuffle", name: str | None = None) -> StageConfig:
+    """One stage on one capability's grid data, in ``data_order`` (``StageConfig.order``; easy to
+    hard by question kind: count, either, not)."""
     steps = budget.steps_of(capability, objective)
     grpo = objective == "grpo"
     lr = budget.grpo_lr if grpo else budget.sft_lr
@@ -70,7 +74,7 @@ def stage(capability: str, objective: str, budget: Budget, *, first: bool, sft_t
         datasets=(DatasetSpec(name=DATASETS[capability]),),
         steps=steps,
         batch_size=BATCH,
-        order="easy_to_hard" if easy_to_hard else "shuffle",
+        order=data_order,
         order_key="difficulty",
         optimizer=OptimizerConfig(lr=lr, weight_decay=0.0, warmup_steps=budget.warmup_steps, schedule="cosine"),
         # the vision tower is frozen while the data has no images (the paper's stage 2)
@@ -97,16 +101,19 @@ def base_config(stages: tuple[StageConfig, ...], seed: int = 0) -> Config:
 
 
 def staged(*, form: str = "project", order: tuple[str, ...] = CAPABILITIES, perception: str = "grpo",
-           easy_to_hard: bool = False, budget: Budget = Budget(), seed: int = 0) -> Config:
+           data_order: str = "shuffle", budget: Budget = Budget(), seed: int = 0) -> Config:
     """A staged run. ``form``: "project" (GRPO perception, SFT reasoning) or "paper" (GRPO
     everywhere); ``perception``: "grpo", "caption_sft" (the grid described as text: "Cells: red
-    ...") or "answer_sft" (the reference response); ``order``: the capabilities in stage order."""
+    ...") or "answer_sft" (the reference response); ``order``: the capabilities in stage order;
+    ``data_order``: every stage's data order (``DATA_ORDERS``)."""
     if form not in ("project", "paper"):
         raise ValueError(f"form must be 'project' or 'paper', got {form!r}")
     if perception not in ("grpo", "caption_sft", "answer_sft"):
         raise ValueError(f"perception must be grpo, caption_sft or answer_sft, got {perception!r}")
     if sorted(order) != sorted(CAPABILITIES):
         raise ValueError(f"order must be a permutation of {CAPABILITIES}, got {order!r}")
+    if data_order not in DATA_ORDERS:
+        raise ValueError(f"data_order must be one of {DATA_ORDERS}, got {data_order!r}")
     stages = []
     for k, capability in enumerate(order):
         if capability == "perception":
@@ -116,7 +123,7 @@ def staged(*, form: str = "project", order: tuple[str, ...] = CAPABILITIES, perc
             objective = "grpo" if form == "paper" else "sft"
             target = "solution"
         stages.append(stage(capability, objective, budget, first=k == 0, sft_target=target,
-                            easy_to_hard=easy_to_hard))
+                            data_order=data_order))
     return base_config(tuple(stages), seed)
 
 

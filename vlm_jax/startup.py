@@ -9,6 +9,7 @@ stage's data iterator (`make_iterator`), which the checks and the stages share.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,8 @@ def make_iterator(env: Env, index: int, stop_check=None):
             seed=env.cfg.seed + 1000 * index,
             order=st.order,
             order_key=st.order_key,
+            pace_rows=math.ceil(st.steps * st.batch_size * st.pace_share),
+            pace_start=st.pace_start,
             target_field=target,
             length_buckets=env.cfg.data.length_buckets,
             max_prompt_len=env.cfg.data.max_prompt_len,

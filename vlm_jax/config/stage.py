@@ -252,10 +252,17 @@ class StageConfig(_Node):
     steps: int
     #: Rows per step (GRPO: prompts per rollout).
     batch_size: int
-    #: Data order: seeded shuffle, or easy_to_hard by order_key within each capability.
-    order: Literal["shuffle", "easy_to_hard"] = "shuffle"
-    #: Row field easy_to_hard sorts by.
+    #: Data order: seeded shuffle; easy_to_hard by order_key within each capability (every epoch);
+    #: or paced, a competence curriculum: the first pace_share of the stage's rows are drawn from
+    #: the easiest rows of each dataset, the pool growing from pace_start of them to all, then
+    #: shuffled epochs (vlm_jax.data.pipeline).
+    order: Literal["shuffle", "easy_to_hard", "paced"] = "shuffle"
+    #: Row field easy_to_hard and paced sort by.
     order_key: Literal["pass_rate", "difficulty"] = "difficulty"
+    #: paced: the share of the easiest rows the first draws come from.
+    pace_start: float = 0.25
+    #: paced: the share of the stage's rows (steps x batch_size) over which the pool grows to all rows.
+    pace_share: float = 0.5
     #: Optimizer and schedule of the stage.
     optimizer: OptimizerConfig = OptimizerConfig()
     #: Start fresh optimizer state (False carries the previous stage's).
@@ -293,6 +300,8 @@ class StageConfig(_Node):
                  f"must match {_STAGE_NAME.pattern} (used in paths and metrics), got {self.name!r}")
         _at_least(self, 1, "steps", "batch_size", who=f"{who}: ")
         _require(len(self.datasets) > 0, "datasets", f"{who}: needs at least one dataset")
+        _require(0 < self.pace_start <= 1, "pace_start", f"{who}: must be in (0, 1], got {self.pace_start}")
+        _require(0 < self.pace_share <= 1, "pace_share", f"{who}: must be in (0, 1], got {self.pace_share}")
         _require(len(self.trainable) > 0, "trainable", f"{who}: at least one module must be trainable")
         for i, module in enumerate(self.trainable):
             key = f"trainable.{i}"

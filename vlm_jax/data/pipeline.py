@@ -37,6 +37,12 @@ Order (per source, before sharding): ``"shuffle"`` (grain's seeded global shuffl
 permutation each epoch) or ``"easy_to_hard"``: within each capability, rows sorted by
 descending ``pass_rate`` or ascending ``difficulty`` (unknown values, -1, last), each
 capability keeping the positions its rows had in the source, same order every epoch.
+``"paced"`` (a competence curriculum, Platanios et al. 2019): draw ``k`` of a source's first
+``pace_rows`` comes, uniformly and seeded, from the easiest ``competence(k)`` share of its rows
+(``sqrt(start^2 + (1 - start^2) k / pace_rows)``, from ``pace_start`` to 1; rows sorted as
+``easy_to_hard`` over the whole source, ties in a seeded random order), so hard rows enter the mix
+gradually instead of after all easy ones; after ``pace_rows`` draws, seeded shuffled epochs of
+every row.
 Sharding: process ``k`` of ``n`` takes rows ``k, k+n, k+2n, ...`` of that order (disjoint
 and covering). Several sources are mixed by weight with ``grain.MapDataset.mix`` (a finite
 mixture ends when its first source runs out).
@@ -55,6 +61,7 @@ resume at the next unseen row.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -294,11 +301,56 @@ def easy_to_hard_order(keys: Sequence[float], capabilities: Sequence[str], order
     return perm
 
 
+def competence(k: np.ndarray | int, pace_rows: int, start: float) -> np.ndarray:
+    """The share of a source's rows, easiest first, that paced draw ``k`` comes from."""
+    grown = start**2 + (1.0 - start**2) * np.asarray(k, np.float64) / max(pace_rows, 1)
+    return np.minimum(1.0, np.sqrt(grown))
+
+
+def paced_index(k: int, ranked: np.ndarray, *, pace_rows: int, start: float, seed: int) -> int:
+    """The source row of draw ``k`` of a paced order over ``ranked`` (row indices, easiest first):
+    during the first ``pace_rows`` draws a seeded uniform pick among the easiest
+    ``ceil(competence(k) * n)`` rows; afterwards position ``k - pace_rows`` of seeded shuffled
+    epochs of every row."""
+    n = len(ranked)
+    if k < pace_rows:
+        pool = max(1, math.ceil(float(competence(k, pace_rows, start)) * n - 1e-9))
+        return int(ranked[np.random.default_rng([seed, 1, k]).integers(pool)])
+    epoch, position = divmod(k - pace_rows, n)
+    return int(_epoch_permutation(seed, epoch, n)[position])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 2, epoch]).permutation(n)
+
+
+def rank_easy_to_hard(keys: Sequence[float], order_key: str, seed: int) -> np.ndarray:
+    """Row indices easiest first by ``order_key`` (unknown values last), ties in a seeded random
+    order (so a pool of equally easy rows is not the file's first rows)."""
+    keys_arr = np.asarray(keys, np.float64)
+    sort_value = -keys_arr if order_key == "pass_rate" else keys_arr
+    tie = np.random.default_rng([seed, 3]).permutation(len(keys_arr))
+    return np.lexsort((tie, sort_value, keys_arr < 0))
+
+
 def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, seed: int,
-                    shard_index: int, shard_count: int, num_epochs: int | None) -> grain.MapDataset:
+                    shard_index: int, shard_count: int, num_epochs: int | None, pace_rows: int = 0,
+                    pace_start: float = 1.0) -> grain.MapDataset:
     n = len(source)
     if n == 0:
         raise ValueError(f"source {source_id} ({getattr(source, 'name', source)!r}) is empty")
+    if order == "paced":  # global draw positions, sharded like the other orders; epochs after the pacing
+        seed = (seed + 1_000_003 * source_id) % 2**32
+        ranked = rank_easy_to_hard([source[i][order_key] for i in range(n)], order_key, seed)
+        epochs = 10**9 // n if num_epochs is None else num_epochs
+        ds = grain.MapDataset.range(pace_rows + n * epochs)[shard_index::shard_count]
+
+        def draw(k):
+            i = paced_index(int(k), ranked, pace_rows=pace_rows, start=pace_start, seed=seed)
+            return source_id, i, source[i]
+
+        return ds.map(draw)
     if order == "easy_to_hard":
         rows = [source[i] for i in range(n)]
         perm = easy_to_hard_order([r[order_key] for r in rows], [r["capability"] for r in rows], order_key)
@@ -326,8 +378,10 @@ def make_dataset(
     seed: int = 0,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    order: Literal["shuffle", "easy_to_hard"] = "shuffle",
+    order: Literal["shuffle", "easy_to_hard", "paced"] = "shuffle",
     order_key: Literal["pass_rate", "difficulty"] = "pass_rate",
+    pace_rows: int = 0,
+    pace_start: float = 0.25,
     prompt_field: str = "problem",
     target_field: Literal["solution", "answer", "caption"] | None = None,
     length_buckets: Sequence[int] = (64, 128, 256, 512),
@@ -350,6 +404,9 @@ def make_dataset(
     defaults to the largest length bucket. A final partial batch (finite epochs) is
     padded to ``batch_size`` with ``row_mask`` 0 unless ``drop_remainder``. ``stop_check``
     is called between rows; when it returns True ``next`` raises ``StopRequested``.
+    ``order="paced"``: ``pace_rows`` rows of the mixture (all shards) are drawn while the pool
+    grows from the easiest ``pace_start`` share of each source to all of it (each source paced
+    over its weight's share of them).
     """
     if shard_index is None or shard_count is None:
         import jax  # noqa: PLC0415 - only for the defaults
@@ -359,7 +416,7 @@ def make_dataset(
     buckets = tuple(sorted(int(b) for b in length_buckets))
     max_prompt_len = buckets[-1] if max_prompt_len is None else int(max_prompt_len)
     _check_args(sources, batch_size, shard_index, shard_count, order, order_key, target_field, buckets,
-                max_prompt_len, max_pixels_per_batch, num_epochs)
+                max_prompt_len, max_pixels_per_batch, num_epochs, pace_rows, pace_start)
     patch = int(processor.image_processor.patch_size)
     merge = int(processor.image_processor.merge_size)
     patch_cap = None
@@ -369,12 +426,14 @@ def make_dataset(
                     length_buckets=buckets, max_prompt_len=max_prompt_len,
                     max_pixels_per_batch=max_pixels_per_batch, text_only=text_only, instruction=instruction,
                     system_prompt=system_prompt)
+    total_weight = sum(float(w) for _, w in sources)
     parts = [_ordered_source(src, k, order=order, order_key=order_key, seed=seed, shard_index=shard_index,
-                             shard_count=shard_count, num_epochs=num_epochs) for k, (src, _) in enumerate(sources)]
+                             shard_count=shard_count, num_epochs=num_epochs,
+                             pace_rows=math.ceil(pace_rows * float(w) / total_weight), pace_start=pace_start)
+             for k, (src, w) in enumerate(sources)]
     # A whole pass: enough consecutive draws that every row of every source came at least once (twice
     # the longest source's share of the mixture, so a window spanning two shuffled epochs is covered).
     # Finite epochs end with StopIteration on their own.
-    total_weight = sum(float(w) for _, w in sources)
     epoch_rows = [len(range(shard_index, len(src), shard_count)) for src, _ in sources]
     pass_rows = None if num_epochs is not None else 2 * max(
         math.ceil(n * total_weight / float(w)) for n, (_, w) in zip(epoch_rows, sources)) + 1
@@ -417,7 +476,8 @@ def row_spec(
 
 def _check_args(sources: Sequence[tuple[Any, float]], batch_size: int, shard_index: int, shard_count: int,
                 order: str, order_key: str, target_field: str | None, buckets: tuple[int, ...],
-                max_prompt_len: int, max_pixels_per_batch: int | None, num_epochs: int | None) -> None:
+                max_prompt_len: int, max_pixels_per_batch: int | None, num_epochs: int | None,
+                pace_rows: int = 0, pace_start: float = 0.25) -> None:
     """Raise ``ValueError`` naming the first bad argument."""
     if not sources:
         raise ValueError("sources is empty: give at least one (source, weight) pair")
@@ -428,8 +488,10 @@ def _check_args(sources: Sequence[tuple[Any, float]], batch_size: int, shard_ind
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
-    if order not in ("shuffle", "easy_to_hard"):
-        raise ValueError(f"order must be 'shuffle' or 'easy_to_hard', got {order!r}")
+    if order not in ("shuffle", "easy_to_hard", "paced"):
+        raise ValueError(f"order must be 'shuffle', 'easy_to_hard' or 'paced', got {order!r}")
+    if order == "paced" and (pace_rows < 1 or not 0 < pace_start <= 1):
+        raise ValueError(f"order='paced' needs pace_rows >= 1 and 0 < pace_start <= 1, got {pace_rows} and {pace_start}")
     if order_key not in ("pass_rate", "difficulty"):
         raise ValueError(f"order_key must be 'pass_rate' or 'difficulty', got {order_key!r}")
     if target_field is not None and target_field not in TARGET_FIELDS:

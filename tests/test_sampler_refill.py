@@ -8,16 +8,17 @@ tokens (`Rollout.slot_steps`); one compile per bucket; bad slot counts refused.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
-from hf_reference import build_reference, make_batch
-from vlm_jax import models
-from vlm_jax.config import ConfigError, MeshConfig
-from vlm_jax.rl import sampler
+from hf_reference import IMAGE, build_reference, make_batch
+from vlm_jax import models, startup
+from vlm_jax.config import ConfigError, GRPOConfig, MeshConfig
+from vlm_jax.rl import rollout, sampler
 from vlm_jax.sharding import make_mesh
 
 # Prompts: text-only, one image, two images, one image, text-only (different prompt lengths).
@@ -147,9 +148,40 @@ def test_refill_same_bucket_does_not_compile_again(ref):
     assert out.slot_steps == 3 * 3 * 14  # 8 rows of 14 decoded tokens each: 3 rounds over 3 slots
 
 
-@pytest.mark.parametrize("slots,mesh_data,match", [(-1, 1, ">= 0"), (3, 2, "data axis")])
-def test_bad_slots_raise(ref, slots, mesh_data, match):
-    mesh = None if mesh_data == 1 else make_mesh(MeshConfig(data=mesh_data, fsdp=1, tensor=1),
-                                                 devices=jax.devices()[:mesh_data])
-    with pytest.raises(ConfigError, match=match):
-        sampler.check_slots(slots, mesh)
+def test_grpo_rollout_with_refill_slots(ref, greedy_pair):
+  """`grpo.refill_slots` reaches the sampler through the rollout (`SamplingSpec.for_grpo`): the same
+  completions as the sampler with slots, and the decode slot utilisation as a rollout metric."""
+  eos, _, want = greedy_pair
+  cfg = GRPOConfig(num_samples=G, max_new_tokens=NEW, temperature=0.0, refill_slots=3)
+  spec = rollout.SamplingSpec.for_grpo(cfg)
+  tokens = rollout.SpecialTokens(eos, PAD, IMAGE)
+  tokenizer = SimpleNamespace(batch_decode=lambda seqs, **_: [" ".join(map(str, s)) for s in seqs])
+  reward_fn = lambda texts, answers, **_: (np.zeros(len(texts), np.float32), {})  # noqa: E731
+  gen = functools.partial(rollout.generate_and_grade, ref.model, ref.params, spec=spec, tokens=tokens,
+                          tokenizer=tokenizer, reward_fn=reward_fn)
+  batch = {**ref.batch, "answer": [""] * len(ROWS)}
+  with jax.default_matmul_precision("highest"):
+    graded, metrics = rollout.sample_groups(gen, iter([batch]), rng=jax.random.key(0), cfg=cfg,
+                                            batch_size=len(ROWS), image_id=IMAGE)
+  assert spec.slots == 3
+  assert_same(graded.rollout, want)
+  decoded = want.lengths.sum() - len(want.lengths)
+  assert metrics["rollout/decode_slot_util"] == pytest.approx(decoded / want.slot_steps)
+
+
+def test_bad_slots_are_refused_before_compiling(ref):
+  """`grpo.refill_slots` < 0 fails in the config; slots that do not split over the data axis of
+  the mesh a stage samples on (its decoding mesh with `rollout_tensor`) fail at start-up, naming
+  the key; `generate` refuses them too."""
+  with pytest.raises(ConfigError, match="refill_slots"):
+    GRPOConfig(refill_slots=-1)
+  mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+  stage = lambda slots, tensor=0: SimpleNamespace(  # noqa: E731
+      objective="grpo", grpo=GRPOConfig(refill_slots=slots, rollout_tensor=tensor))
+  startup.check_rollout_layouts(SimpleNamespace(stages=[stage(3), stage(8, 2)]), ref.model.config, mesh)
+  cfg = SimpleNamespace(stages=[stage(3), stage(6, 2)])  # decoding mesh (data 4, tensor 2)
+  with pytest.raises(ConfigError, match=r"stages.1.grpo.refill_slots: 6 decode slots do not split over "
+                                        r"the mesh's data axis of 4"):
+    startup.check_rollout_layouts(cfg, ref.model.config, mesh)
+  with pytest.raises(ConfigError, match=">= 0"):
+    run(ref.model, ref.params, ref.batch, slots=-2)

@@ -66,9 +66,11 @@ functions (vlm_jax: `generate_and_grade`, the reward, `score_responses`, `grpo_s
 `--share_prompt_ab` runs no TRL side: vlm_jax with the flag off against vlm_jax with it on, in one
 process, alternating iteration by iteration, with the same split (no peer venv needed).
 `--refill_slots S` sets vlm_jax's `grpo.refill_slots` (a rollout whose finished decode slots take
-the waiting completions); `--refill_ab` runs no TRL side: vlm_jax without refilled slots against
-`--refill_slots` slots, on the first `--lengths` setting, alternating, with the split, both sides'
-decode slot utilisation and their ratio.
+the waiting completions); `--refill_ab` runs no TRL side: vlm_jax without refilled slots (`plain`:
+every completion of the call a slot), with its prompts in chunks of S / G prompts (`chunked`,
+`grpo.rollout_chunk`: the same KV-cache rows as S slots; when S / G is a whole number of prompts
+and fewer than `--prompts`) and with S refilled slots (`refill`), on the first `--lengths`
+setting, alternating, with the split and each side's decode slot utilisation.
 """
 
 from __future__ import annotations
@@ -302,7 +304,8 @@ class VlmJax:
 
     current = None  # the instance whose step runs (the timed wrappers below are installed once)
 
-    def __init__(self, model_dir: Path, args, share_prompt: bool, stops=(), refill_slots: int | None = None):
+    def __init__(self, model_dir: Path, args, share_prompt: bool, stops=(), refill_slots: int | None = None,
+                 rollout_chunk: int = 0):
         import jax
         import numpy as np
         from PIL import Image
@@ -327,7 +330,7 @@ class VlmJax:
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
             share_prompt=share_prompt, length_groups=args.length_groups,
-            refill_slots=args.refill_slots if refill_slots is None else refill_slots)
+            refill_slots=args.refill_slots if refill_slots is None else refill_slots, rollout_chunk=rollout_chunk)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -537,9 +540,13 @@ def main(argv: list[str] | None = None) -> int:
             for setting in settings}
         if args.refill_ab:
             stops = setting_stops[settings[0]]
-            return refill_ab(VlmJax(model_dir, args, args.share_prompt, stops, refill_slots=0),
-                             VlmJax(model_dir, args, args.share_prompt, stops), args, settings[0], n_params,
-                             cpus, argv)
+            sides = {"plain": VlmJax(model_dir, args, args.share_prompt, stops, refill_slots=0)}
+            chunk, rest = divmod(args.refill_slots, args.num_samples)
+            if not rest and 0 < chunk < args.prompts:
+                sides["chunked"] = VlmJax(model_dir, args, args.share_prompt, stops, refill_slots=0,
+                                          rollout_chunk=chunk)
+            sides["refill"] = VlmJax(model_dir, args, args.share_prompt, stops)
+            return refill_ab(sides, args, settings[0], n_params, cpus, argv)
         peer_info: dict = {}
         for setting in settings:
             stops = setting_stops[setting]
@@ -664,12 +671,12 @@ def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
     return 0
 
 
-def refill_ab(plain, refill, args, setting: str, n_params, cpus, argv) -> int:
-    """vlm_jax without refilled decode slots against `--refill_slots` slots, alternating; prints the
-    split, each side's decode slot utilisation and the ratios, and writes them to `--json`."""
+def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
+    """vlm_jax without refilled decode slots (`plain`, and `chunked` where given) against
+    `--refill_slots` slots (`refill`), alternating; prints the split, each side's decode slot
+    utilisation and the ratios against `plain`, and writes them to `--json`."""
     import jax
 
-    sides = {"plain": plain, "refill": refill}
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(1 + args.iters):
         for name, side in sides.items():
@@ -685,16 +692,17 @@ def refill_ab(plain, refill, args, setting: str, n_params, cpus, argv) -> int:
           f"jax {jax.__version__}; load average {os.getloadavg()}")
     print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters); {args.prompts} prompts x "
           f"{args.num_samples} samples x at most {args.new_tokens} new tokens, {setting} lengths; vlm_jax only, "
-          f"grpo.refill_slots 0 (every completion a slot) vs {args.refill_slots}")
+          f"grpo.refill_slots 0 (every completion a slot{', and rollout_chunk' if 'chunked' in sides else ''}) "
+          f"vs {args.refill_slots}")
     print()
     print_split(runs, med, parts, label="refill")
     for side in runs:
         print(f"{side:<10}decode slot utilisation per iteration: {', '.join(f'{u:.1%}' for u in util[side])}; "
               f"mean response length: {', '.join(f'{n:.1f}' for n in lengths[side])}")
     ratio = statistics.median(util["refill"]) / statistics.median(util["plain"])
-    print(f"decode slot utilisation (median): plain {statistics.median(util['plain']):.1%}, refill "
-          f"{statistics.median(util['refill']):.1%} ({ratio:.2f}x); rollout s (plain / refill, medians): "
-          f"{med['plain']['rollout'] / med['refill']['rollout']:.2f}x")
+    print("decode slot utilisation (median): " + ", ".join(f"{s} {statistics.median(u):.1%}" for s, u in util.items())
+          + f" (refill / plain {ratio:.2f}x); rollout s per side (medians): "
+          + ", ".join(f"{s} {med[s]['rollout']:.3f}" for s in med))
     if args.json:
         args.json.write_text(json.dumps(dict(
             command=cmd, cores=cpus, setting=setting, refill_slots=args.refill_slots,

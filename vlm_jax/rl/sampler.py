@@ -364,7 +364,14 @@ def _refill_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, unif
     when the last row stops, so its iterations follow the rows' total length / slots rather than
     the longest row. Row n's token t is drawn from `uniforms_TN[t, n]` whichever slot holds it: the
     same tokens, log-probs and lengths as `_sample_rows` (up to float round-off), returned the
-    same way."""
+    same way.
+
+    Each step gathers every slot's prompt keys/values from the store (per layer), where
+    `_sample_rows` reads a prompt's once for its G rows. On a `data_parallel` mesh each device
+    refills its own slots from its own prompts; in one loop over a sharded batch (fsdp or tensor
+    > 1, e.g. a decoding layout) a slot may take a prompt of another batch shard, and the compiler
+    adds small per-step collectives for those reads. (A loop per data shard with `tensor` left to
+    the compiler, a partially manual `shard_map`, gathered the weights over `tensor` first.)"""
     model = lora.bind(graphdef, params)
     B = attention_mask_BL.shape[0]
     N = B * num_samples

@@ -330,7 +330,8 @@ class VlmJax:
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
             share_prompt=share_prompt, length_groups=args.length_groups,
-            refill_slots=args.refill_slots if refill_slots is None else refill_slots, rollout_chunk=rollout_chunk)
+            refill_slots=args.refill_slots if refill_slots is None else refill_slots,
+            rollout_chunk=rollout_chunk)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -485,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refill_slots", type=int, default=0,
                         help="vlm_jax's grpo.refill_slots (0, the default: every completion a decode slot)")
     parser.add_argument("--refill_ab", action="store_true",
-                        help="no TRL side: vlm_jax without refilled slots against --refill_slots, alternating")
+                        help="no TRL side: vlm_jax without refilled slots against --refill_slots, "
+                             "alternating")
     parser.add_argument("--no_peer", action="store_true",
                         help="vlm_jax only (no TRL venv): its times and its work figures per setting")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
@@ -506,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         return peer_main(args)
 
     sys.path.insert(0, str(ROOT))
-    python = None if (args.share_prompt_ab or args.refill_ab or args.no_peer) else ensure_peer_venv(args.peer_venv)
+    vlm_jax_only = args.share_prompt_ab or args.refill_ab or args.no_peer
+    python = None if vlm_jax_only else ensure_peer_venv(args.peer_venv)
     import jax
 
     from vlm_jax.config import GRPOConfig
@@ -683,7 +686,8 @@ def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
             runs[name].append(side.step())
             time.sleep(args.pause)
     parts = ("rollout", "rewards", "scoring", "update")
-    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
+    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)}
+           for side, rs in runs.items()}
     util = {side: [r["work"]["decode_util"] for r in rs] for side, rs in runs.items()}
     lengths = {side: [r["work"]["response_length"] for r in rs] for side, rs in runs.items()}
     cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"
@@ -691,16 +695,18 @@ def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
     print(f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; "
           f"jax {jax.__version__}; load average {os.getloadavg()}")
     print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters); {args.prompts} prompts x "
-          f"{args.num_samples} samples x at most {args.new_tokens} new tokens, {setting} lengths; vlm_jax only, "
-          f"grpo.refill_slots 0 (every completion a slot{', and rollout_chunk' if 'chunked' in sides else ''}) "
-          f"vs {args.refill_slots}")
+          f"{args.num_samples} samples x at most {args.new_tokens} new tokens, {setting} lengths; "
+          f"vlm_jax only, grpo.refill_slots 0 (every completion a slot"
+          f"{', and rollout_chunk' if 'chunked' in sides else ''}) vs {args.refill_slots}")
     print()
     print_split(runs, med, parts, label="refill")
     for side in runs:
-        print(f"{side:<10}decode slot utilisation per iteration: {', '.join(f'{u:.1%}' for u in util[side])}; "
+        print(f"{side:<10}decode slot utilisation per iteration: "
+              f"{', '.join(f'{u:.1%}' for u in util[side])}; "
               f"mean response length: {', '.join(f'{n:.1f}' for n in lengths[side])}")
     ratio = statistics.median(util["refill"]) / statistics.median(util["plain"])
-    print("decode slot utilisation (median): " + ", ".join(f"{s} {statistics.median(u):.1%}" for s, u in util.items())
+    print("decode slot utilisation (median): "
+          + ", ".join(f"{s} {statistics.median(u):.1%}" for s, u in util.items())
           + f" (refill / plain {ratio:.2f}x); rollout s per side (medians): "
           + ", ".join(f"{s} {med[s]['rollout']:.3f}" for s in med))
     if args.json:
@@ -709,7 +715,8 @@ def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
             rows_per_call=args.prompts * args.num_samples, decode_util=util,
             decode_util_median={s: statistics.median(u) for s, u in util.items()}, decode_util_ratio=ratio,
             response_length=lengths, split={s: med[s] for s in med},
-            first_iter_s={s: runs[s][0]["total"] for s in runs}, load_average=os.getloadavg()), indent=2) + "\n")
+            first_iter_s={s: runs[s][0]["total"] for s in runs}, load_average=os.getloadavg()),
+            indent=2) + "\n")
     return 0
 
 

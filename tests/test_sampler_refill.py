@@ -78,7 +78,8 @@ def assert_same(got: sampler.Rollout, want: sampler.Rollout, atol=1e-5):
 def greedy_pair(ref):
     """(end tokens, the rollout without slots, with 3 slots) for 5 prompts x 2 samples."""
     eos = spread_eos(run(ref.model, ref.params, ref.batch))
-    return eos, run(ref.model, ref.params, ref.batch, eos=eos), run(ref.model, ref.params, ref.batch, eos=eos, slots=3)
+    want = run(ref.model, ref.params, ref.batch, eos=eos)
+    return eos, want, run(ref.model, ref.params, ref.batch, eos=eos, slots=3)
 
 
 def test_refill_greedy_equals_the_sampler(greedy_pair):
@@ -143,7 +144,10 @@ def test_refill_same_bucket_does_not_compile_again(ref):
     cache = sampler._generate._cache_size
     first = make_batch([[], [(4, 4)], [], [(4, 4)]], padding="right", seed=5)
     second = make_batch([[(6, 10)], [], [], []], padding="left", seed=6)  # same prompt / patch buckets
-    call = lambda b, key, **kw: run(ref.model, ref.params, b, slots=3, rng=jax.random.key(key), **kw)  # noqa: E731
+
+    def call(b, key, **kw):
+        return run(ref.model, ref.params, b, slots=3, rng=jax.random.key(key), **kw)
+
     call(first, 0, new=9, temperature=0.7, top_p=0.9)
     n = cache()
     out = call(second, 1, new=15, temperature=1.3, top_p=0.5, top_k=4, eos=())

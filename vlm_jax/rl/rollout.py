@@ -72,7 +72,8 @@ class SamplingSpec:
         """A GRPO stage's rollout sampling (`cfg`: GRPOConfig)."""
         return cls(max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, top_k=cfg.top_k, prompt_buckets=tuple(prompt_buckets), num_patches=num_patches,
-                   prompt_chunk=cfg.rollout_chunk, slots=cfg.refill_slots, overlong_buffer=cfg.overlong_buffer)
+                   prompt_chunk=cfg.rollout_chunk, slots=cfg.refill_slots,
+                   overlong_buffer=cfg.overlong_buffer)
 
 
 @dataclasses.dataclass

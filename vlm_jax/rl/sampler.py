@@ -355,8 +355,8 @@ class _Refill(NamedTuple):
 
 
 def _refill_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
-                 slots: int, gen_len: int, num_samples: int, greedy: bool, filtered: bool, eos_ids: tuple[int, ...],
-                 pad_id: int, mesh):
+                 slots: int, gen_len: int, num_samples: int, greedy: bool, filtered: bool,
+                 eos_ids: tuple[int, ...], pad_id: int, mesh):
     """`_sample_rows` with `slots` decode slots that are refilled: every prompt is prefilled once
     (its keys/values kept in a store the slots read, so its G samples share it) and every row's
     first token drawn from it; the rows that go on wait in row order, `slots` of them decode at a

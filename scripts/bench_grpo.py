@@ -4,6 +4,7 @@
                                  [--lengths variable,fixed] [--truncated 0.2]
                                  [--spec grpo] [--cpus N] [--json OUT] [--peer_venv .venv-peer]
                                  [--share_prompt | --no-share_prompt] [--share_prompt_ab]
+                                 [--refill_slots S] [--refill_ab]
 
 An iteration is what a GRPO training step does: sample `--num_samples` completions for each of
 `--prompts` prompts (one image each), decode them and score them with a host reward, score the
@@ -27,8 +28,10 @@ Two length settings (`--lengths`, default both, the variable one first: it is th
 For each side the JSON and the table give the real-token fraction of the positions the update
 and the reference scoring compute (prompt + response positions of the arrays they run; the
 response positions alone as `response_real_frac`), and the decode slot utilisation of the rollout
-(generated tokens / (slots x decode steps): a sampler call runs every slot until its last row
-stops).
+(generated tokens / (slots x decode steps); vlm_jax: its rollout metric `rollout/decode_slot_util`,
+the tokens its decode loops generated over their slots x iterations, each completion's first
+token coming from its prompt's prefill; without refilled slots a sampler call runs every slot
+until its last row stops).
 vlm_jax runs `vlm_jax.rl.rollout.collect_rollout` + `vlm_jax.rl.policy.grpo_step`, the two calls a
 GRPO stage of the trainer makes per step (`vlm_jax.curriculum.train_step`); TRL runs
 `GRPOTrainer.train()` with the old log-probs skipped (num_iterations 1, as vlm_jax reuses the
@@ -62,6 +65,12 @@ functions (vlm_jax: `generate_and_grade`, the reward, `score_responses`, `grpo_s
 `grpo.share_prompt` (each prompt run once for its G completions in the scoring and the update).
 `--share_prompt_ab` runs no TRL side: vlm_jax with the flag off against vlm_jax with it on, in one
 process, alternating iteration by iteration, with the same split (no peer venv needed).
+`--refill_slots S` sets vlm_jax's `grpo.refill_slots` (a rollout whose finished decode slots take
+the waiting completions); `--refill_ab` runs no TRL side: vlm_jax without refilled slots (`plain`:
+every completion of the call a slot), with its prompts in chunks of S / G prompts (`chunked`,
+`grpo.rollout_chunk`: the same KV-cache rows as S slots; when S / G is a whole number of prompts
+and fewer than `--prompts`) and with S refilled slots (`refill`), on the first `--lengths`
+setting, alternating, with the split and each side's decode slot utilisation.
 """
 
 from __future__ import annotations
@@ -295,7 +304,8 @@ class VlmJax:
 
     current = None  # the instance whose step runs (the timed wrappers below are installed once)
 
-    def __init__(self, model_dir: Path, args, share_prompt: bool, stops=()):
+    def __init__(self, model_dir: Path, args, share_prompt: bool, stops=(), refill_slots: int | None = None,
+                 rollout_chunk: int = 0):
         import jax
         import numpy as np
         from PIL import Image
@@ -319,7 +329,9 @@ class VlmJax:
         self.cfg = config_lib.GRPOConfig(
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
-            share_prompt=share_prompt, length_groups=args.length_groups)
+            share_prompt=share_prompt, length_groups=args.length_groups,
+            refill_slots=args.refill_slots if refill_slots is None else refill_slots,
+            rollout_chunk=rollout_chunk)
         self.optimizer = make_optimizer(
             config_lib.OptimizerConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0), 1000,
             ("vision", "merger", "language_model"))
@@ -407,19 +419,18 @@ class VlmJax:
         gen = self.times["gen_and_rewards"]
         return dict(total=end - start, rollout=gen - rew, rewards=rew,
                     scoring=collected - start - gen, update=end - collected,
-                    work=self.work(rbatch, graded))
+                    work=self.work(rbatch, graded, host))
 
-    def work(self, rbatch, graded) -> dict:
+    def work(self, rbatch, graded, host: dict) -> dict:
         """Real-token fractions of the positions the scoring and the update compute, and the
-        rollout's decode slot utilisation (one sampler call: every slot runs max(lengths) steps)."""
+        rollout's decode slot utilisation (its metric `rollout/decode_slot_util`)."""
         np = self.np
         from vlm_jax import sharding
         from vlm_jax.rl import policy
 
         lengths = np.asarray(graded.rollout.lengths)
         G = self.cfg.num_samples
-        out = dict(response_length=float(lengths.mean()),
-                   decode_util=float(lengths.sum() / (lengths.size * lengths.max())))
+        out = dict(response_length=float(lengths.mean()), decode_util=float(host["rollout/decode_slot_util"]))
         prompt_mask = np.asarray(sharding.to_host(rbatch.prompt.attention_mask_BL))
         N, T = rbatch.responses_NT.shape
         B, L = prompt_mask.shape
@@ -472,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length_groups", type=int, default=0,
                         help="vlm_jax's grpo.length_groups (0, the trainer's default: every completion padded "
                              "to --new_tokens)")
+    parser.add_argument("--refill_slots", type=int, default=0,
+                        help="vlm_jax's grpo.refill_slots (0, the default: every completion a decode slot)")
+    parser.add_argument("--refill_ab", action="store_true",
+                        help="no TRL side: vlm_jax without refilled slots against --refill_slots, "
+                             "alternating")
     parser.add_argument("--no_peer", action="store_true",
                         help="vlm_jax only (no TRL venv): its times and its work figures per setting")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
@@ -479,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.devices < 1 or args.pause < 0:
         parser.error(f"--devices must be >= 1 and --pause >= 0 (got {args.devices}, {args.pause})")
+    if args.refill_slots < 0 or (args.refill_ab and not args.refill_slots):
+        parser.error(f"--refill_slots must be >= 0, and > 0 with --refill_ab (got {args.refill_slots})")
     settings = [x.strip() for x in args.lengths.split(",") if x.strip()]
     if not settings or set(settings) - {"variable", "fixed"} or not 0 < args.truncated < 1:
         parser.error(f"--lengths takes variable and/or fixed, --truncated is in (0, 1) "
@@ -490,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         return peer_main(args)
 
     sys.path.insert(0, str(ROOT))
-    python = None if (args.share_prompt_ab or args.no_peer) else ensure_peer_venv(args.peer_venv)
+    vlm_jax_only = args.share_prompt_ab or args.refill_ab or args.no_peer
+    python = None if vlm_jax_only else ensure_peer_venv(args.peer_venv)
     import jax
 
     from vlm_jax.config import GRPOConfig
@@ -517,11 +536,23 @@ def main(argv: list[str] | None = None) -> int:
         end_ids = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id", [])
         end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids)
         ordinary = min(i for i in tok.all_special_ids) if tok.all_special_ids else len(tok)
+        setting_stops = {
+            setting: (stop_ids(SPECS[args.spec].get("vocab_size", spec.vocab_size), ordinary,
+                               [*end_ids, tok.eos_token_id], args.new_tokens, args.truncated)
+                      if setting == "variable" else [])
+            for setting in settings}
+        if args.refill_ab:
+            stops = setting_stops[settings[0]]
+            sides = {"plain": VlmJax(model_dir, args, args.share_prompt, stops, refill_slots=0)}
+            chunk, rest = divmod(args.refill_slots, args.num_samples)
+            if not rest and 0 < chunk < args.prompts:
+                sides["chunked"] = VlmJax(model_dir, args, args.share_prompt, stops, refill_slots=0,
+                                          rollout_chunk=chunk)
+            sides["refill"] = VlmJax(model_dir, args, args.share_prompt, stops)
+            return refill_ab(sides, args, settings[0], n_params, cpus, argv)
         peer_info: dict = {}
         for setting in settings:
-            stops = (stop_ids(SPECS[args.spec].get("vocab_size", spec.vocab_size), ordinary,
-                              [*end_ids, tok.eos_token_id], args.new_tokens, args.truncated)
-                     if setting == "variable" else [])
+            stops = setting_stops[setting]
             args.stop_ids = ",".join(map(str, stops))
             side = VlmJax(model_dir, args, args.share_prompt, stops)
             runs: dict[str, list[dict]] = {"vlm_jax": []} if args.no_peer else {"vlm_jax": [], "trl": []}
@@ -544,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                   num_samples=args.num_samples, new_tokens=args.new_tokens, images_per_prompt=1,
                   kl_coef=KL_COEF, lr=LR, optimizer="adamw, clip 1.0", updates_per_iter=1, dtype="float32",
                   iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads,
-                  share_prompt=args.share_prompt, lengths=settings, truncated=args.truncated)
+                  share_prompt=args.share_prompt, lengths=settings, truncated=args.truncated,
+                  refill_slots=args.refill_slots)
     print(f"command: {cmd}")
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}"
@@ -554,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x at most "
           f"{args.new_tokens} new tokens, reward on host, reference log-probs (KL {KL_COEF}), "
           f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32; vlm_jax "
-          f"grpo.share_prompt={args.share_prompt}")
+          f"grpo.share_prompt={args.share_prompt}, grpo.refill_slots={args.refill_slots}")
     out: dict = dict(command=cmd, cores=cpus, config=config, peer=peer_info, settings={})
     for setting, res in results.items():
         runs = res["runs"]
@@ -639,6 +671,52 @@ def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
         args.json.write_text(json.dumps(dict(
             split={s: med[s] for s in med}, pair_ratios=pairs, load_average=os.getloadavg(), cores=cpus,
             first_iter_s={s: runs[s][0]["total"] for s in runs}), indent=2) + "\n")
+    return 0
+
+
+def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
+    """vlm_jax without refilled decode slots (`plain`, and `chunked` where given) against
+    `--refill_slots` slots (`refill`), alternating; prints the split, each side's decode slot
+    utilisation and the ratios against `plain`, and writes them to `--json`."""
+    import jax
+
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for _ in range(1 + args.iters):
+        for name, side in sides.items():
+            runs[name].append(side.step())
+            time.sleep(args.pause)
+    parts = ("rollout", "rewards", "scoring", "update")
+    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)}
+           for side, rs in runs.items()}
+    util = {side: [r["work"]["decode_util"] for r in rs] for side, rs in runs.items()}
+    lengths = {side: [r["work"]["response_length"] for r in rs] for side, rs in runs.items()}
+    cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"
+    print(f"command: {cmd}")
+    print(f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; "
+          f"jax {jax.__version__}; load average {os.getloadavg()}")
+    print(f"model: --spec {args.spec} ({n_params / 1e6:.1f}M parameters); {args.prompts} prompts x "
+          f"{args.num_samples} samples x at most {args.new_tokens} new tokens, {setting} lengths; "
+          f"vlm_jax only, grpo.refill_slots 0 (every completion a slot"
+          f"{', and rollout_chunk' if 'chunked' in sides else ''}) vs {args.refill_slots}")
+    print()
+    print_split(runs, med, parts, label="refill")
+    for side in runs:
+        print(f"{side:<10}decode slot utilisation per iteration: "
+              f"{', '.join(f'{u:.1%}' for u in util[side])}; "
+              f"mean response length: {', '.join(f'{n:.1f}' for n in lengths[side])}")
+    ratio = statistics.median(util["refill"]) / statistics.median(util["plain"])
+    print("decode slot utilisation (median): "
+          + ", ".join(f"{s} {statistics.median(u):.1%}" for s, u in util.items())
+          + f" (refill / plain {ratio:.2f}x); rollout s per side (medians): "
+          + ", ".join(f"{s} {med[s]['rollout']:.3f}" for s in med))
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            command=cmd, cores=cpus, setting=setting, refill_slots=args.refill_slots,
+            rows_per_call=args.prompts * args.num_samples, decode_util=util,
+            decode_util_median={s: statistics.median(u) for s, u in util.items()}, decode_util_ratio=ratio,
+            response_length=lengths, split={s: med[s] for s in med},
+            first_iter_s={s: runs[s][0]["total"] for s in runs}, load_average=os.getloadavg()),
+            indent=2) + "\n")
     return 0
 
 

@@ -405,6 +405,7 @@ def test_nonfinite_loss_is_skipped_counted_and_never_checkpointed(assets, tmp_pa
         ("stages.0.objective=dpo", "stages.0.objective"),
         ("stages.1.datasets.0.name=no_such_dataset", "no_such_dataset"),
         ("stages.0.steps=0", "stages.0.steps"),
+        ("stages.0.grpo.refill_slots=12", "stages.0.grpo.refill_slots: 12 decode slots do not split over"),
     ],
 )
 def test_bad_config_fails_before_compiling(assets, tmp_path, capsys, override, message):

@@ -143,7 +143,7 @@ def test_bad_rollout_tensor_is_refused_before_compiling(env):
   stage = lambda n: SimpleNamespace(objective="grpo", grpo=GRPOConfig(rollout_tensor=n))  # noqa: E731
   cfg = SimpleNamespace(stages=[stage(2), stage(0), stage(3)])
   with pytest.raises(ConfigError, match=r"stages.2.grpo.rollout_tensor: 3 does not divide the 8 devices"):
-    startup.check_rollout_layouts(cfg, env.model.config, 8)
+    startup.check_rollout_layouts(cfg, env.model.config, env.model.mesh)
 
 
 def test_lora_policy_is_resharded_with_its_adapters(env):

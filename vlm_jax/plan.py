@@ -388,7 +388,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                 gen_prompt = abstract_inputs(model, gmesh, Bg, L, num_patches)
                 run("generate", sampler._generate, (graphdef, gen_params, gen_prompt, gkey, sp),
                     dict(gen_len=gen_len, num_samples=G, greedy=False, filtered=g.top_p < 1 or g.top_k > 0,
-                         eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=gmesh),
+                         eos_ids=(mcfg.image_token_id,), pad_id=0, mesh=gmesh, slots=g.refill_slots),
                     resident, inspect=decode_loop_traffic)
                 rows[-1].detail.update(rollout_tensor=tensor, mesh=dict(gmesh.shape),
                                        sampler_param_bytes=nbytes(gen_params))

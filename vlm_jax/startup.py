@@ -177,20 +177,26 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
         rules=cfg.logical_axis_rules,
         options=model_options(cfg),
     )
-    check_rollout_layouts(cfg, model.config, mesh.devices.size)
+    check_rollout_layouts(cfg, model.config, mesh)
     check_data_shards(cfg, mesh)
     patch = int(processor.image_processor.patch_size)  # 14 (Qwen2.5-VL) or 16 (Qwen3-VL)
     return Env(cfg, workdir, model, params, processor, sources, num_patches_for(cfg, patch))
 
 
-def check_rollout_layouts(cfg: config_lib.Config, model_config, n_devices: int) -> None:
-    """Each GRPO stage's `grpo.rollout_tensor` divides the device count and the model's KV heads."""
+def check_rollout_layouts(cfg: config_lib.Config, model_config, mesh) -> None:
+    """Each GRPO stage's `grpo.rollout_tensor` divides the device count and the model's KV heads,
+    and its `grpo.refill_slots` split over the data axis of the mesh it samples on."""
     from vlm_jax.rl import sampler
 
     for i, st in enumerate(cfg.stages):
-        if st.objective == "grpo" and st.grpo.rollout_tensor:
-            sampler.check_decode_layout(model_config, n_devices, st.grpo.rollout_tensor,
+        if st.objective != "grpo":
+            continue
+        g, sample_mesh = st.grpo, mesh
+        if g.rollout_tensor:
+            sampler.check_decode_layout(model_config, mesh.devices.size, g.rollout_tensor,
                                         f"stages.{i}.grpo.rollout_tensor")
+            sample_mesh = sampler.decode_mesh(mesh, g.rollout_tensor)
+        sampler.check_slots(g.refill_slots, sample_mesh, f"stages.{i}.grpo.refill_slots")
 
 
 def data_shards(cfg: config_lib.Config) -> int:

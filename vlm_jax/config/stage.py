@@ -133,6 +133,10 @@ class GRPOConfig(_Node):
     score_chunk: int = 0
     #: Prompts per sampler call; the KV cache is sized for them (0 = all at once).
     rollout_chunk: int = 0
+    #: Decode slots of a refilling rollout (> 0): a completion that stops hands its slot to the next waiting
+    #: one, so a sampler call decodes for about its total tokens / slots steps, not its longest completion
+    #: (same completions; must split over the sampling mesh's data axis; 0 = off: every completion a slot).
+    refill_slots: int = 0
     #: Keep the KL reference in host memory, moved to the chips only for scoring.
     offload_reference: bool = False
     #: Sample on a decoding mesh (data = devices / N, fsdp 1, tensor N) resharded once per rollout (0 = off).
@@ -148,7 +152,7 @@ class GRPOConfig(_Node):
         _at_least(self, 1, "num_samples", "max_new_tokens", "mu")
         _at_least(self, 0, "temperature", "top_k", "clip_low", "clip_high", "kl_coef", "mini_batch_size",
                   "max_extra_draws", "overlong_buffer", "score_chunk", "rollout_chunk", "rollout_tensor",
-                  "length_groups")
+                  "length_groups", "refill_slots")
         _require(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
         _require(self.clip_c is None or self.clip_c > 1, "clip_c",
                  f"dual-clip constant must be > 1 or none, got {self.clip_c}")

@@ -50,7 +50,8 @@ class SamplingSpec:
     """How completions are drawn and graded (rollouts, evaluation and the filter share it).
 
     `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off. `prompt_chunk` > 0: the sampler
-    runs on that many prompts at a time (its KV cache sized for a chunk). `max_response_length` and
+    runs on that many prompts at a time (its KV cache sized for a chunk). `slots` > 0: each sampler
+    call decodes in that many refilled slots (`sampler.generate`). `max_response_length` and
     `overlong_buffer` go to the reward (the soft overlong penalty; default length: max_new_tokens)."""
 
     max_new_tokens: int
@@ -61,6 +62,7 @@ class SamplingSpec:
     prompt_buckets: tuple[int, ...] = sampler.PROMPT_BUCKETS
     num_patches: int | None = None
     prompt_chunk: int = 0
+    slots: int = 0
     max_response_length: int | None = None
     overlong_buffer: int = 0
 
@@ -70,7 +72,8 @@ class SamplingSpec:
         """A GRPO stage's rollout sampling (`cfg`: GRPOConfig)."""
         return cls(max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, top_k=cfg.top_k, prompt_buckets=tuple(prompt_buckets), num_patches=num_patches,
-                   prompt_chunk=cfg.rollout_chunk, overlong_buffer=cfg.overlong_buffer)
+                   prompt_chunk=cfg.rollout_chunk, slots=cfg.refill_slots,
+                   overlong_buffer=cfg.overlong_buffer)
 
 
 @dataclasses.dataclass
@@ -117,6 +120,7 @@ def generate_and_grade(
         prompt_buckets=spec.prompt_buckets,
         num_patches=spec.num_patches,
         local=local,
+        slots=spec.slots,
     )
     n = len(prompts["input_ids"])
     if local and prompt_chunk > 0:
@@ -131,7 +135,7 @@ def generate_and_grade(
         ]
         cat = lambda f: np.concatenate([f(r) for r in parts])  # noqa: E731
         roll = sampler.Rollout(cat(lambda r: r.tokens), cat(lambda r: r.lengths), cat(lambda r: r.logprobs),
-                               cat(lambda r: r.truncated))
+                               cat(lambda r: r.truncated), sum(r.slot_steps for r in parts))
     texts = tokenizer.batch_decode(
         [t[:n] for t, n in zip(roll.tokens, roll.lengths)], skip_special_tokens=True
     )
@@ -236,7 +240,8 @@ def sample_groups(gen: Callable, batches: Iterator[Mapping[str, Any]], *, rng, c
                   shards: int = 1, image_id: int) -> tuple[Graded, dict]:
     """The rollout's groups: `gen(batch, rng=...)` (a `generate_and_grade`) over prompt batches
     from `batches` until each of this process's `shards` data shards holds `batch_size / shards`
-    prompts' groups. Returns the groups (shard by shard) and the sampling metrics.
+    prompts' groups. Returns the groups (shard by shard) and the sampling metrics (draws, prompts
+    seen, `rollout/decode_slot_util`: tokens decoded / (decode slots x decode-loop iterations)).
 
     `batches` yields this process's prompts: rows of `shards` data shards (host key `shard`, 0 ..
     shards-1; absent: one shard). Dynamic sampling (`cfg.dynamic_sampling`) keeps each shard's quota
@@ -251,7 +256,7 @@ def sample_groups(gen: Callable, batches: Iterator[Mapping[str, Any]], *, rng, c
     kept: list[list[Graded]] = [[] for _ in range(shards)]
     dropped: list[list[Graded]] = [[] for _ in range(shards)]
     n_kept = [0] * shards
-    draws = seen_groups = 0
+    draws = seen_groups = decoded = slot_steps = 0
     while agree_max(min(n_kept) < quota)[0]:  # some shard of some process is not full
         if draws > 0 and (not cfg.dynamic_sampling or draws > cfg.max_extra_draws):
             break
@@ -265,6 +270,8 @@ def sample_groups(gen: Callable, batches: Iterator[Mapping[str, Any]], *, rng, c
         draws += 1
         n = len(g.texts) // G
         seen_groups += n
+        decoded += int(g.rollout.lengths.sum()) - len(g.rollout.lengths)  # first tokens come from the prefill
+        slot_steps += g.rollout.slot_steps
         shard_of = [int(s) for s in g.prompts.get("shard", [0] * n)]
         r = g.rewards.reshape(n, G)
         for s in range(shards):
@@ -296,8 +303,10 @@ def sample_groups(gen: Callable, batches: Iterator[Mapping[str, Any]], *, rng, c
             kept[s].append(_take_groups(pool, list(range(fill)), image_id))
             n_kept[s] += fill
             filled += fill
-    counts = allgather(np.asarray([seen_groups, filled], np.int64)).sum(axis=0)
+    counts = allgather(np.asarray([seen_groups, filled, decoded], np.int64)).sum(axis=0)
     metrics = {"rollout/draws": draws, "rollout/prompts_seen": int(counts[0])}
+    if slot_steps:  # the sampler calls' slots x decode-loop iterations (the same on every process)
+        metrics["rollout/decode_slot_util"] = float(counts[2] / slot_steps)
     if cfg.dynamic_sampling:
         metrics["dynamic/extra_draws"] = draws - 1
         metrics["dynamic/filled_equal_reward_groups"] = int(counts[1])

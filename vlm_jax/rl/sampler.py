@@ -48,6 +48,9 @@ class Rollout(NamedTuple):
     lengths: np.ndarray  # int32 [N] tokens generated, the end token included
     logprobs: np.ndarray  # float32 [N, T] log p(token) under the policy at temperature 1; 0 on pad
     truncated: np.ndarray  # bool [N] no end token within max_new_tokens
+    # decode slots x decode-loop iterations of the sampler call(s) that produced these rows (each
+    # row's first token comes from its prompt's prefill, the rest from the loop; 0 where unknown)
+    slot_steps: int = 0
 
 
 class SamplingParams(NamedTuple):
@@ -204,10 +207,14 @@ class _Loop(NamedTuple):
         "eos_ids",
         "pad_id",
         "mesh",
+        "slots",
     ),
 )
 def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int, num_samples: int, greedy: bool,
-              filtered: bool, eos_ids: tuple[int, ...], pad_id: int, mesh=None):
+              filtered: bool, eos_ids: tuple[int, ...], pad_id: int, mesh=None, slots: int = 0):
+    """(tokens [N, T], lengths [N], logprobs [N, T], done [N], decode-loop iterations [loops]).
+    `slots` > 0: a refilling loop of that many decode slots (`_refill_rows`; split over the data
+    axis where each device runs its own loop), else every row in one loop (`_sample_rows`)."""
     model = lora.bind(graphdef, params)
     B = inputs.input_ids_BL.shape[0]
     # Each image is encoded once, by the shard holding its row (the vision inputs are laid out per
@@ -215,8 +222,12 @@ def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int
     x = model.embed(inputs.input_ids_BL, inputs.vision, shd.batch_constraint(mesh))
     # all the randomness up front: one number per row and step, the same whatever the mesh
     uniforms = jax.random.uniform(rng, (gen_len, B * num_samples), jnp.float32)
+    parallel = data_parallel(mesh, B)
+    loop = _sample_rows
+    if slots:
+        loop = functools.partial(_refill_rows, slots=slots // mesh.shape["data"] if parallel else slots)
     sample_rows = functools.partial(
-        _sample_rows,
+        loop,
         graphdef,
         gen_len=gen_len,
         num_samples=num_samples,
@@ -226,7 +237,7 @@ def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int
         pad_id=pad_id,
     )
     args = (params, x, inputs.positions_3BL, inputs.attention_mask_BL, uniforms, sp)
-    if data_parallel(mesh, B):
+    if parallel:
         # Rows are independent: each device samples its own prompts in its own decode loop, with
         # no cross-device step (a global loop would all-reduce `done` at every token).
         specs = (P(), P("data"), P(None, "data"), P("data"), P(None, "data"), P())
@@ -249,27 +260,37 @@ def data_parallel(mesh, num_prompts: int) -> bool:
     return data > 1 and all(n == 1 for n in shape.values()) and num_prompts % data == 0
 
 
-def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
-                 gen_len: int, num_samples: int, greedy: bool, filtered: bool, eos_ids: tuple[int, ...], pad_id: int,
-                 mesh):
-    """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1);
-    returns (tokens [N, T], lengths [N], logprobs [N, T], done [N])."""
-    model = lora.bind(graphdef, params)
+def _prefill(model, x_BLD, positions_3BL, attention_mask_BL, *, num_samples: int, mesh):
+    """Each prompt prefilled once: (the first-token logits of every sample row [N, V] fp32, the
+    prompts' per-layer (k, v) caches [B, L, K, E], the valid-key mask [B, L], each row's next text
+    position [N] (its generated tokens continue after its prompt's last position))."""
     B, L = attention_mask_BL.shape
-    N = B * num_samples
-
-    # ---- prefill once per prompt --------------------------------------------------------------------
     key_valid = attention_mask_BL > 0
     prefill = model.init_cache(B, L, key_valid, constrain=lambda a: _constrain(a, mesh, model.KV_AXES))
     # causal over the prompt with padding keys masked, per query chunk (no [L, L] mask)
     h, prompt_kv = model.decode(x_BLD, positions_3BL, None, prefill, 0, key_valid_BS=key_valid)
     logits = jnp.repeat(model.logits(h[:, -1]).astype(jnp.float32), num_samples, axis=0)  # [N, V]
+    next_pos = jnp.repeat(positions_3BL.max(axis=(0, 2)) + 1, num_samples, axis=0)
+    return logits, prompt_kv, key_valid, next_pos
+
+
+def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
+                 gen_len: int, num_samples: int, greedy: bool, filtered: bool, eos_ids: tuple[int, ...], pad_id: int,
+                 mesh):
+    """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1), every
+    row in one loop until the last one stops; returns (tokens [N, T], lengths [N], logprobs [N, T],
+    done [N], decode-loop iterations [1])."""
+    model = lora.bind(graphdef, params)
+    B = attention_mask_BL.shape[0]
+    N = B * num_samples
+
+    # ---- prefill once per prompt --------------------------------------------------------------------
+    logits, prompt_kv, key_valid, next_pos = _prefill(model, x_BLD, positions_3BL, attention_mask_BL,
+                                                      num_samples=num_samples, mesh=mesh)
     # the prompt part of the cache is shared by each prompt's samples (consecutive rows)
     cache = model.init_decode_cache(
         prompt_kv, key_valid, num_samples, gen_len, constrain=lambda a, names: _constrain(a, mesh, names)
     )
-    # [N]: each row's text positions continue after its prompt's last one
-    next_pos = jnp.repeat(positions_3BL.max(axis=(0, 2)) + 1, num_samples, axis=0)
 
     # ---- decode -----------------------------------------------------------------------------------
     weights = model.decode_weights()  # fused once here, not per step
@@ -313,7 +334,118 @@ def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, unif
     )
     with jax.named_scope("decode_loop"):  # names the loop in compiled HLO (`plan.loop_collectives`)
         out = jax.lax.while_loop(cond, body, record(state, logits))
-    return out.tokens, out.lengths, out.logprobs, out.done
+    return out.tokens, out.lengths, out.logprobs, out.done, (out.t - 1)[None]
+
+
+class _Refill(NamedTuple):
+    """Refilling decode loop state: slot s holds row `row[s]` (N: empty), which has `k[s]` tokens;
+    the outputs are indexed by row."""
+
+    steps: jax.Array  # decode-loop iterations so far
+    taken: jax.Array  # how many rows of the queue have taken a slot
+    row: jax.Array  # [S]
+    k: jax.Array  # [S]
+    tok: jax.Array  # [S] the token the slot's row sampled last
+    rope: Any  # its rotary (cos, sin), computed one step ahead
+    cache: Any  # DecodeCache: every prompt of the call, a generated part per slot
+    done: jax.Array  # [N] stopped at an end token
+    tokens: jax.Array  # [N, T]
+    logprobs: jax.Array  # [N, T]
+    lengths: jax.Array  # [N]
+
+
+def _refill_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
+                 slots: int, gen_len: int, num_samples: int, greedy: bool, filtered: bool,
+                 eos_ids: tuple[int, ...], pad_id: int, mesh):
+    """`_sample_rows` with `slots` decode slots that are refilled: every prompt is prefilled once
+    (its keys/values kept in a store the slots read, so its G samples share it) and every row's
+    first token drawn from it; the rows that go on wait in row order, `slots` of them decode at a
+    time, and when a row stops its slot takes the next waiting row in the same step. The loop ends
+    when the last row stops, so its iterations follow the rows' total length / slots rather than
+    the longest row. Row n's token t is drawn from `uniforms_TN[t, n]` whichever slot holds it: the
+    same tokens, log-probs and lengths as `_sample_rows` (up to float round-off), returned the
+    same way.
+
+    Each step gathers every slot's prompt keys/values from the store (per layer), where
+    `_sample_rows` reads a prompt's once for its G rows. On a `data_parallel` mesh each device
+    refills its own slots from its own prompts; in one loop over a sharded batch (fsdp or tensor
+    > 1, e.g. a decoding layout) a slot may take a prompt of another batch shard, and the compiler
+    adds small per-step collectives for those reads. (A loop per data shard with `tensor` left to
+    the compiler, a partially manual `shard_map`, gathered the weights over `tensor` first.)"""
+    model = lora.bind(graphdef, params)
+    B = attention_mask_BL.shape[0]
+    N = B * num_samples
+    S = min(slots, N)
+    logits, prompt_kv, key_valid, next_pos = _prefill(model, x_BLD, positions_3BL, attention_mask_BL,
+                                                      num_samples=num_samples, mesh=mesh)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    limit = jnp.minimum(sp.max_new_tokens, gen_len)
+    vocab_shards = 1 if mesh is None else mesh.shape["tensor"]
+    draw = functools.partial(sample_token, sp=sp, greedy=greedy, filtered=filtered, shards=vocab_shards)
+
+    # every row's first token, from its prompt's prefill
+    tok0, logp0 = draw(uniforms_TN[0], logits)
+    ended0 = jnp.isin(tok0, eos)
+    waiting = ~ended0 & (limit > 1)
+    queue = jnp.argsort(~waiting, stable=True)  # the rows that go on, in row order, then the others
+    n_waiting = waiting.sum()
+
+    def assign(taken, finished, row):
+        """Slots that are `finished` take the next waiting rows (queue positions from `taken`, in slot
+        order), or become empty (N) once the queue is used up."""
+        pos = taken + jnp.cumsum(finished) - 1
+        new = jnp.where(pos < n_waiting, queue[jnp.minimum(pos, N - 1)], N)
+        return jnp.where(finished, new, row), taken + finished.sum()
+
+    row, taken = assign(jnp.int32(0), jnp.ones((S,), bool), jnp.full((S,), N, jnp.int32))
+    safe = jnp.minimum(row, N - 1)  # a row's index into [N] arrays (an empty slot reads row N - 1)
+    cache = model.init_decode_cache(prompt_kv, key_valid, num_samples, gen_len,
+                                    constrain=lambda a, names: _constrain(a, mesh, names),
+                                    prompt_rows=safe // num_samples)
+    weights = model.decode_weights()
+
+    def cond(s: _Refill):
+        return jnp.any(s.row < N)
+
+    def body(s: _Refill) -> _Refill:
+        live = s.row < N
+        logits_SV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, s.k - 1, 1)
+        tok, logp = draw(uniforms_TN[s.k, jnp.minimum(s.row, N - 1)], logits_SV)
+        ended = live & jnp.isin(tok, eos)
+        finished = live & (ended | (s.k + 1 >= limit))
+        row, taken = assign(s.taken, finished, s.row)
+        k = jnp.where(finished, 1, s.k + live.astype(jnp.int32))
+        safe = jnp.minimum(row, N - 1)
+        return _Refill(
+            steps=s.steps + 1,
+            taken=taken,
+            row=row,
+            k=k,
+            tok=jnp.where(finished, tok0[safe], tok),
+            rope=model.decode_rope(next_pos[safe] + k - 1),
+            cache=cache._replace(prompt_rows=safe // num_samples),
+            done=s.done.at[s.row].set(ended, mode="drop"),  # an empty slot's row N is dropped
+            tokens=s.tokens.at[s.row, s.k].set(tok, mode="drop"),
+            logprobs=s.logprobs.at[s.row, s.k].set(logp, mode="drop"),
+            lengths=s.lengths.at[s.row].add(1, mode="drop"),
+        )
+
+    state = _Refill(
+        steps=jnp.int32(0),
+        taken=taken,
+        row=row,
+        k=jnp.ones((S,), jnp.int32),
+        tok=tok0[safe],
+        rope=model.decode_rope(next_pos[safe]),
+        cache=cache,
+        done=ended0,
+        tokens=jnp.full((N, gen_len), pad_id, jnp.int32).at[:, 0].set(tok0),
+        logprobs=jnp.zeros((N, gen_len), jnp.float32).at[:, 0].set(logp0),
+        lengths=jnp.ones((N,), jnp.int32),
+    )
+    with jax.named_scope("decode_loop"):
+        out = jax.lax.while_loop(cond, body, state)
+    return out.tokens, out.lengths, out.logprobs, out.done, out.steps[None]
 
 
 def generate(
@@ -333,6 +465,7 @@ def generate(
     gen_buckets: Sequence[int] = GEN_BUCKETS,
     num_patches: int | None = None,
     local: bool = False,
+    slots: int = 0,
 ) -> Rollout:
     """Samples `num_samples` continuations per prompt of a processor-style batch.
 
@@ -341,6 +474,9 @@ def generate(
     Returns numpy arrays; `logprobs` are under the unmodified policy (temperature 1), what the GRPO
     importance ratio needs. `local`: `batch` is this process's rows of a batch split over processes
     (every process calls with the same number of rows); the samples of those rows come back.
+    `slots` > 0: decode in that many refilled slots (`_refill_rows`: a row that stops hands its
+    slot to the next waiting row; the same rows as without, decode work near their total length);
+    on a mesh where each device runs its own loop (`data_parallel`) they split over the `data` axis.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -349,6 +485,7 @@ def generate(
             f"bad sampling parameters: temperature={temperature} top_p={top_p} "
             f"top_k={top_k} num_samples={num_samples}"
         )
+    check_slots(slots, model.mesh)
     eos = tuple(int(e) for e in (eos_token_ids if eos_token_ids is not None else default_eos_ids(model)))
     inputs = prepare_prompts(
         model, batch, pad_id=pad_token_id, prompt_buckets=prompt_buckets, num_patches=num_patches, local=local
@@ -360,7 +497,7 @@ def generate(
     sp = SamplingParams(
         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(top_k)
     )
-    tokens, lengths, logprobs, done = _generate(
+    tokens, lengths, logprobs, done, steps = _generate(
         model.graphdef,
         params,
         inputs,
@@ -373,8 +510,12 @@ def generate(
         eos_ids=eos,
         pad_id=pad_token_id,
         mesh=model.mesh,
+        slots=slots,
     )
-    tokens, lengths, logprobs, done = shd.to_host((tokens, lengths, logprobs, done))
+    tokens, lengths, logprobs, done, steps = shd.to_host((tokens, lengths, logprobs, done, steps))
+    loops = len(steps)  # one loop, or one per device of the `data` axis
+    rows = len(lengths) // loops
+    slot_steps = loops * min(slots // loops if slots else rows, rows) * int(np.max(steps))
     if local:  # this process's prompts' samples (row = prompt * num_samples + j), in its rows' order
         prompts = shd.process_rows(model.mesh, inputs.input_ids_BL.shape[0])
         mine = (prompts[:, None] * num_samples + np.arange(num_samples)).ravel()
@@ -384,7 +525,20 @@ def generate(
         np.asarray(lengths),
         np.asarray(logprobs)[:, :max_new_tokens],
         ~np.asarray(done),
+        slot_steps,
     )
+
+
+def check_slots(slots: int, mesh, key: str = "slots") -> None:
+    """Raises `ConfigError` (naming `key`) unless `slots` (a refilling sampler's decode slots, 0 =
+    off) is >= 0 and splits over the `data` axis of `mesh`, where each device may run its own loop."""
+    from vlm_jax.config import ConfigError
+
+    data = 1 if mesh is None else mesh.shape["data"]
+    if slots < 0:
+        raise ConfigError(f"must be >= 0 (0 = off), got {slots}", key)
+    if slots % data:
+        raise ConfigError(f"{slots} decode slots do not split over the mesh's data axis of {data}", key)
 
 
 def check_decode_layout(model_config, n_devices: int, tensor: int, key: str = "grpo.rollout_tensor") -> None:

@@ -69,7 +69,8 @@ def decode_attention(q_NKGE, pk_BKEL, pv_BKLE, prompt_mask_BL, gk_NKET, gv_NKTE,
     generated ones (`DecodeCache` layouts), with one softmax over both parts (a common max, one
     normaliser). A prompt's G samples x Hg query heads attend to that prompt's keys together
     (rows split as [B, G], never transposed, so a batch / KV-head sharding carries through without
-    moving queries between devices). Returns [N, K, Hg, E]."""
+    moving queries between devices). `gen_valid_T`: the generated slots every row sees [T], or
+    each row's own [N, 1, 1, T]. Returns [N, K, Hg, E]."""
     N, K, Hg, E = q_NKGE.shape
     G, B, dt, f32 = num_samples, N // num_samples, q_NKGE.dtype, jnp.float32
     prompt = lambda a: a.reshape(B, G, *a.shape[1:])  # noqa: E731  [N, ...] -> [B, G, ...]

@@ -47,6 +47,9 @@ class DecodeCache(NamedTuple):
 
     prompt_k [B, K, E, L] / prompt_v [B, K, L, E]: written by the prefill, read-only afterwards;
     k [N, K, E, T] / v [N, K, T, E], N = B * G: slot t holds generated token t.
+
+    With `prompt_rows` [N] (a refilling sampler), the prompt part is a store of every prompt of
+    the call and row n reads prompt `prompt_rows[n]`, whatever the rows' order and count.
     """
 
     prompt_k: tuple
@@ -54,6 +57,7 @@ class DecodeCache(NamedTuple):
     prompt_mask_BL: jax.Array  # bool: prompt slot holds a real token
     k: tuple
     v: tuple
+    prompt_rows: jax.Array | None = None  # int32 [N]: each row's prompt; None: row n reads prompt n // G
 
 
 class DecodeLayer(NamedTuple):
@@ -209,16 +213,27 @@ def shared_prompt_core(attn: Attention, h, rope, *, prompt_valid_UL, take, chunk
 
 
 def decode_core(attn: Attention, h_ND, cos, sin, *, fused: DecodeLayer, cache: DecodeCache, layer: int, slot,
-                gen_valid_T, num_samples: int):
+                gen_valid, num_samples: int):
     """One new token per row (`h_ND`; rotary `cos`/`sin` [N, 1, 1, E]): its key and value written
-    at generated slot `slot` of layer `layer`'s cache, then attention over the prompt's shared
-    keys plus the generated slots `gen_valid_T` (`decode_attention`). aux = the layer's new
-    (k, v) generated caches."""
+    at generated slot `slot` of layer `layer`'s cache (one slot for every row, or [N] slots, one
+    per row), then attention over its prompt's keys plus the generated slots `gen_valid` ([T] or
+    [N, 1, 1, T]; `decode_attention`). With `cache.prompt_rows` each row reads its own prompt from
+    the store (gathered per row, so `num_samples` is 1). aux = the layer's new (k, v) generated
+    caches."""
     q, k, v = attn.project_fused(h_ND, fused, cos, sin)  # k, v: [N, K, 1, E]
-    k = jnp.swapaxes(k, 2, 3).astype(cache.k[layer].dtype)  # [N, K, E, 1]
-    new_k = jax.lax.dynamic_update_slice_in_dim(cache.k[layer], k, slot, axis=3)
-    new_v = jax.lax.dynamic_update_slice_in_dim(cache.v[layer], v.astype(cache.v[layer].dtype), slot, 2)
-    out = decode_attention(q, cache.prompt_k[layer], cache.prompt_v[layer], cache.prompt_mask_BL, new_k, new_v,
-                           gen_valid_T, num_samples)
+    gk, gv = cache.k[layer], cache.v[layer]
+    k, v = jnp.swapaxes(k, 2, 3).astype(gk.dtype), v.astype(gv.dtype)  # k [N, K, E, 1], v [N, K, 1, E]
+    if jnp.ndim(slot) == 0:
+        new_k = jax.lax.dynamic_update_slice_in_dim(gk, k, slot, axis=3)
+        new_v = jax.lax.dynamic_update_slice_in_dim(gv, v, slot, 2)
+    else:  # a slot per row: a scatter of one key and value per row
+        rows = jnp.arange(gk.shape[0])
+        new_k = gk.at[rows, :, :, slot].set(k[..., 0], unique_indices=True)
+        new_v = gv.at[rows, :, slot].set(v[:, :, 0], unique_indices=True)
+    pk, pv, pmask = cache.prompt_k[layer], cache.prompt_v[layer], cache.prompt_mask_BL
+    if cache.prompt_rows is not None:
+        take = lambda a: jnp.take(a, cache.prompt_rows, axis=0)  # noqa: E731
+        pk, pv, pmask, num_samples = take(pk), take(pv), take(pmask), 1
+    out = decode_attention(q, pk, pv, pmask, new_k, new_v, gen_valid, num_samples)
     N, K, Hg, E = q.shape
     return out.reshape(N, K * Hg * E), (new_k, new_v)

@@ -210,21 +210,25 @@ class VisionLanguageModel(nnx.Module):
     DECODE_V_AXES = ("batch", "kv_heads", "kv_length", "head_dim")
 
     def init_decode_cache(
-        self, prefill_kv, prompt_mask_BL, num_samples: int, gen_len: int, constrain=lambda a, names: a
+        self, prefill_kv, prompt_mask_BL, num_samples: int, gen_len: int, constrain=lambda a, names: a,
+        prompt_rows=None,
     ) -> DecodeCache:
         """The sampler's cache from the prefill's per-layer (k, v) [B, L, K, E]: the prompt part
         moved once into the `DecodeCache` layout, and a zeroed generated part for
-        B * num_samples rows and `gen_len` slots (`constrain(array, logical axes)` places each)."""
+        B * num_samples rows and `gen_len` slots (`constrain(array, logical axes)` places each).
+        `prompt_rows` [N]: the generated part has N rows instead, row n reading prompt
+        `prompt_rows[n]` of the prompt part (a refilling sampler's slots)."""
         ks, vs = prefill_kv
         t = self.config.text
-        N, K, E = prompt_mask_BL.shape[0] * num_samples, t.num_key_value_heads, t.head_dim
+        N = prompt_mask_BL.shape[0] * num_samples if prompt_rows is None else prompt_rows.shape[0]
+        K, E = t.num_key_value_heads, t.head_dim
         k_axes, v_axes = self.DECODE_K_AXES, self.DECODE_V_AXES
         pk = tuple(constrain(jnp.transpose(k, (0, 2, 3, 1)), k_axes) for k in ks)
         pv = tuple(constrain(jnp.swapaxes(v, 1, 2), v_axes) for v in vs)
         gk = constrain(jnp.zeros((N, K, E, gen_len), self.dtype), k_axes)
         gv = constrain(jnp.zeros((N, K, gen_len, E), self.dtype), v_axes)
         n = t.num_hidden_layers
-        return DecodeCache(pk, pv, prompt_mask_BL, (gk,) * n, (gv,) * n)
+        return DecodeCache(pk, pv, prompt_mask_BL, (gk,) * n, (gv,) * n, prompt_rows)
 
     def decode_weights(self) -> tuple[DecodeLayer, ...]:
         """Per-layer fused projections (`DecoderLayer.fused`); call once, outside the decode loop."""
@@ -243,17 +247,20 @@ class VisionLanguageModel(nnx.Module):
     def decode_step(self, weights: tuple[DecodeLayer, ...], tokens_N, rope, cache: DecodeCache, slot,
                     num_samples: int):
         """One new token per row: embeds `tokens_N` (rotary `rope` from `decode_rope` of their
-        positions), writes their keys/values at generated slot `slot` and attends over the prompt
-        plus slots 0..slot (`decode_core`), through the same layer body as `decode`. Generated
-        tokens are text, so no DeepStack feature applies. Returns (logits [N, V] fp32, updated
-        cache); equal to `decode` over the whole sequence."""
+        positions), writes their keys/values at generated slot `slot` (one for all rows, or [N]:
+        each row's own, as a refilling sampler's slots are at different lengths) and attends over
+        the prompt plus slots 0..slot (`decode_core`), through the same layer body as `decode`.
+        Generated tokens are text, so no DeepStack feature applies. Returns (logits [N, V] fp32,
+        updated cache); equal to `decode` over the whole sequence."""
         x = jnp.take(self.language_model.embed_tokens[...], tokens_N, axis=0).astype(self.dtype)  # [N, D]
         cos, sin = (a.astype(x.dtype) for a in rope)
-        gen_valid = jnp.arange(cache.v[0].shape[2]) <= slot
+        gen_valid = jnp.arange(cache.v[0].shape[2]) <= jnp.asarray(slot)[..., None]  # [T] or [N, T]
+        if gen_valid.ndim == 2:
+            gen_valid = gen_valid[:, None, None, :]
         new_k, new_v = [], []
         for i, (layer, w) in enumerate(zip(self.language_model.layers, weights)):
             core = functools.partial(decode_core, cos=cos, sin=sin, fused=w, cache=cache, layer=i, slot=slot,
-                                     gen_valid_T=gen_valid, num_samples=num_samples)
+                                     gen_valid=gen_valid, num_samples=num_samples)
             x, (k, v) = layer(x, core, w)
             new_k.append(k)
             new_v.append(v)

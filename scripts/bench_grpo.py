@@ -4,7 +4,7 @@
                                  [--lengths variable,fixed] [--truncated 0.2]
                                  [--spec grpo] [--cpus N] [--json OUT] [--peer_venv .venv-peer]
                                  [--share_prompt | --no-share_prompt] [--share_prompt_ab]
-                                 [--refill_slots S] [--refill_ab]
+                                 [--length_groups N[,N]] [--refill_slots S[,S]] [--refill_ab]
 
 An iteration is what a GRPO training step does: sample `--num_samples` completions for each of
 `--prompts` prompts (one image each), decode them and score them with a host reward, score the
@@ -71,6 +71,10 @@ every completion of the call a slot), with its prompts in chunks of S / G prompt
 `grpo.rollout_chunk`: the same KV-cache rows as S slots; when S / G is a whole number of prompts
 and fewer than `--prompts`) and with S refilled slots (`refill`), on the first `--lengths`
 setting, alternating, with the split and each side's decode slot utilisation.
+`--length_groups` and `--refill_slots` take one value for every `--lengths` setting or one per
+setting, in its order (`--length_groups 4,0 --refill_slots 4,0`: the variable setting grouped and
+refilled, the fixed one on the default path, where every completion is the cap and there is
+nothing to cut); the other modes take the first.
 """
 
 from __future__ import annotations
@@ -305,7 +309,7 @@ class VlmJax:
     current = None  # the instance whose step runs (the timed wrappers below are installed once)
 
     def __init__(self, model_dir: Path, args, share_prompt: bool, stops=(), refill_slots: int | None = None,
-                 rollout_chunk: int = 0):
+                 rollout_chunk: int = 0, length_groups: int | None = None):
         import jax
         import numpy as np
         from PIL import Image
@@ -329,7 +333,8 @@ class VlmJax:
         self.cfg = config_lib.GRPOConfig(
             num_samples=args.num_samples, max_new_tokens=args.new_tokens, temperature=1.0, kl_coef=KL_COEF,
             kl_estimator="k3", clip_low=CLIP, clip_high=CLIP, clip_c=None, loss_agg="token_mean",
-            share_prompt=share_prompt, length_groups=args.length_groups,
+            share_prompt=share_prompt,
+            length_groups=args.length_groups if length_groups is None else length_groups,
             refill_slots=args.refill_slots if refill_slots is None else refill_slots,
             rollout_chunk=rollout_chunk)
         self.optimizer = make_optimizer(
@@ -480,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="vlm_jax's grpo.share_prompt (default: the config default)")
     parser.add_argument("--share_prompt_ab", action="store_true",
                         help="no TRL side: vlm_jax with grpo.share_prompt off against on, alternating")
-    parser.add_argument("--length_groups", type=int, default=0,
+    parser.add_argument("--length_groups", default="0",
                         help="vlm_jax's grpo.length_groups (0, the trainer's default: every completion padded "
-                             "to --new_tokens)")
-    parser.add_argument("--refill_slots", type=int, default=0,
-                        help="vlm_jax's grpo.refill_slots (0, the default: every completion a decode slot)")
+                             "to --new_tokens); one value, or one per --lengths setting, comma separated")
+    parser.add_argument("--refill_slots", default="0",
+                        help="vlm_jax's grpo.refill_slots (0, the default: every completion a decode slot); "
+                             "one value, or one per --lengths setting, comma separated")
     parser.add_argument("--refill_ab", action="store_true",
                         help="no TRL side: vlm_jax without refilled slots against --refill_slots, "
                              "alternating")
@@ -493,11 +499,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the TRL side
     parser.add_argument("--stop_ids", default="", help=argparse.SUPPRESS)  # internal: the peer's end tokens
     args = parser.parse_args(argv)
+    settings = [x.strip() for x in args.lengths.split(",") if x.strip()]
+    per_setting = {}
+    for name in ("length_groups", "refill_slots"):
+        try:
+            values = [int(x) for x in getattr(args, name).split(",")]
+        except ValueError:
+            parser.error(f"--{name} takes integers, comma separated (got {getattr(args, name)!r})")
+        if len(values) not in (1, len(settings)) or min(values) < 0:
+            parser.error(f"--{name} takes one value >= 0 or one per --lengths setting "
+                         f"(got {getattr(args, name)!r})")
+        per_setting[name] = dict(zip(settings, values * len(settings) if len(values) == 1 else values))
+        setattr(args, name, values[0])  # the first setting's: the A/B modes and the shared set-up
     if args.devices < 1 or args.pause < 0:
         parser.error(f"--devices must be >= 1 and --pause >= 0 (got {args.devices}, {args.pause})")
-    if args.refill_slots < 0 or (args.refill_ab and not args.refill_slots):
-        parser.error(f"--refill_slots must be >= 0, and > 0 with --refill_ab (got {args.refill_slots})")
-    settings = [x.strip() for x in args.lengths.split(",") if x.strip()]
+    if args.refill_ab and not args.refill_slots:
+        parser.error(f"--refill_slots must be > 0 with --refill_ab (got {args.refill_slots})")
     if not settings or set(settings) - {"variable", "fixed"} or not 0 < args.truncated < 1:
         parser.error(f"--lengths takes variable and/or fixed, --truncated is in (0, 1) "
                      f"(got {args.lengths!r}, {args.truncated})")
@@ -554,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             stops = setting_stops[setting]
             args.stop_ids = ",".join(map(str, stops))
-            side = VlmJax(model_dir, args, args.share_prompt, stops)
+            side = VlmJax(model_dir, args, args.share_prompt, stops,
+                          refill_slots=per_setting["refill_slots"][setting],
+                          length_groups=per_setting["length_groups"][setting])
             runs: dict[str, list[dict]] = {"vlm_jax": []} if args.no_peer else {"vlm_jax": [], "trl": []}
             peer = None if args.no_peer else Peer(python, model_dir, args, Path(tmp) / f"peer_{setting}.log")
             try:
@@ -576,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                   kl_coef=KL_COEF, lr=LR, optimizer="adamw, clip 1.0", updates_per_iter=1, dtype="float32",
                   iters=args.iters, vlm_jax_devices=args.devices, torch_threads=args.torch_threads,
                   share_prompt=args.share_prompt, lengths=settings, truncated=args.truncated,
-                  refill_slots=args.refill_slots)
+                  length_groups=per_setting["length_groups"], refill_slots=per_setting["refill_slots"])
     print(f"command: {cmd}")
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; jax {jax.__version__}"
@@ -586,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"iteration: {args.prompts} prompts (1 image each) x {args.num_samples} samples x at most "
           f"{args.new_tokens} new tokens, reward on host, reference log-probs (KL {KL_COEF}), "
           f"1 AdamW update over {args.prompts * args.num_samples} completions, fp32; vlm_jax "
-          f"grpo.share_prompt={args.share_prompt}, grpo.refill_slots={args.refill_slots}")
+          f"grpo.share_prompt={args.share_prompt}, grpo.length_groups / grpo.refill_slots per setting "
+          + ", ".join(f"{s} {per_setting['length_groups'][s]} / {per_setting['refill_slots'][s]}"
+                      for s in settings))
     out: dict = dict(command=cmd, cores=cpus, config=config, peer=peer_info, settings={})
     for setting, res in results.items():
         runs = res["runs"]
@@ -606,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{w['update.response_real_frac']:>13.1%}{w['scoring.real_frac']:>12.1%}")
         entry = dict(vlm_jax_s_per_iter=med["vlm_jax"]["total"], split={s: {k: med[s][k] for k in parts} for s in med},
                      first_iter_s={s: runs[s][0]["total"] for s in runs}, work=work,
-                     load_average=res["load_average"], stop_ids=res["stops"])
+                     load_average=res["load_average"], stop_ids=res["stops"],
+                     length_groups=per_setting["length_groups"][setting],
+                     refill_slots=per_setting["refill_slots"][setting])
         if "trl" in runs:
             ratio = med["trl"]["total"] / med["vlm_jax"]["total"]
             # each TRL step is followed by a vlm_jax step: the ratio per pair sees (nearly) the same load

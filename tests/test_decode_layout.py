@@ -22,7 +22,7 @@ from vlm_jax.config import ConfigError, GRPOConfig, MeshConfig
 from vlm_jax.data.processor import Processor
 from vlm_jax.models.tiny import TinySpec, build_tiny_model
 from vlm_jax.plan import loop_collectives
-from vlm_jax.rl import sampler
+from vlm_jax.rl import decode_layout, sampler
 from vlm_jax.rl.rollout import SpecialTokens, collect_rollout
 from vlm_jax.sharding import make_mesh
 
@@ -80,7 +80,7 @@ def test_decoding_layout_rollout_equals_the_training_layout(env, training_layout
 
 
 def test_decode_layout_places_weights_and_cache_over_heads(env):
-  model, params = sampler.decode_layout(env.model, env.params, 2)
+  model, params = decode_layout.decode_layout(env.model, env.params, 2)
   assert dict(model.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
   assert set(model.mesh.devices.flat) == set(env.model.mesh.devices.flat)
   layer = params["language_model"]["layers"][0]
@@ -102,7 +102,7 @@ def decode_step_collectives(env, tensor: int):
   """(collectives of one decode step, rows per device) of the compiled greedy sampler."""
   model, params = env.model, env.params
   if tensor:
-    model, params = sampler.decode_layout(model, params, tensor)
+    model, params = decode_layout.decode_layout(model, params, tensor)
   inputs = models.place_inputs(model, sampler.prepare_prompts(model, env.proc(PROMPTS * 2, None), pad_id=0))
   sp = sampler.SamplingParams(jnp.int32(NEW), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
   text = sampler._generate.lower(model.graphdef, params, inputs, jax.random.key(0), sp, gen_len=16,
@@ -137,9 +137,9 @@ def test_bad_rollout_tensor_is_refused_before_compiling(env):
   with pytest.raises(ConfigError, match="rollout_tensor"):
     GRPOConfig(rollout_tensor=-1)
   with pytest.raises(ConfigError, match=r"grpo.rollout_tensor: 3 does not divide the 8 devices"):
-    sampler.decode_layout(env.model, env.params, 3)
+    decode_layout.decode_layout(env.model, env.params, 3)
   with pytest.raises(ConfigError, match=r"grpo.rollout_tensor: 8 does not divide the model's 4 KV heads"):
-    sampler.decode_layout(env.model, env.params, 8)
+    decode_layout.decode_layout(env.model, env.params, 8)
   stage = lambda n: SimpleNamespace(objective="grpo", grpo=GRPOConfig(rollout_tensor=n))  # noqa: E731
   cfg = SimpleNamespace(stages=[stage(2), stage(0), stage(3)])
   with pytest.raises(ConfigError, match=r"stages.2.grpo.rollout_tensor: 3 does not divide the 8 devices"):
@@ -154,7 +154,7 @@ def test_lora_policy_is_resharded_with_its_adapters(env):
   adapters = lora.init_adapters(env.params, ("attention",), 4, jax.random.key(1), env.model.mesh)
   adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # b != 0: the adapters change the outputs
   policy = lora.LoraParams(env.params, adapters, 2.0)
-  model, params = sampler.decode_layout(env.model, policy, 2)
+  model, params = decode_layout.decode_layout(env.model, policy, 2)
   assert isinstance(params, lora.LoraParams) and params.scale == 2.0
   a = jax.tree.leaves(params.adapters)[0]
   assert a.sharding.mesh.shape == model.mesh.shape and a.sharding.is_fully_replicated

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models.qwen2_5_vl.model import decode_attention
-from vlm_jax.rl import sampler
+from vlm_jax.rl import draw, sampler
 
 # ---- inverse_cdf --------------------------------------------------------------------------------
 
@@ -22,7 +22,7 @@ def test_inverse_cdf_hits_each_token_with_its_probability():
   u = (np.arange(M) + 0.5) / M
   uniforms = jnp.asarray(np.repeat(u[:, None], 2, 1).reshape(-1))  # rows alternate 0, 1
   weights = jnp.asarray(np.tile(w, (M, 1)))
-  tok = np.asarray(sampler.inverse_cdf(uniforms, weights)).reshape(M, 2)
+  tok = np.asarray(draw.inverse_cdf(uniforms, weights)).reshape(M, 2)
   for r in range(2):
     counts = np.bincount(tok[:, r], minlength=10)
     np.testing.assert_allclose(counts, M * w[r] / w[r].sum(), atol=1.0, err_msg=f"row {r}")
@@ -38,20 +38,20 @@ def test_inverse_cdf_never_returns_a_zero_weight_token():
   w[1, [3, 20]] = [1e-30, 1.0]         # a tiny weight early, the rest later
   w[2, :30] = np.linspace(1, 2, 30)    # zeros after token 29 (and in the padding)
   for u in (0.0, 0.5, top):
-    tok = np.asarray(sampler.inverse_cdf(jnp.full((3,), u, jnp.float32), jnp.asarray(w)))
+    tok = np.asarray(draw.inverse_cdf(jnp.full((3,), u, jnp.float32), jnp.asarray(w)))
     assert all(w[r, t] > 0 for r, t in enumerate(tok)), (u, tok)
-  tok = np.asarray(sampler.inverse_cdf(jnp.full((3,), top, jnp.float32), jnp.asarray(w)))
+  tok = np.asarray(draw.inverse_cdf(jnp.full((3,), top, jnp.float32), jnp.asarray(w)))
   np.testing.assert_array_equal(tok, [0, 20, 29])  # the last token with weight
 
 
 def test_sample_token_logprob_is_temperature_one():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
   sp = sampler.SamplingParams(jnp.int32(1), jnp.float32(0.3), jnp.float32(1.0), jnp.int32(0))
-  tok, logp = sampler.sample_token(jnp.asarray([0.1, 0.4, 0.7, 0.99]), logits, sp, greedy=False,
+  tok, logp = draw.sample_token(jnp.asarray([0.1, 0.4, 0.7, 0.99]), logits, sp, greedy=False,
                                    filtered=False)
   want = np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(4), np.asarray(tok)]
   np.testing.assert_allclose(np.asarray(logp), want, atol=1e-5)
-  greedy, glogp = sampler.sample_token(None, logits, sp, greedy=True, filtered=False)
+  greedy, glogp = draw.sample_token(None, logits, sp, greedy=True, filtered=False)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(logits).argmax(-1))
   np.testing.assert_allclose(np.asarray(glogp), np.asarray(jax.nn.log_softmax(logits, -1)).max(-1), atol=1e-5)
 

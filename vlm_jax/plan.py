@@ -266,7 +266,7 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
     three more compiles each)."""
     from vlm_jax import models, startup
     from vlm_jax.stages import loss_config
-    from vlm_jax.rl import policy, sampler
+    from vlm_jax.rl import decode_layout, policy, sampler
     from vlm_jax.sft import SFTBatch, sft_step
     from vlm_jax.shapes import bucket
     from vlm_jax.logprobs import batch_shards
@@ -373,10 +373,10 @@ def plan(cfg: config_lib.Config, topology: str, *, model_config: str | None = No
                 tensor = g.rollout_tensor
                 gmesh, gen_params, resident = mesh, policy_params, opt_bytes + ref_bytes
                 if tensor:  # the sampler on its decoding mesh, with a resharded copy of the policy
-                    sampler.check_decode_layout(mcfg, len(devices), tensor,
+                    decode_layout.check_decode_layout(mcfg, len(devices), tensor,
                                                 f"stages.{index}.grpo.rollout_tensor")
-                    gmesh = sampler.decode_mesh(mesh, tensor)
-                    gen_params = _abstract(policy_params, sampler.decode_shardings(
+                    gmesh = decode_layout.decode_mesh(mesh, tensor)
+                    gen_params = _abstract(policy_params, decode_layout.decode_shardings(
                         model, policy_params, gmesh, cfg.logical_axis_rules))
                     # the training state (and a LoRA stage's base) stays resident in its own layout
                     resident = s_bytes + base_arg_bytes + ref_bytes

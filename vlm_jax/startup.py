@@ -186,16 +186,16 @@ def setup(cfg: config_lib.Config, workdir: Path) -> Env:
 def check_rollout_layouts(cfg: config_lib.Config, model_config, mesh) -> None:
     """Each GRPO stage's `grpo.rollout_tensor` divides the device count and the model's KV heads,
     and its `grpo.refill_slots` split over the data axis of the mesh it samples on."""
-    from vlm_jax.rl import sampler
+    from vlm_jax.rl import decode_layout, sampler
 
     for i, st in enumerate(cfg.stages):
         if st.objective != "grpo":
             continue
         g, sample_mesh = st.grpo, mesh
         if g.rollout_tensor:
-            sampler.check_decode_layout(model_config, mesh.devices.size, g.rollout_tensor,
+            decode_layout.check_decode_layout(model_config, mesh.devices.size, g.rollout_tensor,
                                         f"stages.{i}.grpo.rollout_tensor")
-            sample_mesh = sampler.decode_mesh(mesh, g.rollout_tensor)
+            sample_mesh = decode_layout.decode_mesh(mesh, g.rollout_tensor)
         sampler.check_slots(g.refill_slots, sample_mesh, f"stages.{i}.grpo.refill_slots")
 
 
@@ -229,7 +229,7 @@ def check_data_shards(cfg: config_lib.Config, mesh) -> None:
                     f"rollout_chunk {st.grpo.rollout_chunk} does not split over {procs} processes",
                     f"stages.{i}.grpo.rollout_chunk")
     if procs > 1:  # every process's devices hold the same number of a batch's rows
-        from vlm_jax.rl.sampler import decode_mesh
+        from vlm_jax.rl.decode_layout import decode_mesh
         from vlm_jax.sharding import process_rows
 
         meshes = [("mesh", mesh)] + [(f"stages.{i}.grpo.rollout_tensor", decode_mesh(mesh, st.grpo.rollout_tensor))

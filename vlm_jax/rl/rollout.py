@@ -20,7 +20,7 @@ import numpy as np
 
 from vlm_jax.models import place_inputs
 from vlm_jax.sharding import agree_max, allgather, gather_rows, process_rows, shard_batch, to_memory
-from vlm_jax.rl import grouped, grpo, sampler
+from vlm_jax.rl import decode_layout, grouped, grpo, sampler
 from vlm_jax.rl.policy import RolloutBatch, score_responses
 from vlm_jax.rl.rows import HOST_KEYS, concat_batches, real_rows, select_rows  # noqa: F401  (re-exported)
 
@@ -217,12 +217,12 @@ def collect_rollout(
     `build_update_batch` (advantages, reference log-probs, placement, metrics).
 
     With `cfg.rollout_tensor` > 0 the sampler runs on a decoding mesh with a copy of `params`
-    resharded there once for the whole rollout (`sampler.decode_layout`, by the logical-axis `rules`);
+    resharded there once for the whole rollout (`decode_layout.decode_layout`, by the logical-axis `rules`);
     the copy is dropped before the reference scoring, which stays in the training layout."""
     spec = SamplingSpec.for_grpo(cfg, prompt_buckets, num_patches)
     sample_model, sample_params = model, params
     if cfg.rollout_tensor:
-        sample_model, sample_params = sampler.decode_layout(model, params, cfg.rollout_tensor, rules)
+        sample_model, sample_params = decode_layout.decode_layout(model, params, cfg.rollout_tensor, rules)
     gen = functools.partial(generate_and_grade, sample_model, sample_params, spec=spec, tokens=tokens,
                             tokenizer=tokenizer, reward_fn=reward_fn, local=True)
     graded, counts = sample_groups(gen, batches, rng=rng, cfg=cfg, batch_size=batch_size, shards=shards,

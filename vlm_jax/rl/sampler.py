@@ -19,9 +19,7 @@ which pays off for small models (hidden <= 256 here; `scripts/bench_rollout.py`)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding as shd
 from vlm_jax.models import lora
+from vlm_jax.rl.draw import sample_token
 from vlm_jax.shapes import bucket
 
 # Three prompt buckets per doubling (x1, x1.25, x1.5): the prefill costs the padded length, so a
@@ -99,81 +98,6 @@ def prepare_prompts(
     if local:
         return models.prepare_local(model, batch, num_patches=num_patches)
     return model.prepare(batch, num_patches=num_patches)
-
-
-def filter_logits(logits_NV, top_p, top_k):
-    """Masks logits outside the top-k (k > 0) and outside the top-p nucleus (p < 1) to -inf.
-    The most likely token always survives."""
-    V = logits_NV.shape[-1]
-    sorted_desc = -jnp.sort(-logits_NV, axis=-1)
-    rank_ok = jnp.where(top_k > 0, jnp.arange(V) < top_k, True)
-    probs = jax.nn.softmax(jnp.where(rank_ok, sorted_desc, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-    keep_sorted = rank_ok & (before < top_p)
-    # threshold = smallest kept logit per row
-    n_keep = jnp.maximum(keep_sorted.sum(-1), 1)
-    threshold = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    return jnp.where(logits_NV >= threshold, logits_NV, -jnp.inf)
-
-
-def block_size(V: int, shards: int = 1) -> int:
-    """The inner block of `inverse_cdf` for a vocabulary of V split into `shards` equal parts: about
-    sqrt(V) (a power of two), smaller where needed so that blocks never straddle two parts."""
-    C = 1 << max(0, math.ceil(math.log2(math.sqrt(V))))
-    if shards > 1 and V % shards == 0:
-        while C > 1 and (V // shards) % C:
-            C //= 2
-    return C
-
-
-def inverse_cdf(uniform_N, weights_NV, shards: int = 1):
-    """Per row, an index drawn with probability weights / sum(weights) (weights >= 0, some > 0),
-    given one uniform [0, 1) number per row.
-
-    The uniform is located in two levels: the block of C ~ sqrt(V) tokens holding it, then
-    the token inside that block. Costs O(V) per row and N random numbers per step, where
-    Gumbel-max (`jax.random.categorical`) draws N * V. A zero-weight token is never returned,
-    even when float round-off puts the target past the last cumulative sum. With the vocabulary
-    split over `shards` devices (the decoding layout), blocks stay inside a device's part and the
-    chosen block is selected by a masked sum, so only [N, blocks] and [N, C] arrays cross devices,
-    never a whole [N, V] row."""
-    N, V = weights_NV.shape
-    C = block_size(V, shards)
-    nb = -(-V // C)
-    w = jnp.pad(weights_NV, ((0, 0), (0, nb * C - V))) if nb * C > V else weights_NV
-    w = w.reshape(N, nb, C)
-    block = w.sum(-1)  # [N, nb]
-    cum = jnp.cumsum(block, -1)
-    target = uniform_N.astype(cum.dtype) * cum[:, -1]
-    last = lambda x: jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), -1)
-    b = jnp.minimum(jnp.sum(cum <= target[:, None], -1), last(block))
-    inside = jnp.sum(jnp.where((jnp.arange(nb) == b[:, None])[:, :, None], w, 0.0), 1)  # [N, C] block b
-    before = jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0.0)
-    icum = jnp.cumsum(inside, -1)
-    i = jnp.minimum(jnp.sum(icum <= (target - before)[:, None], -1), last(inside))
-    return (b * C + i).astype(jnp.int32)
-
-
-def sample_token(uniform_N, logits_NV, sp: SamplingParams, *, greedy: bool, filtered: bool, shards: int = 1):
-    """(token [N], its log-probability under softmax(logits) at temperature 1 [N]); `uniform_N`
-    holds one uniform [0, 1) number per row (unused when greedy).
-
-    Greedy argmax, or a draw from softmax(logits / temperature) truncated to top-k then top-p.
-    Temperature is applied before truncation (transformers' and vLLM's order), so the nucleus is
-    the top-p mass of the distribution actually sampled from. `shards`: the vocabulary's split over
-    devices (see `inverse_cdf`); the token's logit is read by a masked sum, which stays on them."""
-    logits = logits_NV.astype(jnp.float32)
-    top = logits.max(-1, keepdims=True)
-    lse = top[:, 0] + jnp.log(jnp.exp(logits - top).sum(-1))
-    if greedy:
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-        scaled = logits / sp.temperature
-        if filtered:
-            scaled = filter_logits(scaled, sp.top_p, sp.top_k)
-        tok = inverse_cdf(uniform_N, jnp.exp(scaled - scaled.max(-1, keepdims=True)), shards)
-    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == tok[:, None], logits, 0.0), -1)
-    return tok, picked - lse
 
 
 def _constrain(x, mesh, names):
@@ -539,63 +463,6 @@ def check_slots(slots: int, mesh, key: str = "slots") -> None:
         raise ConfigError(f"must be >= 0 (0 = off), got {slots}", key)
     if slots % data:
         raise ConfigError(f"{slots} decode slots do not split over the mesh's data axis of {data}", key)
-
-
-def check_decode_layout(model_config, n_devices: int, tensor: int, key: str = "grpo.rollout_tensor") -> None:
-    """Raises `ConfigError` (naming `key`) unless `tensor` divides the device count and the model's
-    KV heads (each decoding shard then holds whole KV heads with their query heads)."""
-    from vlm_jax.config import ConfigError
-
-    kv = model_config.text.num_key_value_heads
-    if n_devices % tensor:
-        raise ConfigError(f"{tensor} does not divide the {n_devices} devices", key)
-    if kv % tensor:
-        raise ConfigError(f"{tensor} does not divide the model's {kv} KV heads", key)
-
-
-def decode_mesh(mesh, tensor: int):
-    """The decoding mesh over `mesh`'s devices: (data = devices / tensor, fsdp = 1, tensor)."""
-    from vlm_jax.config import MeshConfig
-
-    n = mesh.devices.size
-    return shd.make_mesh(MeshConfig(data=n // tensor, fsdp=1, tensor=tensor), devices=list(mesh.devices.flat))
-
-
-def decode_shardings(model, params, mesh, rules=None):
-    """Shardings on `mesh` for every array of `params` (plain parameters or `lora.LoraParams`): the
-    parameters by their logical axis names under `rules`, LoRA adapters replicated (they are small)."""
-    from vlm_jax.models import abstract_model
-
-    _, abstract = abstract_model(model.family, model.config, model.dtype, model.options)
-    places = jax.tree.leaves(shd.param_shardings(abstract, mesh, rules),
-                             is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-    def like(tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        if len(leaves) != len(places):
-            raise ValueError(f"{len(leaves)} parameter arrays but the model has {len(places)}")
-        return jax.tree.unflatten(treedef, places)
-
-    if isinstance(params, lora.LoraParams):
-        replicated = jax.sharding.NamedSharding(mesh, P())
-        return lora.LoraParams(like(params.base), jax.tree.map(lambda _: replicated, params.adapters),
-                               params.scale)
-    return like(params)
-
-
-def decode_layout(model, params, tensor: int, rules=None):
-    """(model, params) for sampling in a decoding layout: the model on `decode_mesh(model.mesh,
-    tensor)` and a copy of `params` resharded there once (heads, KV heads and MLP over `tensor`,
-    nothing over `fsdp`), so each device decodes its own rows with its weight shards in place. With
-    FSDP-sharded weights the compiler instead has every device compute all rows against its slice of
-    each weight's hidden dim and all-reduce the partial products at every token (docs/scale.md).
-    The copy is the caller's to drop."""
-    if model.mesh is None:
-        raise ValueError("a decoding layout needs a model on a mesh")
-    check_decode_layout(model.config, model.mesh.devices.size, tensor)
-    mesh = decode_mesh(model.mesh, tensor)
-    resharded = jax.device_put(params, decode_shardings(model, params, mesh, rules))
-    return dataclasses.replace(model, mesh=mesh), resharded
 
 
 def default_eos_ids(model) -> tuple[int, ...]:

@@ -292,13 +292,18 @@ def easy_to_hard_order(keys: Sequence[float], capabilities: Sequence[str], order
         raise ValueError(f"order_key must be 'pass_rate' or 'difficulty', got {order_key!r}")
     keys_arr = np.asarray(keys, np.float64)
     caps = np.asarray(capabilities, dtype=object)
-    unknown = keys_arr < 0
-    sort_value = -keys_arr if order_key == "pass_rate" else keys_arr
     perm = np.arange(len(keys_arr))
     for cap in dict.fromkeys(caps.tolist()):
         slots = np.flatnonzero(caps == cap)
-        perm[slots] = slots[np.lexsort((slots, sort_value[slots], unknown[slots]))]
+        perm[slots] = slots[_easy_first(keys_arr[slots], order_key, tie=slots)]
     return perm
+
+
+def _easy_first(keys: np.ndarray, order_key: str, tie: np.ndarray) -> np.ndarray:
+    """Indices into ``keys``, easiest first: ``pass_rate`` descending or ``difficulty`` ascending,
+    unknown (negative) values last, equal keys in ascending ``tie`` order."""
+    sort_value = -keys if order_key == "pass_rate" else keys
+    return np.lexsort((tie, sort_value, keys < 0))
 
 
 def competence(k: np.ndarray | int, pace_rows: int, start: float) -> np.ndarray:
@@ -329,14 +334,12 @@ def rank_easy_to_hard(keys: Sequence[float], order_key: str, seed: int) -> np.nd
     """Row indices easiest first by ``order_key`` (unknown values last), ties in a seeded random
     order (so a pool of equally easy rows is not the file's first rows)."""
     keys_arr = np.asarray(keys, np.float64)
-    sort_value = -keys_arr if order_key == "pass_rate" else keys_arr
-    tie = np.random.default_rng([seed, 3]).permutation(len(keys_arr))
-    return np.lexsort((tie, sort_value, keys_arr < 0))
+    return _easy_first(keys_arr, order_key, tie=np.random.default_rng([seed, 3]).permutation(len(keys_arr)))
 
 
 def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, seed: int,
-                    shard_index: int, shard_count: int, num_epochs: int | None, pace_rows: int = 0,
-                    pace_start: float = 1.0) -> grain.MapDataset:
+                    shard_index: int, shard_count: int, num_epochs: int | None, pace_rows: int,
+                    pace_start: float) -> grain.MapDataset:
     n = len(source)
     if n == 0:
         raise ValueError(f"source {source_id} ({getattr(source, 'name', source)!r}) is empty")
@@ -477,7 +480,7 @@ def row_spec(
 def _check_args(sources: Sequence[tuple[Any, float]], batch_size: int, shard_index: int, shard_count: int,
                 order: str, order_key: str, target_field: str | None, buckets: tuple[int, ...],
                 max_prompt_len: int, max_pixels_per_batch: int | None, num_epochs: int | None,
-                pace_rows: int = 0, pace_start: float = 0.25) -> None:
+                pace_rows: int, pace_start: float) -> None:
     """Raise ``ValueError`` naming the first bad argument."""
     if not sources:
         raise ValueError("sources is empty: give at least one (source, weight) pair")

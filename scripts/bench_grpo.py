@@ -93,6 +93,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU against CPU (libtpu, if installed, is for the planner)
 PEER_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "transformers", "trl")
+PARTS = ("rollout", "rewards", "scoring", "update")  # an iteration's timed parts
 KL_COEF = 0.04
 LR = 1e-5
 CLIP = 0.2
@@ -539,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_jax.models.tiny import TinySpec, build_tiny_model
 
     spec = TinySpec(**SPECS[args.spec])
-    parts = ("rollout", "rewards", "scoring", "update")
+    parts = PARTS
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model", spec=spec, seed=0)
@@ -669,16 +670,26 @@ def print_split(runs: dict[str, list[dict]], med: dict[str, dict], parts, label:
               + "".join(f"{m[k]:>10.3f}" for k in parts) + "   " + ", ".join(f"{r['total']:.3f}" for r in rs[1:]))
 
 
+def alternate(sides: dict, iters: int, pause: float = 0.0) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Each of `sides` (name -> VlmJax) steps 1 + `iters` times, side after side, `pause` s after
+    each step: (each side's step records, each side's medians of the total and `PARTS` over all
+    but the first, compiling, iteration)."""
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for _ in range(1 + iters):
+        for name, side in sides.items():
+            runs[name].append(side.step())
+            time.sleep(pause)
+    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *PARTS)}
+           for side, rs in runs.items()}
+    return runs, med
+
+
 def share_prompt_ab(off, on, args, n_params, cpus, argv) -> int:
     """vlm_jax with `grpo.share_prompt` off against on, alternating; prints the split and ratios."""
     import jax
 
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for _ in range(1 + args.iters):
-        runs["off"].append(off.step())
-        runs["on"].append(on.step())
-    parts = ("rollout", "rewards", "scoring", "update")
-    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)} for side, rs in runs.items()}
+    runs, med = alternate({"off": off, "on": on}, args.iters)
+    parts = PARTS
     pairs = [a["total"] / b["total"] for a, b in zip(runs["off"][1:], runs["on"][1:])]
     print(f"command: python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}")
     print(f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, pinned to cores {cpus}; "
@@ -703,14 +714,8 @@ def refill_ab(sides: dict, args, setting: str, n_params, cpus, argv) -> int:
     utilisation and the ratios against `plain`, and writes them to `--json`."""
     import jax
 
-    runs: dict[str, list[dict]] = {name: [] for name in sides}
-    for _ in range(1 + args.iters):
-        for name, side in sides.items():
-            runs[name].append(side.step())
-            time.sleep(args.pause)
-    parts = ("rollout", "rewards", "scoring", "update")
-    med = {side: {k: statistics.median(r[k] for r in rs[1:]) for k in ("total", *parts)}
-           for side, rs in runs.items()}
+    runs, med = alternate(sides, args.iters, args.pause)
+    parts = PARTS
     util = {side: [r["work"]["decode_util"] for r in rs] for side, rs in runs.items()}
     lengths = {side: [r["work"]["response_length"] for r in rs] for side, rs in runs.items()}
     cmd = f"python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}"

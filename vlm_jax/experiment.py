@@ -57,9 +57,6 @@ def eval_config(at_start: bool, max_examples: int = EVAL_ITEMS) -> EvalConfig:
                       batch_size=128)
 
 
-DATA_ORDERS = ("shuffle", "easy_to_hard", "paced")
-
-
 def stage(capability: str, objective: str, budget: Budget, *, first: bool, sft_target: str = "solution",
           data_order: str = "shuffle", name: str | None = None) -> StageConfig:
     """One stage on one capability's grid data, in ``data_order`` (``StageConfig.order``; easy to
@@ -105,15 +102,13 @@ def staged(*, form: str = "project", order: tuple[str, ...] = CAPABILITIES, perc
     """A staged run. ``form``: "project" (GRPO perception, SFT reasoning) or "paper" (GRPO
     everywhere); ``perception``: "grpo", "caption_sft" (the grid described as text: "Cells: red
     ...") or "answer_sft" (the reference response); ``order``: the capabilities in stage order;
-    ``data_order``: every stage's data order (``DATA_ORDERS``)."""
+    ``data_order``: every stage's data order (``StageConfig.order``, which checks it)."""
     if form not in ("project", "paper"):
         raise ValueError(f"form must be 'project' or 'paper', got {form!r}")
     if perception not in ("grpo", "caption_sft", "answer_sft"):
         raise ValueError(f"perception must be grpo, caption_sft or answer_sft, got {perception!r}")
     if sorted(order) != sorted(CAPABILITIES):
         raise ValueError(f"order must be a permutation of {CAPABILITIES}, got {order!r}")
-    if data_order not in DATA_ORDERS:
-        raise ValueError(f"data_order must be one of {DATA_ORDERS}, got {data_order!r}")
     stages = []
     for k, capability in enumerate(order):
         if capability == "perception":

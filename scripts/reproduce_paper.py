@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -65,6 +66,9 @@ COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm 
     ("easy-to-hard (sorted) vs shuffled", "project", "easy_to_hard", "staged"),
     ("easy-to-hard (paced) vs shuffled", "project", "paced", "staged"),
 ]
+# Every arm but the sorted easy-to-hard one (each stage's hardest questions all come at its end: a
+# known way to ruin a stage; the paced order is the experiment's easy-to-hard arm); `--arms` adds it.
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "easy_to_hard")
 QUICK = dict(seeds=2, scale=0.8)  # below ~0.6 the textual stage ends before it learns to count
 BOOTSTRAP = 2000
 
@@ -81,6 +85,30 @@ def arm_config(arm: str, seed: int, budget: experiment.Budget, model: str, data_
                                model=dataclasses.replace(cfg.model, path=model),
                                data=dataclasses.replace(cfg.data, data_dir=data_dir),
                                logging=dataclasses.replace(cfg.logging, progress=False, tensorboard=False))
+
+
+def run_key(arm: str, seed: int, budget: experiment.Budget, base: dict) -> str:
+    """What makes two runs the same run: the arm's whole configuration (its model and data paths
+    aside) and the base it starts from (its evaluation, item by item). A run whose key is already
+    in the experiment's store (or in an earlier experiment's JSON, ``--reuse``) is not run again,
+    so changing one stage's budget reruns only the arms that stage is part of."""
+    cfg = arm_config(arm, seed, budget, model="", data_dir="")
+    base_items = {name: e["correct"] for name, e in sorted(base.items())}
+    blob = json.dumps({"config": dataclasses.asdict(cfg), "base": base_items}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def reusable_runs(path: Path, base: dict) -> dict[str, dict]:
+    """The runs of an earlier experiment's JSON by their `run_key` (computed from its budget and its
+    base evaluation, so a run counts only if its configuration and base are the ones wanted now)."""
+    earlier = json.loads(path.read_text())
+    budget = experiment.Budget(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in earlier["meta"]["budget"].items()})
+    same_base = all(earlier["base"].get(n, {}).get("correct") == e["correct"] for n, e in base.items())
+    if not same_base:
+        print(f"--reuse {path}: its base evaluation differs from this base's; nothing reused", flush=True)
+        return {}
+    return {run_key(r["arm"], r["seed"], budget, base): r for r in earlier["runs"]}
 
 
 def _summary(record: dict) -> dict:
@@ -346,7 +374,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"some of {', '.join(ARMS)}")
     ap.add_argument("--arm_seeds", default="", help="more seeds for some arms, e.g. staged=5 (run after the rest)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (worker processes)")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK['seeds']} seeds, steps x {QUICK['scale']}")
@@ -354,6 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="artifacts/tiny_base")
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--workdir", default="workdirs/experiment")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier experiment JSON: its runs whose configuration and base are unchanged are kept")
     ap.add_argument("--out", default="docs/results/experiment.json")
     ap.add_argument("--plots", default="docs/_static")
     args = ap.parse_args(argv)
@@ -388,18 +418,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # finished runs are kept in runs.jsonl, so an interrupted experiment reruns only what is missing
     done_file = work / "runs.jsonl"
-    key = json.dumps({"budget": dataclasses.asdict(budget), "model": model})
-    done = {}
+    done = reusable_runs(args.reuse, base) if args.reuse else {}
+    earlier = set(done)
     if done_file.exists():
         for line in done_file.read_text().splitlines():
             r = json.loads(line)
-            if r.get("key") == key:
-                done[(r["arm"], r["seed"])] = r
+            done[r.get("key")] = r
     wanted = [(arm, seed) for seed in range(max(arm_seeds.values())) for arm in arms if seed < arm_seeds[arm]]
-    runs = [done[t] for t in wanted if t in done]
-    tasks = [t for t in wanted if t not in done]
+    keys = {t: run_key(*t, budget, base) for t in wanted}
+    runs = [{k: v for k, v in done[keys[t]].items() if k != "key"} for t in wanted if keys[t] in done]
+    tasks = [t for t in wanted if keys[t] not in done]
     if runs:
-        print(f"{len(runs)} runs already finished in {done_file}; {len(tasks)} to go", flush=True)
+        reused = sum(keys[t] in earlier for t in wanted)
+        print(f"{len(runs)} runs already finished ({reused} of them in {args.reuse}); {len(tasks)} to go"
+              if reused else f"{len(runs)} runs already finished in {done_file}; {len(tasks)} to go", flush=True)
     import multiprocessing
 
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -410,13 +442,13 @@ def main(argv=None) -> int:
             r = f.result()
             runs.append(r)
             with done_file.open("a") as fh:
-                fh.write(json.dumps({**r, "key": key}) + "\n")
+                fh.write(json.dumps({**r, "key": keys[(r["arm"], r["seed"])]}) + "\n")
             final = r["points"][-1]["evals"]
             print(f"{r['arm']:>13} seed {r['seed']}: " + "  ".join(
                 f"{c[0].upper()} {100 * final[EVAL_NAMES[c]]['accuracy']:.1f}" for c in CAPS)
                 + f"  ({r['seconds']:.0f} s)", flush=True)
     command = "python scripts/reproduce_paper.py" + (" --quick" if args.quick else f" --seeds {seeds}")
-    if arms != list(ARMS):
+    if arms != list(DEFAULT_ARMS):
         command += f" --arms {','.join(arms)}"
     if args.arm_seeds:
         command += f" --arm_seeds {args.arm_seeds}"

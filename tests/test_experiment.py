@@ -2,6 +2,7 @@
 `scripts/reproduce_paper.py --quick`): the numbers' structure (every run's matrix, gains with
 their paired SEs, comparisons with intervals, plots), and the base's controls (blank images at
 chance; visual items given as text at the textual level)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -69,6 +70,30 @@ def test_analysis_of_hand_made_runs(tmp_path):
     assert "| staged vs merged | paper | staged_paper − merged_paper | +0.0 [" in table
     assert "| staged_paper | perception | +25.0 ± 25.0, +50.0 ± 28.9, +25.0 ± 25.0 | 1.0 |" in table
     assert [p.name for p in rp.plots(results, tmp_path)] == ["experiment_accuracy.png", "experiment_length.png"]
+
+
+def test_runs_are_reused_only_when_their_configuration_and_base_are_unchanged(tmp_path):
+    """`run_key`: a longer GRPO perception stage changes the key of every arm whose perception is
+    GRPO, not of the arms whose perception is SFT; another base changes every key. `reusable_runs`
+    keeps an earlier JSON's runs by those keys, and none from another base."""
+    rp = _reproduce_paper()
+    from vlm_jax import experiment
+
+    P, T, V = (rp.EVAL_NAMES[c] for c in rp.CAPS)
+    base = {P: _summary("1100"), T: _summary("0000"), V: _summary("0000")}
+    old, new = experiment.Budget(grpo_steps=(40, 40, 40)), experiment.Budget(grpo_steps=(60, 40, 40))
+    changed = {arm for arm in rp.ARMS if rp.run_key(arm, 0, old, base) != rp.run_key(arm, 0, new, base)}
+    assert changed == set(rp.ARMS) - {"caption_sft", "answer_sft", "merged_sft"}
+    assert rp.run_key("staged", 0, new, base) != rp.run_key("staged", 1, new, base)
+    other = {**base, T: _summary("0001")}
+    assert rp.run_key("caption_sft", 0, new, base) != rp.run_key("caption_sft", 0, new, other)
+    runs = [{"arm": arm, "seed": 0, "points": []} for arm in ("staged", "caption_sft")]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"meta": {"budget": dataclasses.asdict(old)}, "base": base, "runs": runs}))
+    kept = rp.reusable_runs(earlier, base)
+    assert kept[rp.run_key("caption_sft", 0, new, base)]["arm"] == "caption_sft"
+    assert rp.run_key("staged", 0, new, base) not in kept
+    assert rp.reusable_runs(earlier, other) == {}
 
 
 @pytest.fixture(scope="module")

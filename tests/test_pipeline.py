@@ -199,6 +199,51 @@ def test_resume_mid_epoch(processor: Processor) -> None:
     assert it.stats["batches"] == 7 and it.stats["rows"] == 21
 
 
+def test_row_cache(processor: Processor) -> None:
+    """Later epochs come from the cache: the same batches, each row read and encoded once, skipped
+    rows still counted every epoch; past its byte budget rows are encoded again, not kept."""
+    rows = [_row(f"<image> Question {i}?", [_png("red")]) if i % 2 == 0 else _row(f"Question {i}?", [])
+            for i in range(6)]
+    rows[2] = _row("<image> broken", [b"not an image"])
+
+    class Counting(prep.RowsSource):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return super().__getitem__(i)
+
+    def run(cache_bytes: int):
+        Counting.reads = 0
+        it = pl.make_dataset([(Counting(rows, name="toy"), 1.0)], processor, batch_size=3, seed=1, num_epochs=3,
+                             row_cache=cache_bytes)
+        return list(it), it, Counting.reads
+
+    plain, plain_it, plain_reads = run(0)
+    cached, it, reads = run(1 << 20)
+    assert len(cached) == len(plain) == 5  # 3 epochs x 5 usable rows = 15 rows
+    for a, b in zip(plain, cached):
+        for key, value in a.items():
+            assert np.array_equal(np.asarray(value), np.asarray(b[key])), key
+    assert it.stats == plain_it.stats and it.stats["skipped"]["unreadable_image"] == 3
+    assert plain_reads == 18 and reads == 6
+    assert (it.row_cache.misses, it.row_cache.hits) == (6, 12) and 0 < it.row_cache.bytes <= 1 << 20
+    one_image_row = it.row_cache.bytes // 4  # room for about one image row: the rest is encoded each time
+    _, small, small_reads = run(one_image_row)
+    assert small.row_cache.bytes <= one_image_row and small_reads > 6 and len(small.row_cache._rows) < 6
+    with pytest.raises(ValueError, match="max_bytes"):
+        row_lib.RowCache(-1)
+    # a cache shared by iterators over the same rows (an evaluation set after every stage) encodes once
+    shared = row_lib.RowCache(1 << 20)
+    for _ in range(2):
+        list(pl.make_dataset([(Counting(rows, name="toy"), 1.0)], processor, batch_size=3, num_epochs=1,
+                             row_cache=shared))
+    assert (shared.misses, shared.hits) == (6, 6)
+    with pytest.raises(ValueError, match="row cache holds rows encoded as"):  # another spec: refused
+        pl.make_dataset([(Counting(rows, name="toy"), 1.0)], processor, batch_size=3, target_field="answer",
+                        row_cache=shared)
+
+
 def test_skips_counted_or_strict(processor: Processor) -> None:
     rows = [_row("Short?", []),
             _row("long " * 200, []),

@@ -48,9 +48,11 @@ def evaluate_source(
     max_pixels_per_batch: int | None = None,
     seed: int = 0,
     temperature: float = 0.0,
+    row_cache=0,
 ) -> dict:
     """Accuracy and mean response length (tokens) on `source`, overall and per task; greedy, or
-    sampled at `temperature` (a pass rate: one sample per item)."""
+    sampled at `temperature` (a pass rate: one sample per item). `row_cache`: a
+    `vlm_jax.data.rows.RowCache` kept between evaluations of the same set (its rows encoded once)."""
     from vlm_jax.data.pipeline import make_dataset
 
     report = getattr(source, "report", None)  # a data file read whole: its rows skipped on reading
@@ -73,6 +75,7 @@ def evaluate_source(
         length_buckets=length_buckets,
         num_epochs=1,
         max_pixels_per_batch=max_pixels_per_batch,
+        row_cache=row_cache,
     )
     reward_fn = rewards_lib.build_reward({"auto": 1.0})
     per_task: dict[str, list] = collections.defaultdict(list)

@@ -88,17 +88,23 @@ class Stage:
         """Evaluates the policy on the stage's eval datasets and logs each result (`when`: before,
         during or after the stage)."""
         from vlm_jax.data.pipeline import StopRequested
+        from vlm_jax.data.rows import RowCache
         from vlm_jax.evaluate import evaluate_source
 
         ev, params, out = self.cfg.eval, self.policy(state), {}
         for ds in ev.datasets:
             name = f"{ds.name}[{ds.split}]"
+            # a set evaluated again (after every stage) is read and encoded once per run
+            key = (ds.name, ds.split, ev.max_examples, ev.batch_size)
+            if key not in env.eval_caches:
+                env.eval_caches[key] = RowCache(env.cfg.data.row_cache_mb * 2**20)
             try:
                 result = evaluate_source(
                     env.model, params, env.processor, env.sources[(ds.name, ds.split)], name=name,
                     max_examples=ev.max_examples, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                     length_buckets=env.cfg.data.length_buckets,
-                    max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size, seed=env.cfg.seed)
+                    max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size, seed=env.cfg.seed,
+                    row_cache=env.eval_caches[key])
             except StopRequested:  # SIGTERM while reading eval data: skip it, the loop stops next
                 log.warning("evaluation of %s interrupted by a stop request; not recorded", name)
                 break

@@ -44,6 +44,7 @@ class Env:
     sources: dict  # (name, split) -> random-access source
     num_patches: int  # fixed per-row vision patch budget (pixel budget), so shapes stay the same
     open_iterators: list = dataclasses.field(default_factory=list)  # closed on the way out
+    eval_caches: dict = dataclasses.field(default_factory=dict)  # evaluation settings -> RowCache
 
 
 def abstract_params(tree):
@@ -420,6 +421,7 @@ def make_iterator(env: Env, index: int, stop_check=None):
             strict=env.cfg.data.strict,
             text_only=sft and st.sft.caption_as_input,
             instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
+            row_cache=env.cfg.data.row_cache_mb * 2**20,
             stop_check=stop_check,
         )
 

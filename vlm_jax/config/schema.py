@@ -144,11 +144,13 @@ class DataConfig(_Node):
     preflight_rows: int = 256
     #: Largest share of skipped rows the preflight check accepts before refusing to start.
     preflight_max_skip_share: float = 0.1
+    #: Encoded rows each stage keeps in memory (MiB; 0 = none), so a row drawn again is not re-encoded.
+    row_cache_mb: int = 1024
 
     def _check(self) -> None:
         _at_least(self, 1, "max_prompt_len", "min_pixels_per_image")
         _at_least(self, -1, "preflight_rows")
-        _at_least(self, 0, "shards")
+        _at_least(self, 0, "shards", "row_cache_mb")
         _require(0 <= self.preflight_max_skip_share <= 1, "preflight_max_skip_share",
                  f"must be in [0, 1], got {self.preflight_max_skip_share}")
         b = self.length_buckets

@@ -72,7 +72,7 @@ import numpy as np
 
 from vlm_jax.data.prepare import BadRowError
 from vlm_jax.data.rows import (HOST_KEYS, MIN_PATCH_BUCKET, REASONING_INSTRUCTION, SKIP_HINTS, SKIP_REASONS,
-                               TARGET_FIELDS, Example, RowSpec, Skipped, encode_row)
+                               RowCache, TARGET_FIELDS, Example, RowSpec, Skipped, encode_row)
 
 
 class NoUsableRowsError(RuntimeError):
@@ -349,11 +349,8 @@ def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, 
         epochs = 10**9 // n if num_epochs is None else num_epochs
         ds = grain.MapDataset.range(pace_rows + n * epochs)[shard_index::shard_count]
 
-        def draw(k):
-            i = paced_index(int(k), ranked, pace_rows=pace_rows, start=pace_start, seed=seed)
-            return source_id, i, source[i]
-
-        return ds.map(draw)
+        return ds.map(lambda k: (source_id, paced_index(int(k), ranked, pace_rows=pace_rows, start=pace_start,
+                                                         seed=seed)))
     if order == "easy_to_hard":
         rows = [source[i] for i in range(n)]
         perm = easy_to_hard_order([r[order_key] for r in rows], [r["capability"] for r in rows], order_key)
@@ -367,7 +364,7 @@ def _ordered_source(source: Any, source_id: int, *, order: str, order_key: str, 
     if order == "shuffle":
         ds = ds.shuffle(seed=(seed + 1_000_003 * source_id) % 2**32)
     ds = ds.repeat(num_epochs)
-    return ds.map(lambda i: (source_id, int(i), source[int(i)]))
+    return ds.map(lambda i: (source_id, int(i)))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -398,6 +395,7 @@ def make_dataset(
     drop_remainder: bool = False,
     num_threads: int = 2,
     prefetch_buffer_size: int = 16,
+    row_cache: int | RowCache = 0,
     stop_check: Callable[[], bool] | None = None,
 ) -> BatchIterator:
     """Batches from weighted ``sources`` (each ``len`` + ``[i]`` -> schema dict); see the module doc.
@@ -409,7 +407,9 @@ def make_dataset(
     is called between rows; when it returns True ``next`` raises ``StopRequested``.
     ``order="paced"``: ``pace_rows`` rows of the mixture (all shards) are drawn while the pool
     grows from the easiest ``pace_start`` share of each source to all of it (each source paced
-    over its weight's share of them).
+    over its weight's share of them). ``row_cache``: bytes of encoded rows to keep in memory, or a ``RowCache``
+    shared with other iterators over the same sources (``RowCache``), so a row comes again without
+    being encoded again.
     """
     if shard_index is None or shard_count is None:
         import jax  # noqa: PLC0415 - only for the defaults
@@ -441,18 +441,27 @@ def make_dataset(
     pass_rows = None if num_epochs is not None else 2 * max(
         math.ceil(n * total_weight / float(w)) for n, (_, w) in zip(epoch_rows, sources)) + 1
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [float(w) for _, w in sources])
-    encoded = mixed.map(lambda item: encode_row(item[2], processor, spec, source=item[0], index=item[1]))
+    cache = row_cache if isinstance(row_cache, RowCache) else RowCache(row_cache)
+    cache.bind(spec)
+
+    def encode(item: tuple[int, int]) -> Example | Skipped:
+        k, i = item
+        return cache.get(k, i, lambda: encode_row(sources[k][0][i], processor, spec, source=k, index=i))
+
+    encoded = mixed.map(encode)
     elements = encoded.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                          prefetch_buffer_size=prefetch_buffer_size))
     names = [str(getattr(src, "name", f"source {k}")) for k, (src, _) in enumerate(sources)]
     patch_dim = 3 * int(processor.image_processor.temporal_patch_size) * patch * patch
-    return BatchIterator(
+    batches = BatchIterator(
         iter(elements), batch_size=batch_size, strict=strict, drop_remainder=drop_remainder, source_names=names,
         collate_kwargs={"length_buckets": buckets, "pad_token_id": int(processor.pad_token_id),
                         "padding_side": "left" if target_field is None else "right",
                         "patch_cap": patch_cap, "patch_dim": patch_dim},
         pass_rows=pass_rows, stop_check=stop_check,
     )
+    batches.row_cache = cache
+    return batches
 
 
 def row_spec(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -190,3 +191,54 @@ def _encode(row: Mapping[str, Any], processor: Any, spec: RowSpec, *, source: in
         image_grid_thw=grid,
         host={"index": index, "source": source, **host},
     )
+
+
+class RowCache:
+    """Encoded rows by (source, index), up to ``max_bytes`` of their arrays: a row drawn again (a
+    later epoch) is served without reading, decoding and encoding it again. Once the budget is
+    spent, further rows are encoded each time they come (no eviction: in shuffled epochs every row
+    is as likely to come next as any other). Safe to share between grain's reading threads;
+    ``hits`` / ``misses`` count the lookups. One cache serves one list of sources encoded one way:
+    several iterators over them (a set evaluated after every stage) may share it; ``bind`` refuses
+    a second row spec."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self.spec: RowSpec | None = None
+        self._rows: dict[tuple[int, int], Example | Skipped] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, spec: RowSpec) -> None:
+        """Ties the cache to the row spec of its rows; a different one raises ``ValueError``."""
+        if self.spec is not None and self.spec != spec:
+            raise ValueError(f"this row cache holds rows encoded as {self.spec}, not {spec}")
+        self.spec = spec
+
+    def get(self, source: int, index: int, encode: Any) -> Example | Skipped:
+        """The cached encoding of row ``index`` of ``source``, else ``encode()`` (kept if it fits)."""
+        key = (source, index)
+        with self._lock:
+            found = self._rows.get(key)
+            if found is not None:
+                self.hits += 1
+                return found
+            self.misses += 1
+        item = encode()
+        if self.max_bytes:
+            size = _nbytes(item)
+            with self._lock:
+                if key not in self._rows and self.bytes + size <= self.max_bytes:
+                    self._rows[key] = item
+                    self.bytes += size
+        return item
+
+
+def _nbytes(item: Example | Skipped) -> int:
+    if isinstance(item, Skipped):
+        return 64
+    arrays = (item.input_ids, item.mm_token_type_ids, item.loss_mask, item.pixel_values, item.image_grid_thw)
+    return 512 + sum(a.nbytes for a in arrays if a is not None)

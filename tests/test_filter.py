@@ -213,6 +213,7 @@ def test_resolve_args_defaults_per_mode():
     (["--mode", "perception", "--image_wrong", "ignore", "--caption_right", "ignore"], "both 'ignore'"),
     (["--mode", "pass_rate", "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--mode", "pass_rate", "--top_p", "1.5"], "--top_p must be in"),
+    (["--mode", "pass_rate", "--slots", "-1"], "--slots must be >= 0"),
 ])
 def test_resolve_args_rejects(argv, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -316,3 +317,33 @@ def test_cli_pass_rate_end_to_end(setup, capsys):
   assert np.all((rates >= 0) & (rates <= 1))
   np.testing.assert_allclose(rates * 4, np.round(rates * 4))
   assert [scored[i]["problem"] for i in range(6)] == [r["problem"] for r in setup.rows]
+
+
+def test_evaluation_and_filter_decode_in_refilled_slots(setup, monkeypatch):
+  """`evaluate_source(slots=N)` and the filter's `ModelPolicy(slots=N)` hand N to the sampler and
+  grade the same greedy answers as without (the refilling sampler itself: test_sampler_refill)."""
+  from vlm_jax import data
+  from vlm_jax.evaluate import evaluate_source, load_for_eval
+  from vlm_jax.rl import sampler
+  model, params, processor = load_for_eval(setup.model)
+  source = data.load("synth_in", split="train", data_dir=setup.data_dir)
+  seen = []
+  generate = sampler.generate
+
+  def spy(*args, slots=0, **kw):
+    seen.append(slots)
+    return generate(*args, slots=slots, **kw)
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  runs = [evaluate_source(model, params, processor, source, name="synth", batch_size=4, max_new_tokens=12,
+                          slots=slots) for slots in (0, 3)]
+  assert seen == [0, 0, 3, 3]  # two batches each
+  assert runs[0]["items"] == runs[1]["items"] and runs[0]["samples"] == runs[1]["samples"]
+  seen.clear()
+  outcomes = [flt.ModelPolicy(model, params, processor, batch_size=4, max_new_tokens=8, temperature=0.0,
+                              instruction="Answer.", progress=False, slots=slots)(setup.rows, False, 1)
+              for slots in (0, 2)]
+  assert seen == [0, 0, 2, 2]
+  for a, b in zip(*outcomes):
+    assert a is not None and b is not None
+    assert a.correct.tolist() == b.correct.tolist() and a.answered.tolist() == b.answered.tolist()

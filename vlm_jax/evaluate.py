@@ -49,10 +49,12 @@ def evaluate_source(
     seed: int = 0,
     temperature: float = 0.0,
     row_cache=0,
+    slots: int = 0,
 ) -> dict:
     """Accuracy and mean response length (tokens) on `source`, overall and per task; greedy, or
     sampled at `temperature` (a pass rate: one sample per item). `row_cache`: a
-    `vlm_jax.data.rows.RowCache` kept between evaluations of the same set (its rows encoded once)."""
+    `vlm_jax.data.rows.RowCache` kept between evaluations of the same set (its rows encoded once).
+    `slots` > 0: decode in that many refilled slots (the same answers, `sampler.generate`)."""
     from vlm_jax.data.pipeline import make_dataset
 
     report = getattr(source, "report", None)  # a data file read whole: its rows skipped on reading
@@ -87,7 +89,7 @@ def evaluate_source(
             params,
             batch,
             spec=SamplingSpec(max_new_tokens=max_new_tokens, temperature=temperature,
-                              prompt_buckets=tuple(length_buckets)),
+                              prompt_buckets=tuple(length_buckets), slots=slots),
             tokens=SpecialTokens.of(processor),
             tokenizer=processor.tokenizer,
             reward_fn=reward_fn,
@@ -227,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max_examples", type=int, default=0)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--slots", type=int, default=0,
+                    help="decode slots refilled as answers finish (0: each batch decodes to its longest answer)")
     args = ap.parse_args(argv)
+    for key in ("max_examples", "slots"):
+        if getattr(args, key) < 0:
+            ap.error(f"--{key} must be >= 0, got {getattr(args, key)}")
     try:
         from vlm_jax import data
         from vlm_jax.data.prepare import SUFFIXES as FILE_SUFFIXES
@@ -261,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_examples=args.max_examples,
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
+                slots=args.slots,
             )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -244,13 +244,13 @@ class ModelPolicy:
 
   def __init__(self, model, params, processor, *, batch_size: int, max_new_tokens: int,
                temperature: float, top_p: float = 1.0, instruction: str, max_prompt_len: int = 2048,
-               seed: int = 0, progress: bool = True):
+               seed: int = 0, progress: bool = True, slots: int = 0):
     from vlm_jax.rl import rewards as rewards_lib
     self.model, self.params, self.processor = model, params, processor
     self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
     self.temperature, self.top_p, self.instruction = temperature, top_p, instruction
     self.buckets = length_buckets(max_prompt_len)
-    self.seed, self.progress = seed, progress
+    self.seed, self.progress, self.slots = seed, progress, slots
     self.reward_fn = rewards_lib.build_reward({"auto": 1.0})
     self.skipped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     self._calls = 0
@@ -276,7 +276,8 @@ class ModelPolicy:
         g = generate_and_grade(
             self.model, self.params, batch, tokenizer=self.processor.tokenizer, reward_fn=self.reward_fn,
             spec=SamplingSpec(max_new_tokens=self.max_new_tokens, num_samples=num_samples,
-                              temperature=self.temperature, top_p=self.top_p, prompt_buckets=tuple(self.buckets)),
+                              temperature=self.temperature, top_p=self.top_p, prompt_buckets=tuple(self.buckets),
+                              slots=self.slots),
             tokens=SpecialTokens.of(self.processor), rng=jax.random.fold_in(rng, b))
         got = outcomes_from_grades(g.components["auto"], g.texts, g.prompts["answer_type"], num_samples,
                                    CORRECT_THRESHOLD)
@@ -313,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--max_new_tokens", type=int, default=None, help="default 8 (perception), 2048 (pass_rate)")
   ap.add_argument("--instruction", default=None, help="appended to each question (default per mode)")
   ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--slots", type=int, default=0,
+                  help="decode slots refilled as answers finish (0: each batch decodes to its longest answer)")
   ap.add_argument("--max_prompt_len", type=int, default=2048)
   ap.add_argument("--max_examples", type=int, default=0, help="only the first N rows (0: all)")
   ap.add_argument("--seed", type=int, default=0)
@@ -342,8 +345,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
   if not 0 < args.top_p <= 1:
     raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-  if args.max_examples < 0:
-    raise ValueError(f"--max_examples must be >= 0, got {args.max_examples}")
+  for key in ("max_examples", "slots"):
+    if getattr(args, key) < 0:
+      raise ValueError(f"--{key} must be >= 0, got {getattr(args, key)}")
   samples = args.k if perception else args.num_samples
   if samples > 1 and args.temperature == 0:
     raise ValueError(f"{samples} runs per row at --temperature 0 would all be the same greedy answer; "
@@ -421,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   policy = ModelPolicy(model, params, processor, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        instruction=args.instruction, max_prompt_len=args.max_prompt_len, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, slots=args.slots)
   try:
     keep, out_rows = _score(args, rows, policy)
   except ValueError as err:  # a bad value in the data, e.g. an unknown answer_type

@@ -104,7 +104,7 @@ class Stage:
                     max_examples=ev.max_examples, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                     length_buckets=env.cfg.data.length_buckets,
                     max_pixels_per_batch=env.cfg.data.max_pixels_per_image * ev.batch_size, seed=env.cfg.seed,
-                    row_cache=env.eval_caches[key])
+                    row_cache=env.eval_caches[key], slots=ev.refill_slots)
             except StopRequested:  # SIGTERM while reading eval data: skip it, the loop stops next
                 log.warning("evaluation of %s interrupted by a stop request; not recorded", name)
                 break

@@ -193,9 +193,11 @@ class EvalConfig(_Node):
     max_new_tokens: int = 128
     #: Prompts per evaluation batch.
     batch_size: int = 8
+    #: Decode slots refilled as answers finish (`grpo.refill_slots`; 0 = every row to the batch's longest).
+    refill_slots: int = 0
 
     def _check(self) -> None:
-        _at_least(self, 0, "every")
+        _at_least(self, 0, "every", "refill_slots")
         _at_least(self, 1, "max_examples", "max_new_tokens", "batch_size")
 
 

@@ -278,12 +278,20 @@ def _as_record(summary: dict) -> dict:
 # ------------------------------------------------------------------------------------------ output
 
 
+def _run_time(results: dict) -> str:
+    """The runs' own time (reused runs included) and this invocation's wall time."""
+    hours = sum(r.get("seconds", 0.0) for r in results["runs"]) / 3600
+    return (f"{hours:.1f} h summed over the runs (several at once on the CPU's cores, each slower for it); "
+            f"this invocation {results['meta']['minutes']:.0f} min")
+
+
 def markdown(results: dict) -> str:
     a = results["analysis"]
     meta = results["meta"]
     counts = sorted(set(meta.get("arm_seeds", {}).values()) | {meta["seeds"]})
     lines = [f"Command: `{meta['command']}`; {' or '.join(map(str, counts))} seeds per arm; {meta['machine']}; "
-             f"{meta['minutes']:.0f} min; {len(meta['eval_items'])} evaluation sets of {meta['eval_items'][0]} items.", "",
+             f"{len(results['runs'])} runs, {_run_time(results)}; "
+             f"{len(meta['eval_items'])} evaluation sets of {meta['eval_items'][0]} items.", "",
              "**Final accuracy per arm** (mean ± SD over seeds, %; mean response length in tokens):", "",
              "| arm | form | perception | textual | visual | average | length P / T / V |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -158,7 +158,8 @@ def test_base_controls(built):
 def test_quick_experiment(built, tmp_path):
     """`--quick` (2 seeds, stages at 0.8 of their steps) of the demo's arm from a freshly built base:
     every stage improves its own capability in both seeds, the reasoning stages by more than 3
-    paired SEs (perception by GRPO gains ~3 SEs at full length, docs/experiment.md), and the JSON,
+    paired SEs (perception by GRPO, 48 steps here, is only required to gain: docs/experiment.md
+    has its pilots at 40 and 60), and the JSON,
     the table and the plots are written (the analysis itself: test_analysis_of_hand_made_runs)."""
     d, env = built
     out = tmp_path / "experiment.json"

@@ -421,7 +421,8 @@ def make_iterator(env: Env, index: int, stop_check=None):
             strict=env.cfg.data.strict,
             text_only=sft and st.sft.caption_as_input,
             instruction=CAPTION_INSTRUCTION if target == "caption" else REASONING_INSTRUCTION,
-            row_cache=env.cfg.data.row_cache_mb * 2**20,
+            # the process's row-cache budget split over the shards it reads
+            row_cache=env.cfg.data.row_cache_mb * 2**20 * jax.process_count() // shards,
             stop_check=stop_check,
         )
 

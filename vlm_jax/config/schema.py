@@ -144,7 +144,7 @@ class DataConfig(_Node):
     preflight_rows: int = 256
     #: Largest share of skipped rows the preflight check accepts before refusing to start.
     preflight_max_skip_share: float = 0.1
-    #: Encoded rows each stage keeps in memory (MiB; 0 = none), so a row drawn again is not re-encoded.
+    #: Encoded rows each stage keeps in memory per process (MiB; 0 = none): a row drawn again is not re-encoded.
     row_cache_mb: int = 1024
 
     def _check(self) -> None:

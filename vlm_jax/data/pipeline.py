@@ -408,8 +408,7 @@ def make_dataset(
     ``order="paced"``: ``pace_rows`` rows of the mixture (all shards) are drawn while the pool
     grows from the easiest ``pace_start`` share of each source to all of it (each source paced
     over its weight's share of them). ``row_cache``: bytes of encoded rows to keep in memory, or a ``RowCache``
-    shared with other iterators over the same sources (``RowCache``), so a row comes again without
-    being encoded again.
+    shared with other iterators over the same sources, so a row that comes again is not encoded again.
     """
     if shard_index is None or shard_count is None:
         import jax  # noqa: PLC0415 - only for the defaults

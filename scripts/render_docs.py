@@ -140,7 +140,7 @@ def render_experiment(experiment) -> str:
                      f"visual reasoning {cell(v)}")
     missing = [q for q, _, _ in _reproduce_paper().missing_comparisons(a["arms"])]
     if missing:
-        lines.append(f"- *Not run at the current budget: {'; '.join(missing)}.*")
+        lines.append(f"- *Not in the committed run (`--arms`): {'; '.join(missing)}.*")
     others = len(a["comparisons"]) - sum(r["question"].startswith("staged vs merged") for r in a["comparisons"])
     if others:
         lines.append(f"- {others} more comparisons (perception by GRPO or SFT, stage order, easy-to-hard) in the docs.")

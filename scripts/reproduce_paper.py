@@ -94,8 +94,25 @@ def run_key(arm: str, seed: int, budget: experiment.Budget, base: dict) -> str:
     so changing one stage's budget reruns only the arms that stage is part of."""
     cfg = arm_config(arm, seed, budget, model="", data_dir="")
     base_items = {name: e["correct"] for name, e in sorted(base.items())}
-    blob = json.dumps({"config": dataclasses.asdict(cfg), "base": base_items}, sort_keys=True, default=str)
+    blob = json.dumps({"config": _set_fields(cfg), "base": base_items}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _set_fields(value):
+    """A config as nested dicts of the fields that differ from their defaults, so a field added
+    later (its default keeping the old behaviour) leaves every earlier run's key as it was."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            default = (f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if default is dataclasses.MISSING or v != default:
+                out[f.name] = _set_fields(v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_set_fields(v) for v in value]
+    return value
 
 
 def reusable_runs(path: Path, base: dict) -> dict[str, dict]:

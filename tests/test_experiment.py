@@ -85,6 +85,13 @@ def test_runs_are_reused_only_when_their_configuration_and_base_are_unchanged(tm
     changed = {arm for arm in rp.ARMS if rp.run_key(arm, 0, old, base) != rp.run_key(arm, 0, new, base)}
     assert changed == set(rp.ARMS) - {"caption_sft", "answer_sft", "merged_sft"}
     assert rp.run_key("staged", 0, new, base) != rp.run_key("staged", 1, new, base)
+    # a config field added later, at a default that keeps the old behaviour, keeps the keys
+    cfg = rp.arm_config("staged", 0, new, "", "")
+    stage0 = cfg.stages[0]
+    assert rp._set_fields(dataclasses.replace(cfg, stages=(dataclasses.replace(
+        stage0, eval=dataclasses.replace(stage0.eval, refill_slots=0)), *cfg.stages[1:]))) == rp._set_fields(cfg)
+    assert rp._set_fields(dataclasses.replace(cfg, stages=(dataclasses.replace(
+        stage0, eval=dataclasses.replace(stage0.eval, refill_slots=4)), *cfg.stages[1:]))) != rp._set_fields(cfg)
     other = {**base, T: _summary("0001")}
     assert rp.run_key("caption_sft", 0, new, base) != rp.run_key("caption_sft", 0, new, other)
     runs = [{"arm": arm, "seed": 0, "points": []} for arm in ("staged", "caption_sft")]

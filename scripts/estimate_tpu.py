@@ -12,8 +12,8 @@ so the mean after the cap is each of `--means` (the paper's validation responses
 in training, ~450 late; cap `max_new_tokens` = 2048; rows past the cap are truncated completions).
 Every prompt is `--prompt_len` tokens (default 1,400: one ~1 Mpx image, 1,003,520 px / 28^2 = 1,280
 vision tokens, plus ~120 text tokens), so its bucket is the recipe's largest (2048) on both paths.
-The lengths of the step's prompts x samples are drawn once (seed 0); the decode steps of a sampler
-call are the expected longest row of the call, sum_n 1 - (1 - P(X > n))^rows.
+The lengths of the step's prompts x samples are drawn once (seed 0); every path and program uses
+the same draw.
 
 Update and scoring. The update (`rl.policy.grpo_step`) and the reference scoring
 (`rl.policy.score_responses`) are compiled with libtpu for ONE micro-batch / chunk at the recipe's
@@ -33,17 +33,21 @@ backward, x 4 with `remat=full`, x 1 for scoring).
 Where libtpu returns a non-positive `optimal_seconds` (the 3B programs on v5e-8 and v6e-8, libtpu
 0.0.52) there is no compiler rate; those figures are then at 100% of the bf16 peak, and say so.
 
-Sampler (the same on both paths: refilling decode slots is not built, so every row of a call
-decodes until the call's longest row stops). Decoding is memory-bound and its `while` has a
-data-dependent trip count the cost model does not know, so the compiler's cost analysis is not
-used for it. A stated roofline instead, per decode step and chip: the decoder's matmul weights +
-lm_head in their STORAGE dtype (the sampler reads them as stored: fp32 in the recipes) split over
-`grpo.rollout_tensor` (or over all chips in the FSDP layout), plus the whole KV cache (the shared
-prompt part and every row's full generation buffer: decode attention reads the whole buffer), over
-the chip's HBM bandwidth; or the step's matmul flops at the bf16 peak if larger; plus the decode
-step's collectives counted in the compiled sampler (`plan.plan`'s generate row at 1 and 2 layers,
-extrapolated linearly to the real depth) over the chip's inter-chip bandwidth, not overlapped.
-Prefill: its forward flops at the scoring program's compiler rate. Not modelled: the vision tower
+Sampler. Decoding is memory-bound and its `while` has a data-dependent trip count the cost model
+does not know, so the compiler's cost analysis is not used for it. Each call's decode loop is
+replayed on the drawn lengths (`decode_schedule`): "before", every row of a call decodes until the
+call's longest row stops and each step reads the whole generation buffer; "after", each step
+reads the generated keys/values only up to the view (`sampler.decode_views`) that holds the row
+furthest on, and with `grpo.refill_slots` S the call's rows decode in S refilled slots (a row that
+stops hands its slot to the next). A stated roofline per loop iteration and chip: the decoder's
+matmul weights + lm_head in their STORAGE dtype (the sampler reads them as stored: fp32 in the
+recipes) split over `grpo.rollout_tensor` (or over all chips in the FSDP layout), plus the KV cache
+it reads (the prompts' part once per prompt, or once per slot when refilling: each slot gathers its
+row's prompt; the generated part over the step's view, for every row or slot) over the chip's HBM
+bandwidth; or the step's matmul flops at the bf16 peak if larger; plus the decode step's
+collectives counted in the compiled sampler of each path (`plan.plan`'s generate row at 1 and 2
+layers, extrapolated linearly to the real depth) over the chip's inter-chip bandwidth, not
+overlapped. Prefill: its forward flops at the scoring program's compiler rate. Not modelled: the vision tower
 (encoding, and its backward in the stages that train it), the reshard to the decoding layout, host
 work (rewards, data), the optimizer update, dispatch between programs.
 
@@ -102,11 +106,6 @@ def theta_for(mean: float, cap: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean_length(mid, cap) < mean else (lo, mid)
     return (lo + hi) / 2
-
-
-def expected_longest(theta: float, cap: int, rows: int) -> float:
-    """E[max of `rows` lengths] = sum_{n < cap} 1 - (1 - P(X > n))^rows: a sampler call's decode steps."""
-    return float((1 - (1 - survival(np.arange(cap), theta)) ** rows).sum())
 
 
 def draw_lengths(theta: float, cap: int, n: int, seed: int = 0) -> np.ndarray:
@@ -213,11 +212,83 @@ def compile_programs(cfg, st, topology: str, model_config: str, layers: int) -> 
     return dict(programs=out, shards=shards, text=mcfg.text)
 
 
+def decode_schedule(lengths: np.ndarray, slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The decode loop of one sampler call over rows of `lengths` (tokens, the first from the
+    prefill): (live rows, generated slots filled by the row furthest on) per loop iteration.
+    `slots` 0: every row until the longest stops (`sampler._sample_rows`); else a row that stops
+    hands its slot to the next waiting row (`sampler._refill_rows`)."""
+    lengths = np.asarray(lengths, np.int64)
+    if not slots:
+        steps = int(lengths.max()) - 1
+        return np.full(steps, lengths.size), np.arange(1, steps + 1)
+    queue = [int(n) for n in lengths if n > 1]
+    k = np.zeros(slots, np.int64)  # tokens of the slot's row so far (0: empty)
+    left = np.zeros(slots, np.int64)  # decode steps the slot's row still needs
+    nxt = 0
+    live_per_step, filled = [], []
+    while True:
+        for s in np.flatnonzero(left == 0):
+            if nxt < len(queue):
+                k[s], left[s], nxt = 1, queue[nxt] - 1, nxt + 1
+            else:
+                k[s] = 0
+        live = left > 0
+        if not live.any():
+            break
+        live_per_step.append(int(live.sum()))
+        filled.append(int(k[live].max()))  # the step writes slot k - 1 and reads slots 0 .. k - 1
+        k[live] += 1
+        left[live] -= 1
+    return np.asarray(live_per_step), np.asarray(filled)
+
+
+def sampler_work(text, cfg, st, lengths, chips: int, gen: str, Bg: int, L: int, gen_len: int,
+                 collective_bytes: float | None, *, refill: int, views: tuple[int, ...]) -> dict:
+    """Roofline seconds of the rollout's decode loops (prefills aside): per iteration of each call's
+    loop, the weights as stored split over `grpo.rollout_tensor` (or all chips) plus the KV cache
+    read (the prompts' part: once per prompt, or once per slot when refilling, as each slot
+    gathers its row's prompt; the generated part: every row or slot over the view that holds the
+    row furthest on) over the HBM bandwidth, or the matmul flops at the bf16 peak if larger, plus
+    the step's collectives over the inter-chip bandwidth."""
+    g = st.grpo
+    G = g.num_samples
+    storage = np.dtype(cfg.model.dtype).itemsize
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * hd * BF16
+    split = g.rollout_tensor or chips  # the decoding layout splits weights over tensor, FSDP over all chips
+    weight_bytes = matmul_params(text) * storage / split
+    attn = 4 * text.num_attention_heads * hd * text.num_hidden_layers  # flops per query per key
+    view_of = np.asarray(views)
+    steps = seconds = slot_steps = kv_bytes = 0.0
+    rows_total = 0
+    for c in range(0, len(lengths), Bg * G):
+        call = lengths[c:c + Bg * G]
+        rows_total += call.size
+        live, filled = decode_schedule(call, refill)
+        width = refill or call.size  # rows the loop computes per iteration (empty slots included)
+        view = view_of[np.searchsorted(view_of, filled)]
+        prompts_read = width if refill else call.size // G
+        kv = kv_per_position * (prompts_read * L + width * view) / chips
+        flops = (2 * width * matmul_params(text) + attn * width * (L + view)) / chips
+        step_s = np.maximum((weight_bytes + kv) / HBM_BW[gen], flops / PEAK_BF16[gen])
+        seconds += float(step_s.sum()) + len(live) * (collective_bytes or 0) / ICI_BW[gen]
+        steps += len(live)
+        slot_steps += len(live) * width
+        kv_bytes += float(kv.sum())
+    calls = -(-len(lengths) // (Bg * G))
+    decoded = float((lengths - 1).sum())
+    return dict(seconds=seconds, calls=calls, rows_per_call=min(Bg * G, len(lengths)), slots=refill,
+                views=list(views), decode_steps=steps, decode_steps_per_call=steps / calls,
+                decode_slot_utilisation=decoded / slot_steps if slot_steps else 1.0,
+                decode_step_weight_bytes_per_chip=weight_bytes, kv_bytes_read_per_chip=kv_bytes,
+                decode_step_collective_bytes=collective_bytes)
+
+
 def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, lengths: np.ndarray, theta: float,
               prompt_len: int, length_groups: int, collective_bytes: float | None) -> dict:
     """Seconds of one GRPO iteration (before / after) for response lengths `lengths` [N]."""
     from vlm_jax.rl import grouped
-    from vlm_jax.rl.sampler import GEN_BUCKETS
+    from vlm_jax.rl.sampler import GEN_BUCKETS, decode_views
     from vlm_jax.shapes import bucket
 
     g = st.grpo
@@ -253,30 +324,33 @@ def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, len
     after = {"score": secs("score", score_flops), "update": secs("update", passes["update"] * update_flops)}
     positions = {"before": N * (L + cap), "after": update_positions}  # the update's, one pass
 
-    # the sampler (both paths): calls of Bg prompts, each decoding until its longest row stops
+    # the sampler: calls of Bg prompts; "before" every row of a call decodes until the call's longest
+    # stops, reading the whole generation buffer; "after" reads bounded views of it and, with
+    # grpo.refill_slots, decodes each call's rows in that many refilled slots
     Bg = min(g.rollout_chunk or B, B)
-    calls, rows = -(-B // Bg), Bg * G
-    steps = expected_longest(theta, cap, rows)
     gen_len = bucket(cap, GEN_BUCKETS)
-    split = g.rollout_tensor or chips  # the decoding layout splits weights over tensor, FSDP over all chips
-    storage = np.dtype(cfg.model.dtype).itemsize
-    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * hd * BF16
-    step_bytes = matmul_params(text) * storage / split + kv_per_position * (Bg * L + rows * gen_len) / chips
-    step_flops = 2 * rows * matmul_params(text) / chips + (
-        4 * rows * (L + gen_len) * text.num_attention_heads * hd * text.num_hidden_layers / chips)
-    step_s = max(step_bytes / HBM_BW[gen], step_flops / peak) + (collective_bytes or 0) / ICI_BW[gen]
+    roll = {name: sampler_work(text, cfg, st, lengths, chips, gen, Bg, L, gen_len, coll, refill=refill,
+                               views=views)
+            for name, refill, views, coll in (("before", 0, (gen_len,), collective_bytes["before"]),
+                                              ("after", g.refill_slots, decode_views(gen_len), collective_bytes["after"]))}
     prefill_s = secs("score", forward_flops(text, Bg, L, Bg))
-    rollout = calls * (prefill_s + steps * step_s)
+    for r in roll.values():
+        r["seconds"] += r["calls"] * prefill_s
+    # the decode loops of the same calls with bounded views and 0 (none), rows / 2 or rows / 4
+    # refilled slots, the after path's collectives per step: what refilling would change
+    rows = Bg * G
+    refill_alternatives = {str(S): sampler_work(text, cfg, st, lengths, chips, gen, Bg, L, gen_len,
+                                                collective_bytes["after"], refill=S,
+                                                views=decode_views(gen_len))["seconds"]
+                           for S in (0, rows // 2, rows // 4)}
 
     real_tokens = N * prompt_len + int(lengths.sum())
     model_flops = 3 * forward_flops(text, 1, prompt_len + lengths, int(lengths.sum()))
-    out = dict(decode_steps_per_call=steps, sampler_calls=calls, rows_per_call=rows,
-               decode_step_s=step_s, decode_step_bytes_per_chip=step_bytes, decode_step_flops_per_chip=step_flops,
-               decode_step_collective_bytes=collective_bytes, prefill_s_per_call=prefill_s,
-               decode_slot_utilisation=float(lengths.sum()) / (calls * rows * steps),
-               real_tokens_per_step=real_tokens, model_train_flops_per_step=model_flops)
+    out = dict(sampler=roll, refill_alternatives=refill_alternatives, prefill_s_per_call=prefill_s,
+               real_tokens_per_step=real_tokens,
+               model_train_flops_per_step=model_flops)
     for name, work in (("before", before), ("after", after)):
+        rollout = roll[name]["seconds"]
         total = rollout + work["score"] + work["update"]
         out[name] = dict(seconds=total, rollout_s=rollout, score_s=work["score"], update_s=work["update"],
                          shares={"rollout": rollout / total, "score": work["score"] / total,
@@ -309,14 +383,24 @@ def estimate(cfg, stage: str, topology: str, model_config: str, layers: int, mea
         log(f"  {prog}: {layers} layer(s), {n} completions: counted {flops:.3g} flops/chip, optimal_seconds "
             f"{opt_s:.4g} (compile {compile_s:.0f} s) -> " + (f"rate {rates[prog] / 1e12:.0f} TFLOP/s per chip"
                                                                if usable else "NOT USABLE: at 100% of peak"))
-    t0 = time.perf_counter()
-    coll = decode_collectives(cfg, stage, topology, model_config, text.num_hidden_layers)
-    log(f"  sampler: decode-step collectives {'not counted' if coll is None else f'{coll / 2**20:.1f} MiB/chip'} "
-        f"(generate compiled at 1 and 2 layers, {time.perf_counter() - t0:.0f} s)")
+    coll = {}
+    for path, slots in (("after", g.refill_slots), ("before", 0)):
+        if path == "before" and not g.refill_slots:
+            coll["before"] = coll["after"]
+            continue
+        t0 = time.perf_counter()
+        c_cfg = dataclasses.replace(cfg, stages=tuple(
+            dataclasses.replace(s, grpo=dataclasses.replace(s.grpo, refill_slots=slots)) if s is st else s
+            for s in cfg.stages))
+        coll[path] = decode_collectives(c_cfg, stage, topology, model_config, text.num_hidden_layers)
+        log(f"  sampler ({path}, refill_slots={slots}): decode-step collectives "
+            f"{'not counted' if coll[path] is None else f'{coll[path] / 2**20:.1f} MiB/chip'} "
+            f"(generate compiled at 1 and 2 layers, {time.perf_counter() - t0:.0f} s)")
     groups = length_groups or (g.mini_batch_size or st.batch_size * g.num_samples) // st.micro_batch_size
     N, cap = st.batch_size * g.num_samples, g.max_new_tokens
     out = dict(topology=topology, chips=chips, stage=stage, completions=N, prompt_len=prompt_len, cap=cap,
-               rollout_tensor=g.rollout_tensor, rollout_chunk=g.rollout_chunk, length_groups=groups,
+               rollout_tensor=g.rollout_tensor, rollout_chunk=g.rollout_chunk, refill_slots=g.refill_slots,
+               length_groups=groups,
                layers_compiled=layers, layers=text.num_hidden_layers, remat=st.remat, peak_bf16_per_chip=peak,
                hbm_bw_per_chip=HBM_BW[gen], ici_bw_per_chip=ICI_BW[gen], programs=programs,
                compiler_rate_usable=all(p["compiler_rate_usable"] for p in programs.values()),
@@ -335,11 +419,13 @@ def summary(r: dict) -> list[str]:
     lines = []
     for mean, d in r["by_mean"].items():
         lines.append(f"  responses mean {d['mean_drawn']:.0f} (target {mean}, theta {d['theta']:.0f}, "
-                     f"{d['truncated']:.1%} at the cap): sampler {d['sampler_calls']} call(s) x {d['rows_per_call']} rows x "
-                     f"{d['decode_steps_per_call']:.0f} steps of {d['decode_step_s'] * 1e3:.2f} ms, slot utilisation "
-                     f"{d['decode_slot_utilisation']:.0%}")
+                     f"{d['truncated']:.1%} at the cap)")
         for path in ("before", "after"):
-            p = d[path]
+            p, r = d[path], d["sampler"][path]
+            lines.append(f"    {path:<6} sampler: {r['calls']} call(s) of {r['rows_per_call']} rows"
+                         + (f" in {r['slots']} refilled slots" if r["slots"] else "")
+                         + f", {r['decode_steps_per_call']:.0f} decode steps per call, KV views {r['views']}, "
+                         f"slot utilisation {r['decode_slot_utilisation']:.0%}, {r['seconds']:.1f} s")
             lines.append(f"    {path:<6} {p['seconds']:7.1f} s/iter (rollout {p['shares']['rollout']:.0%}, scoring "
                          f"{p['shares']['score']:.0%}, update {p['shares']['update']:.0%}), "
                          f"{p['tokens_per_s_per_chip']:,.0f} tokens/s/chip, MFU {p['mfu']:.1%} "
@@ -376,7 +462,7 @@ def main(argv=None) -> int:
     print(f"THE TPU COMPILER'S ESTIMATE (not a measurement), {time.perf_counter() - t0:.0f} s of compiling on this CPU")
     print(f"{args.topology} ({r['chips']} chips), stage {r['stage']}: {r['completions']} completions, prompts "
           f"{r['prompt_len']} tokens, responses capped at {r['cap']}; after = grpo.length_groups={r['length_groups']}; "
-          f"sampler unchanged (no slot refill)" + ("" if r["compiler_rate_usable"] else
+          f"sampler: bounded KV reads, refill_slots={r['refill_slots']}" + ("" if r["compiler_rate_usable"] else
                                                   "; NO COMPILER RATE: update / scoring at 100% of the bf16 peak"))
     print("\n".join(summary(r)))
     if args.json:

@@ -240,7 +240,8 @@ def render_compile(perf) -> str:
 @renderer("tpu-estimate", "performance.json")
 def render_tpu_estimate(perf) -> str:
     """The compiler's whole-iteration estimate (`scripts/estimate_tpu.py --json`, one run per recipe)
-    before / after `grpo.length_groups`, per response-length distribution, and the peers' measured row."""
+    before / after (`grpo.length_groups`, bounded KV reads, the recipe's `grpo.refill_slots`), per
+    response-length distribution, and the peers' measured row."""
     if perf is None or "tpu_estimate" not in perf:
         return NOT_MEASURED
     t = perf["tpu_estimate"]
@@ -256,7 +257,15 @@ def render_tpu_estimate(perf) -> str:
                              path, f"{p['seconds']:.0f}{mark}",
                              f"{sh['rollout']:.0%} / {sh['score']:.0%} / {sh['update']:.0%}",
                              f"{p['tokens_per_s_per_chip']:,.0f}", f"{p['mfu']:.1%} / {p['update_mfu']:.1%}",
-                             f"{p['update_real_fraction']:.0%}", f"{d['decode_slot_utilisation']:.0%}"])
+                             f"{p['update_real_fraction']:.0%}",
+                             f"{d['sampler'][path]['decode_slot_utilisation']:.0%}"])
+        alternatives = "; ".join(
+            f"mean {d['mean_drawn']:.0f}: " + ", ".join(
+                f"{'no slots' if S == '0' else f'{int(S):,} slots'} {sec:.1f} s" for S, sec in d["refill_alternatives"].items())
+            for d in e["by_mean"].values() if "refill_alternatives" in d)
+        if alternatives:
+            notes.append(f"{run['recipe']}, decode loops of its sampler calls with refilled slots instead "
+                         f"(bounded views, prefill aside): {alternatives}")
         notes.append(f"{run['recipe']}: `{e['command']}`, commit {commit_link(run['commit'])}"
                      + ("" if e["compiler_rate_usable"] else " (* libtpu returns a negative time for its update and "
                         "scoring: they are at 100% of the bf16 peak, so its seconds are a lower bound and its tokens/s "

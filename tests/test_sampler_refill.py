@@ -9,6 +9,8 @@ tokens (`Rollout.slot_steps`); one compile per bucket; bad slot counts refused.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -21,6 +23,7 @@ from vlm_jax.config import ConfigError, GRPOConfig, MeshConfig
 from vlm_jax.rl import rollout, sampler
 from vlm_jax.sharding import make_mesh
 
+ROOT = Path(__file__).resolve().parents[1]
 # Prompts: text-only, one image, two images, one image, text-only (different prompt lengths).
 ROWS = [[], [(6, 10)], [(6, 10), (4, 4)], [(4, 4)], []]
 PAD = 254
@@ -101,6 +104,12 @@ def test_refill_decode_work_follows_the_lengths(ref, greedy_pair):
     one = run(ref.model, ref.params, ref.batch, eos=eos, slots=1)
     assert_same(one, want)
     assert one.slot_steps == decoded
+    # the TPU estimate's replay of both loops (`scripts/estimate_tpu.py`) iterates as they do
+    spec = importlib.util.spec_from_file_location("estimate_tpu", ROOT / "scripts" / "estimate_tpu.py")
+    est = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(est)
+    assert N * len(est.decode_schedule(want.lengths)[0]) == want.slot_steps
+    assert 3 * len(est.decode_schedule(want.lengths, 3)[0]) == got.slot_steps
 
 
 def test_refill_sampling_draws_the_same_tokens(ref):
@@ -129,6 +138,46 @@ def test_refill_on_meshes_equals_one_device(ref, greedy_pair):
         assert_same(got, single)
         decoded = single.lengths.sum() - len(single.lengths)
         assert got.slot_steps >= decoded
+
+
+def test_decode_reads_only_its_view_of_the_generated_cache(ref, greedy_pair):
+    """Bounded KV reads: with views of 4, 8 and 16 generated slots (`min_kv_view=4`) a decode step
+    reads the generated keys/values only up to the view that holds its furthest row. Generated
+    slots past that view poisoned with NaN leave a step's logits finite and equal to a clean
+    cache's, where a whole-buffer read turns them NaN; and whole rollouts (one loop, refilled
+    slots, a decoding layout) are the same as with whole-buffer reads."""
+    from vlm_jax.models import lora
+
+    assert sampler.decode_views(16, 4) == (4, 8, 16) and sampler.decode_views(16) == (16,)
+    m = lora.bind(ref.model.graphdef, ref.params)
+    inputs = sampler.prepare_prompts(ref.model, ref.batch, pad_id=PAD)
+    x = m.embed(inputs.input_ids_BL, inputs.vision)
+    logits, prompt_kv, key_valid, next_pos = sampler._prefill(m, x, inputs.positions_3BL, inputs.attention_mask_BL,
+                                                              num_samples=1, mesh=None)
+    clean = m.init_decode_cache(prompt_kv, key_valid, 1, 16)
+    clean = clean._replace(k=tuple(k.at[..., :2].set(0.3) for k in clean.k),
+                           v=tuple(v.at[:, :, :2].set(-0.2) for v in clean.v))  # tokens 0 and 1 generated
+    nan = clean._replace(k=tuple(k.at[..., 4:].set(np.nan) for k in clean.k),
+                         v=tuple(v.at[:, :, 4:].set(np.nan) for v in clean.v))
+    tok, rope = logits.argmax(-1), m.decode_rope(next_pos + 2)
+
+    def step(cache, views):
+        with jax.default_matmul_precision("highest"):
+            return np.asarray(m.decode_step(m.decode_weights(), tok, rope, cache, 2, 1, views)[0])
+
+    whole = step(clean, ())
+    np.testing.assert_allclose(step(nan, (4, 8, 16)), whole, atol=1e-5)
+    assert np.isnan(step(nan, ())).all()
+    rows = jax.numpy.asarray([2] * (len(tok) - 1) + [5])  # one slot per row, one row at slot 5: view 8
+    assert np.isnan(np.asarray(m.decode_step(m.decode_weights(), tok, rope, nan, rows, 1, (4, 8, 16))[0])).all()
+
+    eos, want, with_slots = greedy_pair
+    assert_same(run(ref.model, ref.params, ref.batch, eos=eos, min_kv_view=4), want)
+    assert_same(run(ref.model, ref.params, ref.batch, eos=eos, slots=3, min_kv_view=4), with_slots)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4])
+    model, params = models.from_pretrained(ref.path, mesh=mesh)
+    batch = make_batch(ROWS[:4], padding="left", seed=3)
+    assert_same(run(model, params, batch, eos=eos, slots=4, min_kv_view=4), run(ref.model, ref.params, batch, eos=eos))
 
 
 def test_qwen3_refill_greedy_equals_the_sampler(ref_qwen3):

@@ -9,9 +9,10 @@ call in the same bucket does not compile again. On a mesh that only splits the b
 every device runs its own decode loop over its prompts (`data_parallel`); on other meshes one loop
 runs over the sharded batch and heads.
 
-Speed (CPU): per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once
-per call), attention over the prompt bucket plus the generation bucket without repeating the
-prompt part, a token draw from one uniform per row (all drawn up front). On a CPU, JAX 0.10's
+Speed: per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once per
+call), attention over the prompt bucket (not repeated for a prompt's samples) plus the generated
+part up to the view that holds the row furthest on (`decode_views`), a token draw from one uniform
+per row (all drawn up front). On a CPU, JAX 0.10's
 XLA runs each matmul on all the process's cores (YNNPACK), so one JAX device uses them all; one
 device per core on a `data` mesh (`jax_num_cpu_devices`) gives each core its own decode loop,
 which pays off for small models (hidden <= 256 here; `scripts/bench_rollout.py`).
@@ -38,6 +39,9 @@ from vlm_jax.shapes import bucket
 # few more compiles.
 PROMPT_BUCKETS = (32, 48) + tuple(2**k * m // 4 for k in range(6, 13) for m in (4, 5, 6)) + (8192,)
 GEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Decode attention reads the generated keys/values up to a power-of-two view of the buffer (from
+# this length up) that holds the row furthest on, not the whole buffer (`decode_views`).
+MIN_KV_VIEW = 64
 
 
 class Rollout(NamedTuple):
@@ -132,10 +136,12 @@ class _Loop(NamedTuple):
         "pad_id",
         "mesh",
         "slots",
+        "views",
     ),
 )
 def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int, num_samples: int, greedy: bool,
-              filtered: bool, eos_ids: tuple[int, ...], pad_id: int, mesh=None, slots: int = 0):
+              filtered: bool, eos_ids: tuple[int, ...], pad_id: int, mesh=None, slots: int = 0,
+              views: tuple[int, ...] = ()):
     """(tokens [N, T], lengths [N], logprobs [N, T], done [N], decode-loop iterations [loops]).
     `slots` > 0: a refilling loop of that many decode slots (`_refill_rows`; split over the data
     axis where each device runs its own loop), else every row in one loop (`_sample_rows`)."""
@@ -159,6 +165,7 @@ def _generate(graphdef, params, inputs, rng, sp: SamplingParams, *, gen_len: int
         filtered=filtered,
         eos_ids=eos_ids,
         pad_id=pad_id,
+        views=views,
     )
     args = (params, x, inputs.positions_3BL, inputs.attention_mask_BL, uniforms, sp)
     if parallel:
@@ -200,7 +207,7 @@ def _prefill(model, x_BLD, positions_3BL, attention_mask_BL, *, num_samples: int
 
 def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
                  gen_len: int, num_samples: int, greedy: bool, filtered: bool, eos_ids: tuple[int, ...], pad_id: int,
-                 mesh):
+                 mesh, views: tuple[int, ...] = ()):
     """Prefill and decode of embedded prompts `x_BLD` and their samples (rows b*G .. b*G+G-1), every
     row in one loop until the last one stops; returns (tokens [N, T], lengths [N], logprobs [N, T],
     done [N], decode-loop iterations [1])."""
@@ -242,7 +249,7 @@ def _sample_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, unif
 
     def body(s: _Loop) -> _Loop:
         slot = s.t - 1  # the last sampled token goes into generated slot t - 1, position next_pos + t - 1
-        logits_NV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, slot, num_samples)
+        logits_NV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, slot, num_samples, views)
         s = s._replace(cache=cache, rope=model.decode_rope(next_pos + s.t))
         return record(s, logits_NV)
 
@@ -280,7 +287,7 @@ class _Refill(NamedTuple):
 
 def _refill_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, uniforms_TN, sp: SamplingParams, *,
                  slots: int, gen_len: int, num_samples: int, greedy: bool, filtered: bool,
-                 eos_ids: tuple[int, ...], pad_id: int, mesh):
+                 eos_ids: tuple[int, ...], pad_id: int, mesh, views: tuple[int, ...] = ()):
     """`_sample_rows` with `slots` decode slots that are refilled: every prompt is prefilled once
     (its keys/values kept in a store the slots read, so its G samples share it) and every row's
     first token drawn from it; the rows that go on wait in row order, `slots` of them decode at a
@@ -333,7 +340,7 @@ def _refill_rows(graphdef, params, x_BLD, positions_3BL, attention_mask_BL, unif
 
     def body(s: _Refill) -> _Refill:
         live = s.row < N
-        logits_SV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, s.k - 1, 1)
+        logits_SV, cache = model.decode_step(weights, s.tok, s.rope, s.cache, s.k - 1, 1, views)
         tok, logp = draw(uniforms_TN[s.k, jnp.minimum(s.row, N - 1)], logits_SV)
         ended = live & jnp.isin(tok, eos)
         finished = live & (ended | (s.k + 1 >= limit))
@@ -390,6 +397,7 @@ def generate(
     num_patches: int | None = None,
     local: bool = False,
     slots: int = 0,
+    min_kv_view: int = MIN_KV_VIEW,
 ) -> Rollout:
     """Samples `num_samples` continuations per prompt of a processor-style batch.
 
@@ -401,6 +409,8 @@ def generate(
     `slots` > 0: decode in that many refilled slots (`_refill_rows`: a row that stops hands its
     slot to the next waiting row; the same rows as without, decode work near their total length);
     on a mesh where each device runs its own loop (`data_parallel`) they split over the `data` axis.
+    Each decode step's attention reads the generated part of the cache up to the view
+    (`decode_views(gen_len, min_kv_view)`) that holds the row furthest on.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -421,13 +431,14 @@ def generate(
     sp = SamplingParams(
         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(top_k)
     )
+    gen_len = bucket(max_new_tokens, gen_buckets)
     tokens, lengths, logprobs, done, steps = _generate(
         model.graphdef,
         params,
         inputs,
         rng,
         sp,
-        gen_len=bucket(max_new_tokens, gen_buckets),
+        gen_len=gen_len,
         num_samples=num_samples,
         greedy=greedy,
         filtered=(top_p < 1.0 or top_k > 0) and not greedy,
@@ -435,6 +446,7 @@ def generate(
         pad_id=pad_token_id,
         mesh=model.mesh,
         slots=slots,
+        views=decode_views(gen_len, min_kv_view),
     )
     tokens, lengths, logprobs, done, steps = shd.to_host((tokens, lengths, logprobs, done, steps))
     loops = len(steps)  # one loop, or one per device of the `data` axis
@@ -451,6 +463,18 @@ def generate(
         ~np.asarray(done),
         slot_steps,
     )
+
+
+def decode_views(gen_len: int, smallest: int = MIN_KV_VIEW) -> tuple[int, ...]:
+    """The generated-cache lengths decode attention may read (`Model.decode_step`): powers of two
+    from `smallest` below `gen_len`, then `gen_len` (one length: the whole buffer, no switch)."""
+    if smallest < 1:
+        raise ValueError(f"the smallest KV view must be >= 1, got {smallest}")
+    views, v = [], 1 << max(0, smallest - 1).bit_length()
+    while v < gen_len:
+        views.append(v)
+        v *= 2
+    return (*views, gen_len)
 
 
 def check_slots(slots: int, mesh, key: str = "slots") -> None:

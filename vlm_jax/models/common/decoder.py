@@ -21,6 +21,7 @@ N sampled rows, T generated slots, U prompt rows of a shared-prompt forward.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -213,13 +214,15 @@ def shared_prompt_core(attn: Attention, h, rope, *, prompt_valid_UL, take, chunk
 
 
 def decode_core(attn: Attention, h_ND, cos, sin, *, fused: DecodeLayer, cache: DecodeCache, layer: int, slot,
-                gen_valid, num_samples: int):
+                gen_valid, num_samples: int, view=None):
     """One new token per row (`h_ND`; rotary `cos`/`sin` [N, 1, 1, E]): its key and value written
     at generated slot `slot` of layer `layer`'s cache (one slot for every row, or [N] slots, one
     per row), then attention over its prompt's keys plus the generated slots `gen_valid` ([T] or
     [N, 1, 1, T]; `decode_attention`). With `cache.prompt_rows` each row reads its own prompt from
-    the store (gathered per row, so `num_samples` is 1). aux = the layer's new (k, v) generated
-    caches."""
+    the store (gathered per row, so `num_samples` is 1). `view` = (static view lengths, index):
+    the attention reads only the first `views[index]` generated slots (a `lax.switch` with one
+    branch per length, each a static slice of the buffer), not the whole buffer. aux = the layer's
+    new (k, v) generated caches."""
     q, k, v = attn.project_fused(h_ND, fused, cos, sin)  # k, v: [N, K, 1, E]
     gk, gv = cache.k[layer], cache.v[layer]
     k, v = jnp.swapaxes(k, 2, 3).astype(gk.dtype), v.astype(gv.dtype)  # k [N, K, E, 1], v [N, K, 1, E]
@@ -234,6 +237,14 @@ def decode_core(attn: Attention, h_ND, cos, sin, *, fused: DecodeLayer, cache: D
     if cache.prompt_rows is not None:
         take = lambda a: jnp.take(a, cache.prompt_rows, axis=0)  # noqa: E731
         pk, pv, pmask, num_samples = take(pk), take(pv), take(pmask), 1
-    out = decode_attention(q, pk, pv, pmask, new_k, new_v, gen_valid, num_samples)
+
+    def attend(T: int):  # over the first T generated slots
+        return decode_attention(q, pk, pv, pmask, new_k[..., :T], new_v[:, :, :T], gen_valid[..., :T], num_samples)
+
+    if view is None:
+        out = attend(new_k.shape[-1])
+    else:
+        views, index = view
+        out = jax.lax.switch(index, [functools.partial(attend, T) for T in views])
     N, K, Hg, E = q.shape
     return out.reshape(N, K * Hg * E), (new_k, new_v)

@@ -245,22 +245,30 @@ class VisionLanguageModel(nnx.Module):
         return cos[:, 0, None, None, :], sin[:, 0, None, None, :]
 
     def decode_step(self, weights: tuple[DecodeLayer, ...], tokens_N, rope, cache: DecodeCache, slot,
-                    num_samples: int):
+                    num_samples: int, views: tuple[int, ...] = ()):
         """One new token per row: embeds `tokens_N` (rotary `rope` from `decode_rope` of their
         positions), writes their keys/values at generated slot `slot` (one for all rows, or [N]:
         each row's own, as a refilling sampler's slots are at different lengths) and attends over
         the prompt plus slots 0..slot (`decode_core`), through the same layer body as `decode`.
-        Generated tokens are text, so no DeepStack feature applies. Returns (logits [N, V] fp32,
-        updated cache); equal to `decode` over the whole sequence."""
+        Generated tokens are text, so no DeepStack feature applies. `views`: increasing lengths
+        ending at the buffer's; attention then reads the generated slots up to the smallest of
+        them that holds slot + 1 (of the row furthest on), not the whole buffer. Returns (logits
+        [N, V] fp32, updated cache); equal to `decode` over the whole sequence."""
         x = jnp.take(self.language_model.embed_tokens[...], tokens_N, axis=0).astype(self.dtype)  # [N, D]
         cos, sin = (a.astype(x.dtype) for a in rope)
         gen_valid = jnp.arange(cache.v[0].shape[2]) <= jnp.asarray(slot)[..., None]  # [T] or [N, T]
         if gen_valid.ndim == 2:
             gen_valid = gen_valid[:, None, None, :]
+        view = None
+        if len(views) > 1:
+            if views[-1] != cache.v[0].shape[2] or list(views) != sorted(set(views)):
+                raise ValueError(f"views must increase to the buffer's {cache.v[0].shape[2]} slots, got {views}")
+            filled = jnp.max(jnp.asarray(slot)) + 1
+            view = (tuple(views), jnp.minimum(jnp.searchsorted(jnp.asarray(views), filled), len(views) - 1))
         new_k, new_v = [], []
         for i, (layer, w) in enumerate(zip(self.language_model.layers, weights)):
             core = functools.partial(decode_core, cos=cos, sin=sin, fused=w, cache=cache, layer=i, slot=slot,
-                                     gen_valid=gen_valid, num_samples=num_samples)
+                                     gen_valid=gen_valid, num_samples=num_samples, view=view)
             x, (k, v) = layer(x, core, w)
             new_k.append(k)
             new_v.append(v)

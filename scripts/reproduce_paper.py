@@ -20,7 +20,7 @@ Arms (form: "paper" = every stage GRPO; "project" = GRPO perception, cross-entro
     python scripts/reproduce_paper.py [--seeds 5] [--jobs 2] [--quick] [--out docs/results/experiment.json]
 
 Writes the JSON of every number (`--out`), a markdown table next to it (`.md`) and plots
-(`--plots`). Comparisons: the final accuracy of each capability and their mean, as the paired
+(`--plots`; by default `docs/_static` with the default `--out`, else beside `--out`). Comparisons: the final accuracy of each capability and their mean, as the paired
 difference of two arms (mean over seeds), with a 95% interval from a bootstrap over seeds and items
 and the number of seeds going each way.
 """
@@ -71,6 +71,7 @@ COMPARISONS: list[tuple[str, str, str, str]] = [  # (question, form, arm A, arm 
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "easy_to_hard")
 QUICK = dict(seeds=2, scale=0.8)  # below ~0.6 the textual stage ends before it learns to count
 BOOTSTRAP = 2000
+DEFAULT_OUT, DEFAULT_PLOTS = "docs/results/experiment.json", "docs/_static"
 
 
 def arm_config(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir: str):
@@ -157,6 +158,14 @@ def run_arm(arm: str, seed: int, budget: experiment.Budget, model: str, data_dir
     return {"arm": arm, "seed": seed, "seconds": time.time() - t0, "stages": [s.name for s in cfg.stages],
             "points": [{"after": p["after"], "evals": {n: _summary(e) for n, e in p["evals"].items()}}
                        for p in points]}
+
+
+def plots_dir(out: str, plots: str | None) -> Path:
+    """Where the plots go: `plots` if given; the docs' images next to the docs' JSON; else beside
+    `out`, so a pilot written elsewhere leaves the committed plots alone."""
+    if plots is not None:
+        return Path(plots)
+    return Path(DEFAULT_PLOTS) if Path(out) == Path(DEFAULT_OUT) else Path(out).parent
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -409,8 +418,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="workdirs/experiment")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="an earlier experiment JSON: its runs whose configuration and base are unchanged are kept")
-    ap.add_argument("--out", default="docs/results/experiment.json")
-    ap.add_argument("--plots", default="docs/_static")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--plots", default=None,
+                    help=f"directory of the plots (default: {DEFAULT_PLOTS} with the default --out, else --out's)")
     args = ap.parse_args(argv)
     from vlm_jax import paths
 
@@ -489,7 +499,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results) + "\n")
     table = markdown(results)
     out.with_suffix(".md").write_text(table)
-    for p in plots(results, Path(args.plots)):
+    for p in plots(results, plots_dir(args.out, args.plots)):
         print(f"plot: {p}")
     print(table)
     print(f"results: {out} ({(time.time() - t0) / 60:.1f} min)")

@@ -70,6 +70,10 @@ def test_analysis_of_hand_made_runs(tmp_path):
     assert "| staged vs merged | paper | staged_paper − merged_paper | +0.0 [" in table
     assert "| staged_paper | perception | +25.0 ± 25.0, +50.0 ± 28.9, +25.0 ± 25.0 | 1.0 |" in table
     assert [p.name for p in rp.plots(results, tmp_path)] == ["experiment_accuracy.png", "experiment_length.png"]
+    # the committed plots are written only for the committed JSON (or where --plots says)
+    assert rp.plots_dir("docs/results/experiment.json", None) == Path("docs/_static")
+    assert rp.plots_dir(str(tmp_path / "pilot.json"), None) == tmp_path
+    assert rp.plots_dir(str(tmp_path / "pilot.json"), "figs") == Path("figs")
 
 
 def test_runs_are_reused_only_when_their_configuration_and_base_are_unchanged(tmp_path):

@@ -47,9 +47,9 @@ row's prompt; the generated part over the step's view, for every row or slot) ov
 bandwidth; or the step's matmul flops at the bf16 peak if larger; plus the decode step's
 collectives counted in the compiled sampler of each path (`plan.plan`'s generate row at 1 and 2
 layers, extrapolated linearly to the real depth) over the chip's inter-chip bandwidth, not
-overlapped. Prefill: its forward flops at the scoring program's compiler rate. Not modelled: the vision tower
-(encoding, and its backward in the stages that train it), the reshard to the decoding layout, host
-work (rewards, data), the optimizer update, dispatch between programs.
+overlapped. Prefill: its forward flops at the scoring program's compiler rate. Not modelled: the
+vision tower (encoding, and its backward in the stages that train it), the reshard to the decoding
+layout, host work (rewards, data), the optimizer update, dispatch between programs.
 
 Outputs per length distribution and path: seconds per iteration, the shares of rollout / scoring /
 update, real tokens (prompt + response, unpadded) per second per chip, MFU = model training flops
@@ -260,10 +260,8 @@ def sampler_work(text, cfg, st, lengths, chips: int, gen: str, Bg: int, L: int, 
     attn = 4 * text.num_attention_heads * hd * text.num_hidden_layers  # flops per query per key
     view_of = np.asarray(views)
     steps = seconds = slot_steps = kv_bytes = 0.0
-    rows_total = 0
     for c in range(0, len(lengths), Bg * G):
         call = lengths[c:c + Bg * G]
-        rows_total += call.size
         live, filled = decode_schedule(call, refill)
         width = refill or call.size  # rows the loop computes per iteration (empty slots included)
         view = view_of[np.searchsorted(view_of, filled)]
@@ -284,9 +282,10 @@ def sampler_work(text, cfg, st, lengths, chips: int, gen: str, Bg: int, L: int, 
                 decode_step_collective_bytes=collective_bytes)
 
 
-def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, lengths: np.ndarray, theta: float,
-              prompt_len: int, length_groups: int, collective_bytes: float | None) -> dict:
-    """Seconds of one GRPO iteration (before / after) for response lengths `lengths` [N]."""
+def iteration(cfg, st, text, chips: int, gen: str, shards: int, rates: dict, lengths: np.ndarray,
+              prompt_len: int, length_groups: int, collective_bytes: dict[str, float | None]) -> dict:
+    """Seconds of one GRPO iteration (before / after) for response lengths `lengths` [N];
+    `collective_bytes`: each path's decode-step collectives per chip."""
     from vlm_jax.rl import grouped
     from vlm_jax.rl.sampler import GEN_BUCKETS, decode_views
     from vlm_jax.shapes import bucket
@@ -408,7 +407,7 @@ def estimate(cfg, stage: str, topology: str, model_config: str, layers: int, mea
     for mean in means:
         theta = theta_for(mean, cap)
         lengths = draw_lengths(theta, cap, N)
-        r = iteration(cfg, st, text, chips, gen, c["shards"], rates, lengths, theta, prompt_len, groups, coll)
+        r = iteration(cfg, st, text, chips, gen, c["shards"], rates, lengths, prompt_len, groups, coll)
         r.update(mean_target=mean, theta=theta, mean_drawn=float(lengths.mean()),
                  truncated=float(survival(cap - 1, theta)))
         out["by_mean"][str(mean)] = r

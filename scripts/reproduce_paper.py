@@ -20,9 +20,10 @@ Arms (form: "paper" = every stage GRPO; "project" = GRPO perception, cross-entro
     python scripts/reproduce_paper.py [--seeds 5] [--jobs 2] [--quick] [--out docs/results/experiment.json]
 
 Writes the JSON of every number (`--out`), a markdown table next to it (`.md`) and plots
-(`--plots`; by default `docs/_static` with the default `--out`, else beside `--out`). Comparisons: the final accuracy of each capability and their mean, as the paired
-difference of two arms (mean over seeds), with a 95% interval from a bootstrap over seeds and items
-and the number of seeds going each way.
+(`--plots`; by default `docs/_static` with the default `--out`, else beside `--out`).
+Comparisons: the final accuracy of each capability and their mean, as the paired difference of two
+arms (mean over seeds), with a 95% interval from a bootstrap over seeds and items and the number of
+seeds going each way.
 """
 from __future__ import annotations
 

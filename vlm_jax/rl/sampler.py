@@ -12,10 +12,10 @@ runs over the sharded batch and heads.
 Speed: per step one fused q/k/v and one gate/up matmul per layer (weights concatenated once per
 call), attention over the prompt bucket (not repeated for a prompt's samples) plus the generated
 part up to the view that holds the row furthest on (`decode_views`), a token draw from one uniform
-per row (all drawn up front). On a CPU, JAX 0.10's
-XLA runs each matmul on all the process's cores (YNNPACK), so one JAX device uses them all; one
-device per core on a `data` mesh (`jax_num_cpu_devices`) gives each core its own decode loop,
-which pays off for small models (hidden <= 256 here; `scripts/bench_rollout.py`).
+per row (all drawn up front). On a CPU, JAX 0.10's XLA runs each matmul on all the process's
+cores (YNNPACK), so one JAX device uses them all; one device per core on a `data` mesh
+(`jax_num_cpu_devices`) gives each core its own decode loop, which pays off for small models
+(hidden <= 256 here; `scripts/bench_rollout.py`).
 """
 
 from __future__ import annotations
